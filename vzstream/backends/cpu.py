@@ -1,0 +1,34 @@
+"""CPU backend: the reference. Staging *is* the slot: workers decode straight into it.
+
+Upload, wait and release are no-ops because CPU compute is synchronous: by the time the
+forward thread releases a slot, nothing reads it any more.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .. import codec
+from .base import Backend, chunk_jobs
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def decode_jobs(self, ticket) -> list:
+        views = ticket.store.views(ticket.slot)
+        items = []
+        for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
+            chunk_nbytes = packed.frame_elems * packed.itemsize
+            for j in range(packed.num_chunks):
+                items.append((chunk_nbytes, name, partial(codec.decode_chunk_into, packed, j, out)))
+        return chunk_jobs(items)
+
+    def upload(self, ticket) -> None:
+        pass
+
+    def wait(self, ticket) -> None:
+        pass
+
+    def release(self, ticket) -> None:
+        pass

@@ -1,0 +1,50 @@
+"""A backend that does the CPU backend's work and logs every op, for exact-order tests.
+
+`FakeBackend().ops` is a list of `(op, fqn, slot_index)` tuples in the order the ops happened
+(decode is logged when a ticket's first job starts, so its place is its real start).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .cpu import CpuBackend
+
+
+class FakeBackend(CpuBackend):
+    name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, str, int]] = []
+        self._log_lock = threading.Lock()
+
+    def log(self, op: str, ticket) -> None:
+        with self._log_lock:
+            self.ops.append((op, ticket.store.unit.fqn, ticket.slot.index))
+
+    def decode_jobs(self, ticket) -> list:
+        jobs = super().decode_jobs(ticket)
+        started = []
+
+        def first(job):
+            def run():
+                with self._log_lock:
+                    if not started:
+                        started.append(True)
+                        self.ops.append(("decode", ticket.store.unit.fqn, ticket.slot.index))
+                for _, work in job:
+                    work()
+            return run
+
+        # Log once, from whichever job starts first; each job keeps its own work list.
+        return [[(job[0][0], first(job))] for job in jobs]
+
+    def upload(self, ticket) -> None:
+        self.log("upload", ticket)
+
+    def wait(self, ticket) -> None:
+        self.log("bind", ticket)
+
+    def release(self, ticket) -> None:
+        self.log("release", ticket)

@@ -1,0 +1,129 @@
+"""SessionConfig: every option of `vzstream.session`, validated before anything is allocated.
+
+`session(model, **options)` builds one frozen `SessionConfig`; an unknown option or a bad value
+raises `ConfigError` naming the option, the constraint, the value given and the fix. Nothing
+here touches CUDA: `device="auto"` is resolved by the backend factory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS_MODES = ("blocks", "leaves")
+_CACHE_MODES = ("pass", "none")
+_SIZE_SUFFIXES = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def default_workers() -> int:
+    """One decode thread per core, leaving one core to the forward thread (at most 8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+
+def parse_nbytes(value: Any, name: str) -> int:
+    """`"6GiB"`, `"500MB"`, `1024` -> bytes. Fractions are the caller's business."""
+    if isinstance(value, bool):
+        raise ConfigError(f"`{name}` must be a byte count like 6442450944 or '6GiB'; got {value!r}.")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"`{name}` must be >= 0 bytes; got {value}. Pass a positive size such as '6GiB'.")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_SUFFIXES:
+            return int(float(m.group(1)) * _SIZE_SUFFIXES[m.group(2).lower()])
+    raise ConfigError(
+        f"`{name}` must be a byte count (int) or a size string such as '6GiB' or '500MB' "
+        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}."
+    )
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Options of a streaming session. See README "Options" for what each one trades."""
+
+    device: str = "auto"            # "auto" = "cuda" when available, else "cpu"
+    prefetch: int = 2               # fetches in flight ahead of the unit computing; 0 = synchronous
+    workers: int | None = None      # decode threads; None = default_workers()
+    units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
+    cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
+    level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
+    vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
+    activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured
+    pool: Any = None                # a DevicePool shared by several sessions
+    backend: Any = None             # a Backend instance (tests: FakeBackend); overrides `device`
+
+    def __post_init__(self) -> None:
+        self._check_device()
+        self._check_ints()
+        self._check_units()
+        if self.cache not in _CACHE_MODES:
+            raise ConfigError(f"`cache` must be one of {_CACHE_MODES}; got {self.cache!r}.")
+        if self.vram_budget is not None and not isinstance(self.vram_budget, float):
+            object.__setattr__(self, "vram_budget", parse_nbytes(self.vram_budget, "vram_budget"))
+        if isinstance(self.vram_budget, float) and not 0.0 < self.vram_budget <= 1.0:
+            raise ConfigError(
+                f"`vram_budget` as a float is a fraction of the device's memory and must be in (0, 1]; "
+                f"got {self.vram_budget}. Pass e.g. 0.5, or a size such as '6GiB'."
+            )
+        if self.activation_reserve is not None:
+            object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
+
+    def _check_device(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}."
+            )
+
+    def _check_ints(self) -> None:
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 64:
+            raise ConfigError(
+                f"`prefetch` must be an int in [0, 64] (units decoded ahead of the one computing; "
+                f"0 = fetch synchronously); got {self.prefetch!r}. Try prefetch=2."
+            )
+        if self.workers is None:
+            object.__setattr__(self, "workers", default_workers())
+        elif isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
+            raise ConfigError(
+                f"`workers` must be an int in [1, 256] (decode threads); got {self.workers!r}. "
+                f"Leave it unset for {default_workers()} on this machine."
+            )
+        if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int) or not -7 <= self.level <= 22):
+            raise ConfigError(f"`level` must be None or a zstd level in [-7, 22]; got {self.level!r}. Leave it None.")
+
+    def _check_units(self) -> None:
+        units = self.units
+        if isinstance(units, str):
+            if units not in _UNITS_MODES:
+                raise ConfigError(
+                    f"`units` must be 'blocks', 'leaves' or a list of module names; got {units!r}."
+                )
+            return
+        if isinstance(units, (list, tuple)) and units and all(isinstance(u, str) for u in units):
+            object.__setattr__(self, "units", tuple(units))
+            return
+        raise ConfigError(
+            f"`units` must be 'blocks', 'leaves' or a non-empty list of module names (str); got {units!r}."
+        )
+
+
+def build_config(options: dict[str, Any]) -> SessionConfig:
+    """`session(model, **options)` -> SessionConfig, rejecting unknown option names."""
+    valid = [f.name for f in dataclasses.fields(SessionConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(f'`{u}`' for u in unknown)} for vzstream.session; "
+            f"valid options are: {', '.join(valid)}."
+        )
+    return SessionConfig(**options)

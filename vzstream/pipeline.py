@@ -1,0 +1,287 @@
+"""The streaming runtime: slot pool, decode workers, in-flight tickets, and the schedule walk.
+
+Invariants:
+- Only the forward thread calls `Streamer` methods (from hooks); workers only run decode jobs
+  and the upload that follows the last job of a ticket.
+- A slot is owned by exactly one of: the free list, one in-flight ticket, one held unit.
+- Every ticket ends bound-then-released or drained; `close()` drains all of them, so no
+  thread or slot outlives the session.
+- On plan, fetch `g` (global: pass * fetches_per_pass + index) is requested when the forward
+  reaches fetch `g - prefetch`; off plan (first pass, a miss, calls outside a pass) units are
+  fetched synchronously and released after use. Outputs never depend on which path ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import FormatError, VzstreamError
+from .hooks import bind_params, unbind_params
+from .plan import Schedule, make_schedule
+from .trace import Tracer
+
+log = logging.getLogger("vzstream")
+
+
+class Slot:
+    __slots__ = ("index", "tensor")
+
+    def __init__(self, index: int, tensor) -> None:
+        self.index, self.tensor = index, tensor
+
+
+class SlotPool:
+    """A static pool of device slots, each big enough for the largest streamed unit."""
+
+    def __init__(self, backend, slot_nbytes: int) -> None:
+        self.backend, self.slot_nbytes = backend, slot_nbytes
+        self.slots: list[Slot] = []
+        self.free: list[Slot] = []
+        self.overflows = 0
+
+    def reserve(self, count: int) -> None:
+        """Grow the pool to `count` slots (done once per learned schedule, never per pass)."""
+        while len(self.slots) < count:
+            slot = Slot(len(self.slots), self.backend.device_buffer(self.slot_nbytes))
+            self.slots.append(slot)
+            self.free.append(slot)
+
+    def acquire(self) -> Slot:
+        if not self.free:
+            # Off-plan paths may need one more than the schedule counted; never deadlock.
+            self.overflows += 1
+            self.reserve(len(self.slots) + 1)
+        return self.free.pop()
+
+    def release(self, slot: Slot) -> None:
+        self.free.append(slot)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            self.backend.free_device_buffer(slot.tensor)
+        self.slots, self.free = [], []
+
+
+class Ticket:
+    """One fetch of one unit into one slot, from decode request to release."""
+
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position")
+
+    def __init__(self, store, slot: Slot) -> None:
+        self.store, self.slot = store, slot
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.decode_s = 0.0
+        self.position = -1          # trace position of the latest bind (for the release rule)
+
+
+class Pipeline:
+    """Decode workers. `submit` returns at once; `wait` blocks the caller until ready."""
+
+    def __init__(self, backend, workers: int, stats) -> None:
+        self.backend, self.stats = backend, stats
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="vzstream-decode")
+
+    def submit(self, store, slot: Slot) -> Ticket:
+        ticket = Ticket(store, slot)
+        jobs = self.backend.decode_jobs(ticket)
+        ticket.pending = len(jobs)
+        self.stats.decodes += 1
+        if not jobs:
+            self._finish(ticket)
+        for job in jobs:
+            self.executor.submit(self._run, ticket, job)
+        return ticket
+
+    def _run(self, ticket: Ticket, job) -> None:
+        t0 = time.perf_counter()
+        try:
+            if ticket.error is None:
+                for name, work in job:
+                    _run_named(name, work)
+        except BaseException as exc:  # surfaced on the forward thread at bind
+            ticket.error = ticket.error or exc
+        with ticket.lock:
+            ticket.decode_s += time.perf_counter() - t0
+            ticket.pending -= 1
+            last = ticket.pending == 0
+        if last:
+            self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        if ticket.error is None:
+            try:
+                self.backend.upload(ticket)
+            except BaseException as exc:
+                ticket.error = exc
+        self.stats.add_decode_s(ticket.decode_s)
+        ticket.ready.set()
+
+    def wait(self, ticket: Ticket) -> None:
+        """Block until `ticket` is decoded and its upload issued; re-raise a worker's error."""
+        if not ticket.ready.is_set():
+            t0 = time.perf_counter()
+            ticket.ready.wait()
+            self.stats.stall_s += time.perf_counter() - t0
+        if ticket.error is not None:
+            fqn, exc = ticket.store.unit.fqn, ticket.error
+            if isinstance(exc, FormatError):
+                raise FormatError(f"unit `{fqn}`: {exc}") from exc
+            raise VzstreamError(f"decoding unit `{fqn}` failed in a worker thread: {exc!r}") from exc
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _run_named(name: str, work) -> None:
+    try:
+        work()
+    except FormatError as exc:
+        raise FormatError(f"tensor `{name}`: {exc}") from exc
+
+
+class Streamer:
+    """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
+
+    def __init__(self, stores: dict, backend, pool: SlotPool, pipeline: Pipeline, config, stats) -> None:
+        self.stores, self.backend, self.pool, self.pipeline = stores, backend, pool, pipeline
+        self.prefetch, self.cache, self.stats = config.prefetch, config.cache, stats
+        self.tracer = Tracer()
+        self.schedule: Schedule | None = None
+        self.in_pass = False
+        self.pass_no = 0                        # passes since the schedule was learned
+        self.requested = -1                     # highest global fetch index requested
+        self.tickets: dict[int, Ticket] = {}    # in flight: requested, not yet bound
+        self.held: dict[int, list] = {}         # unit -> [ticket, bind_count]
+        self.pass_t0 = 0.0
+
+    # -- passes -----------------------------------------------------------------------------
+    def pass_start(self) -> None:
+        if self.in_pass:                        # the previous pass died without its end hook
+            self.abort()
+        self.in_pass = True
+        self.tracer.start_pass()
+        self.pass_t0 = time.perf_counter()
+
+    def pass_end(self) -> None:
+        if not self.in_pass:
+            return
+        if sys.exc_info()[0] is not None:       # the forward raised: keep the old trace
+            self.abort()
+            return
+        self.in_pass = False
+        self.stats.passes += 1
+        self.stats.wall_s += time.perf_counter() - self.pass_t0
+        if self.tracer.end_pass():
+            self._relearn()
+        else:
+            self.pass_no += 1
+        self.stats.trace_misses = self.tracer.misses
+
+    def _relearn(self) -> None:
+        self._drain()
+        self._release_idle()
+        self.schedule = make_schedule(self.tracer.trace, self.prefetch, self.cache)
+        self.pool.reserve(self.schedule.num_slots)
+        self.pass_no, self.requested = 0, -1
+        if self.schedule.num_fetches:
+            self._request_through(self.prefetch - 1)   # wrap: the next pass starts warm
+
+    # -- units ------------------------------------------------------------------------------
+    def bind(self, unit: int) -> None:
+        pos = self.tracer.observe(unit) if self.in_pass else None
+        if pos is not None:
+            sched = self.schedule
+            self._request_through(self.pass_no * sched.num_fetches + sched.frontier[pos] + self.prefetch)
+        elif self.tickets and not (self.in_pass and self.tracer.on_plan):
+            self._drain()                       # a miss: in-flight prefetches are for the old plan
+            self._release_idle()
+        fetch = None
+        if pos is not None and self.schedule.fetches[pos]:
+            fetch = self.tickets.pop(self.pass_no * self.schedule.num_fetches + self.schedule.frontier[pos])
+        entry = self.held.get(unit)
+        if entry is not None:                   # held since an earlier use (or bound around this one)
+            entry[1] += 1
+            entry[0].position = -1 if pos is None else pos
+            if fetch is not None:               # only when a unit re-enters itself: drop the copy
+                self._drop(fetch)
+            return
+        if fetch is not None:
+            ticket = fetch
+            self.stats.prefetched += 1
+        else:
+            ticket = self.pipeline.submit(self.stores[unit], self.pool.acquire())
+            self.stats.sync_fetches += 1
+        ticket.position = -1 if pos is None else pos
+        self.held[unit] = [ticket, 1]
+        self.pipeline.wait(ticket)
+        self.backend.wait(ticket)
+        bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot))
+
+    def release(self, unit: int) -> None:
+        entry = self.held.get(unit)
+        if entry is None:
+            return
+        entry[1] -= 1
+        ticket = entry[0]
+        if entry[1] > 0:
+            return
+        on_plan = self.in_pass and self.tracer.on_plan and ticket.position >= 0
+        if on_plan and not self.schedule.releases[ticket.position]:
+            return                              # cache="pass": held until its last use
+        self._free(unit)
+
+    def _free(self, unit: int) -> None:
+        ticket = self.held.pop(unit)[0]
+        unbind_params(ticket.store.unit.params)
+        self.backend.release(ticket)
+        self.pool.release(ticket.slot)
+
+    # -- in-flight work ---------------------------------------------------------------------
+    def _request_through(self, target: int) -> None:
+        while self.requested < target:
+            self.requested += 1
+            store = self.stores[self.schedule.fetch_unit(self.requested)]
+            self.tickets[self.requested] = self.pipeline.submit(store, self.pool.acquire())
+
+    def _drop(self, ticket: Ticket) -> None:
+        ticket.ready.wait()
+        if ticket.error is not None:
+            log.debug("vzstream: dropped prefetch of %s that failed: %r", ticket.store.unit.fqn, ticket.error)
+        self.backend.release(ticket)
+        self.pool.release(ticket.slot)
+        self.stats.drained += 1
+
+    def _drain(self) -> None:
+        """Finish and drop every in-flight prefetch (after a miss, outside a pass, at close)."""
+        if not self.tickets:
+            return
+        self.requested = min(self.tickets) - 1  # a later on-plan bind requests them again
+        for ticket in self.tickets.values():
+            self._drop(ticket)
+        self.tickets.clear()
+
+    def _release_idle(self) -> None:
+        """Release held units that are not bound right now (their planned reuse is moot)."""
+        for unit in [u for u, (_, count) in self.held.items() if count == 0]:
+            self._free(unit)
+
+    def abort(self) -> None:
+        """Forget the current pass after an exception: everything back to the pool."""
+        self.in_pass = False
+        self.tracer.abort_pass()
+        self._drain()
+        for unit in list(self.held):
+            self._free(unit)
+        if self.schedule is not None:
+            self.pass_no, self.requested = 0, -1
+
+    def close(self) -> None:
+        self.abort()
+        self.pipeline.close()

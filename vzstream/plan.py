@@ -1,0 +1,188 @@
+"""Pure planning: which parameters form which unit, and the fetch schedule over a trace.
+
+Nothing here touches threads or devices, so every decision is testable on CPU.
+
+- `find_units(model, spec)` groups parameters into units (DESIGN §2). Each parameter belongs to
+  exactly one unit (tied parameters to the first module that owns them); a unit is bound by a
+  hook on each module that uses its parameters.
+- `make_schedule(trace, prefetch, cache)` says, for every position of a pass, whether that use
+  fetches or reuses a held slot, whether the slot is released after it, and how many device
+  slots the schedule needs at most (simulated over two passes, because it wraps around).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger("vzstream")
+
+
+@dataclass(eq=False)
+class Unit:
+    """A group of parameters fetched together: one slot, one trace entry per use."""
+
+    index: int
+    fqn: str
+    modules: list[nn.Module]                      # hook targets: every module that uses these params
+    params: list[tuple[str, nn.Parameter]]        # (fqn, param), each param once
+    streamed: bool = True
+    raw_nbytes: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.raw_nbytes = sum(p.numel() * p.element_size() for _, p in self.params)
+
+
+def _direct_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    best, best_numel = None, 0
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+            numel = sum(p.numel() for p in mod.parameters())
+            if numel > best_numel:
+                best, best_numel = (fqn, mod), numel
+    return best
+
+
+def _stream_roots(model: nn.Module, spec) -> tuple[list[str], bool]:
+    """Module fqns whose whole subtree is one streamed unit, and whether leaves stream too."""
+    modules = dict(model.named_modules())
+    if spec == "leaves":
+        return [], True
+    if spec == "blocks":
+        found = _largest_module_list(model)
+        if found is None:
+            log.warning("vzstream: units='blocks' found no nn.ModuleList of blocks; streaming every leaf instead")
+            return [], True
+        prefix = f"{found[0]}." if found[0] else ""
+        return [f"{prefix}{i}" for i in range(len(found[1]))], False
+    missing = [f for f in spec if f not in modules]
+    if missing:
+        sample = ", ".join(list(modules)[1:8])
+        raise ConfigError(
+            f"`units` names modules the model does not have: {missing}; "
+            f"names are fqns as in model.named_modules(), e.g. {sample}."
+        )
+    for a in spec:
+        for b in spec:
+            if a != b and (a == "" or b.startswith(a + ".")):
+                raise ConfigError(f"`units` lists {a!r} and its submodule {b!r}; list only one of them.")
+    return list(spec), False
+
+
+def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
+    """Group the model's parameters into units. Streamed units come first, in module order."""
+    roots, leaves_stream = _stream_roots(model, spec)
+    modules = dict(model.named_modules())
+    owner: dict[int, Unit] = {}
+    units: list[Unit] = []
+
+    def add(fqn: str, mods: list[nn.Module], params, streamed: bool) -> None:
+        fresh = [(n, p) for n, p in params if id(p) not in owner]
+        if not fresh:
+            return
+        unit = Unit(len(units), fqn, mods, fresh, streamed)
+        units.append(unit)
+        for _, p in fresh:
+            owner[id(p)] = unit
+
+    for fqn in roots:
+        prefix = f"{fqn}." if fqn else ""
+        add(fqn, [modules[fqn]], [(prefix + n, p) for n, p in modules[fqn].named_parameters()], True)
+    for fqn, mod in modules.items():
+        prefix = f"{fqn}." if fqn else ""
+        add(fqn, [mod], [(prefix + n, p) for n, p in mod._parameters.items() if p is not None], leaves_stream)
+    # A module that uses a parameter owned elsewhere (tied weights) must bind that unit too.
+    for fqn, mod in modules.items():
+        for p in _direct_params(mod):
+            unit = owner[id(p)]
+            if not any(mod is m or _is_descendant(m, mod) for m in unit.modules):
+                unit.modules.append(mod)
+    units.sort(key=lambda u: not u.streamed)
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
+def _is_descendant(ancestor: nn.Module, mod: nn.Module) -> bool:
+    return any(m is mod for m in ancestor.modules())
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What happens at each trace position. A *fetch* is a decode+upload into a fresh slot."""
+
+    trace: tuple[int, ...]            # unit index used at each position of a pass
+    fetches: tuple[bool, ...]         # this position fetches (else: reuses the slot held since an earlier use)
+    releases: tuple[bool, ...]        # the slot is released after this position's use
+    frontier: tuple[int, ...]         # index of the latest fetch at or before each position
+    fetch_units: tuple[int, ...]      # unit of each fetch, in pass order
+    prefetch: int
+    num_slots: int                    # most slots occupied at once (held + in flight), over the wrap
+
+    @property
+    def num_fetches(self) -> int:
+        return len(self.fetch_units)
+
+    def fetch_unit(self, g: int) -> int:
+        """Unit of global fetch `g` (fetch `g % num_fetches` of pass `g // num_fetches`)."""
+        return self.fetch_units[g % len(self.fetch_units)]
+
+
+def make_schedule(trace, prefetch: int, cache: str) -> Schedule:
+    """Fetch/release flags per position and the slot count the schedule needs."""
+    trace = tuple(trace)
+    if cache == "none":
+        fetches = releases = tuple(True for _ in trace)
+    else:
+        first = {u: i for i, u in reversed(list(enumerate(trace)))}
+        last = {u: i for i, u in enumerate(trace)}
+        fetches = tuple(first[u] == i for i, u in enumerate(trace))
+        releases = tuple(last[u] == i for i, u in enumerate(trace))
+    frontier = tuple(sum(fetches[: i + 1]) - 1 for i in range(len(trace)))
+    fetch_units = tuple(u for u, f in zip(trace, fetches) if f)
+    peak = _peak_slots(fetches, releases, frontier, prefetch)
+    return Schedule(trace, fetches, releases, frontier, fetch_units, prefetch, peak)
+
+
+def _peak_slots(fetches, releases, frontier, prefetch: int) -> int:
+    """Simulate two passes (the schedule wraps): at each use, fetches up to frontier+prefetch
+    are in flight; a slot frees after the use that releases it."""
+    num_f = sum(fetches)
+    if num_f == 0:
+        return 0
+    occupied, requested, peak = 0, -1, 0
+    for p in range(2):
+        for pos in range(len(fetches)):
+            target = p * num_f + frontier[pos] + prefetch
+            occupied += max(0, target - requested)
+            requested = max(requested, target)
+            peak = max(peak, occupied)
+            occupied -= releases[pos]
+    return peak
+
+
+def unit_nbytes(unit: Unit, alignment: int) -> int:
+    """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
+    return sum(_align(p.numel() * p.element_size(), alignment) for _, p in unit.params)
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def param_offsets(params: list[tuple[str, torch.Tensor]], alignment: int) -> list[int]:
+    """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
+    offsets, off = [], 0
+    for _, p in params:
+        offsets.append(off)
+        off += _align(p.numel() * p.element_size(), alignment)
+    return offsets

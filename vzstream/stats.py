@@ -1,0 +1,72 @@
+"""Counters and timings of a session, and the readable table `str(stats)` prints.
+
+Keys use the stage verbs (decode, upload, bind, release) and carry their unit in the name.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+
+@dataclass
+class Stats:
+    passes: int = 0                  # root forwards completed
+    trace_misses: int = 0            # binds (or pass ends) that left the learned trace
+    units_streamed: int = 0
+    units_resident: int = 0
+    decodes: int = 0                 # unit fetches submitted (prefetched or synchronous)
+    prefetched: int = 0              # binds served by a prefetch already in flight
+    sync_fetches: int = 0            # binds that had to fetch synchronously (first pass, misses)
+    drained: int = 0                 # prefetches dropped after a miss
+    slot_overflows: int = 0          # slots allocated beyond the schedule's count (off-plan only)
+    packed_nbytes: int = 0           # compressed size of the streamed units in host RAM
+    raw_nbytes: int = 0              # their size uncompressed
+    resident_nbytes: int = 0         # parameters kept on the device
+    streamed_nbytes_per_pass: int = 0
+    peak_device_nbytes: int = 0      # what the backend held on the device at most (params + slots)
+    host_rss_nbytes: int = 0         # process RSS when stats() was called
+    decode_s: float = 0.0            # worker time spent decoding (summed over threads)
+    stall_s: float = 0.0             # forward-thread time spent waiting for a unit
+    wall_s: float = 0.0              # time inside root forwards
+    _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
+
+    def add_decode_s(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_s += seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_nbytes / self.packed_nbytes if self.packed_nbytes else 1.0
+
+    @property
+    def stall_fraction(self) -> float:
+        return self.stall_s / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        d["stall_fraction"] = self.stall_fraction
+        return d
+
+    def copy(self) -> "Stats":
+        return Stats(**asdict(self))
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        rows = [
+            ("passes", f"{self.passes}"),
+            ("trace misses", f"{self.trace_misses}"),
+            ("units streamed / resident", f"{self.units_streamed} / {self.units_resident}"),
+            ("decodes (prefetched / sync)", f"{self.decodes} ({self.prefetched} / {self.sync_fetches})"),
+            ("packed / raw", f"{self.packed_nbytes / mib:.1f} MiB / {self.raw_nbytes / mib:.1f} MiB ({self.ratio:.3f}x)"),
+            ("resident on device", f"{self.resident_nbytes / mib:.1f} MiB"),
+            ("streamed per pass", f"{self.streamed_nbytes_per_pass / mib:.1f} MiB"),
+            ("peak device memory", f"{self.peak_device_nbytes / mib:.1f} MiB"),
+            ("host RSS", f"{self.host_rss_nbytes / mib:.1f} MiB"),
+            ("decode time (workers)", f"{self.decode_s:.3f} s"),
+            ("stall", f"{self.stall_s:.3f} s of {self.wall_s:.3f} s ({100 * self.stall_fraction:.1f}%)"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,93 @@
+"""Per-unit compressed storage in host RAM (DESIGN §5).
+
+`pack_unit` packs every parameter of a unit with the codec, then copies all of its frames and
+raw planes into ONE host buffer from the backend (pinned on CUDA, in exact size: the pinned
+caching allocator would round each small block up to a power of two). The `Packed` records are
+rebuilt to point into that arena, so the store holds nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import codec
+from .plan import Unit, param_offsets, unit_nbytes
+
+
+@dataclass(eq=False)
+class UnitStore:
+    """The compressed form of one unit plus where each tensor sits inside a slot."""
+
+    unit: Unit
+    packed: list[codec.Packed]
+    offsets: list[int]          # byte offset of each tensor in a slot (aligned)
+    slot_nbytes: int
+    arena: torch.Tensor         # uint8 host buffer holding every frame and raw plane
+    _views: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def views(self, slot) -> list[torch.Tensor]:
+        """Tensors shaped like this unit's parameters inside `slot` (cached per slot)."""
+        views = self._views.get(slot.index)
+        if views is None or views[0] is not slot.tensor:
+            views = (slot.tensor, slot_views(slot.tensor, self.packed, self.offsets))
+            self._views[slot.index] = views
+        return views[1]
+
+    @property
+    def packed_nbytes(self) -> int:
+        return self.arena.numel()
+
+    @property
+    def raw_nbytes(self) -> int:
+        return sum(p.raw_nbytes for p in self.packed)
+
+
+def slot_views(slot: torch.Tensor, packed: list, offsets: list[int]) -> list[torch.Tensor]:
+    """Views of a uint8 `slot` shaped like each packed tensor, at its aligned offset."""
+    return [
+        slot[off : off + p.raw_nbytes].view(p.dtype).view(p.shape) for p, off in zip(packed, offsets)
+    ]
+
+
+def _buffers(packed: codec.Packed) -> list:
+    out = []
+    for plane in packed.planes:
+        out.extend([plane.raw] if plane.raw is not None else [f.data for f in plane.frames])
+    return out
+
+
+def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
+    """`packed` with each buffer replaced, in `_buffers` order, by the matching arena view."""
+    it = iter(views)
+    planes = []
+    for plane in packed.planes:
+        if plane.raw is not None:
+            planes.append(dataclasses.replace(plane, raw=next(it)))
+        else:
+            frames = tuple(dataclasses.replace(f, data=next(it)) for f in plane.frames)
+            planes.append(dataclasses.replace(plane, frames=frames))
+    return dataclasses.replace(packed, planes=tuple(planes))
+
+
+def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
+    """Pack `unit`'s parameters into one arena. Does not touch the parameters themselves."""
+    packed = [codec.pack(p.detach(), level=level) for _, p in unit.params]
+    buffers = [_buffers(p) for p in packed]
+    total = sum(memoryview(b).nbytes for bufs in buffers for b in bufs)
+    arena = backend.host_buffer(total)
+    flat = arena.numpy()
+    rebased, off = [], 0
+    for p, bufs in zip(packed, buffers):
+        views = []
+        for b in bufs:
+            n = memoryview(b).nbytes
+            flat[off : off + n] = np.frombuffer(b, dtype=np.uint8)
+            views.append(memoryview(flat[off : off + n]))
+            off += n
+        rebased.append(_rebased(p, views))
+    offsets = param_offsets(unit.params, backend.alignment)
+    return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena)
