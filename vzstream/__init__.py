@@ -11,13 +11,13 @@ from . import codec
 from .backends import Backend, CpuBackend, FakeBackend
 from .config import SessionConfig
 from .errors import BackendUnavailableError, ConfigError, FormatError, TraceError, VzstreamError
-from .session import Session, session
+from .session import Session, greedy, session
 from .stats import Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "session", "Session", "SessionConfig", "Stats", "codec",
+    "session", "Session", "SessionConfig", "Stats", "codec", "greedy",
     "Backend", "CpuBackend", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
 ]

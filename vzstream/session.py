@@ -208,7 +208,12 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 16, 
     return ids
 
 
+_last_progress = [0.0]
+
+
 def _progress(stage: str, done: int, total: int, t0: float) -> None:
-    step = max(1, total // 10)
-    if done == total or done % step == 0:
-        log.info("vzstream: %s %d/%d units (%.1f s)", stage, done, total, time.perf_counter() - t0)
+    """At most one INFO line a second while packing, and one at the end."""
+    now = time.perf_counter()
+    if done == total or now - _last_progress[0] >= 1.0:
+        _last_progress[0] = now
+        log.info("vzstream: %s %d/%d units (%.1f s)", stage, done, total, now - t0)
