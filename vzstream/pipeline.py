@@ -69,7 +69,7 @@ class SlotPool:
 class Ticket:
     """One fetch of one unit into one slot, from decode request to release."""
 
-    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position")
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred")
 
     def __init__(self, store, slot: Slot) -> None:
         self.store, self.slot = store, slot
@@ -79,10 +79,17 @@ class Ticket:
         self.lock = threading.Lock()
         self.decode_s = 0.0
         self.position = -1          # trace position of the latest bind (for the release rule)
+        self.deferred = None        # jobs of a small unit, run on the forward thread at wait
 
 
 class Pipeline:
-    """Decode workers. `submit` returns at once; `wait` blocks the caller until ready."""
+    """Decode workers. `submit` returns at once; `wait` blocks the caller until ready.
+
+    Units smaller than `inline_nbytes` are decoded on the forward thread at `wait`: handing a
+    ~10 us decode to a worker costs more (submit, wake-up, GIL hand-over) than it saves.
+    """
+
+    inline_nbytes = 64 << 10
 
     def __init__(self, backend, workers: int, stats) -> None:
         self.backend, self.stats = backend, stats
@@ -93,9 +100,11 @@ class Pipeline:
         jobs = self.backend.decode_jobs(ticket)
         ticket.pending = len(jobs)
         self.stats.decodes += 1
-        if not jobs:
+        if store.raw_nbytes < self.inline_nbytes:
+            ticket.deferred = jobs
+        elif not jobs:
             self._finish(ticket)
-        for job in jobs:
+        for job in () if ticket.deferred is not None else jobs:
             self.executor.submit(self._run, ticket, job)
         return ticket
 
@@ -125,6 +134,12 @@ class Pipeline:
 
     def wait(self, ticket: Ticket) -> None:
         """Block until `ticket` is decoded and its upload issued; re-raise a worker's error."""
+        if ticket.deferred is not None:
+            jobs, ticket.deferred = ticket.deferred, None
+            for job in jobs:
+                self._run(ticket, job)
+            if not jobs:
+                self._finish(ticket)
         if not ticket.ready.is_set():
             t0 = time.perf_counter()
             ticket.ready.wait()
@@ -134,6 +149,13 @@ class Pipeline:
             if isinstance(exc, FormatError):
                 raise FormatError(f"unit `{fqn}`: {exc}") from exc
             raise VzstreamError(f"decoding unit `{fqn}` failed in a worker thread: {exc!r}") from exc
+
+    def settle(self, ticket: Ticket) -> None:
+        """Let an unwanted ticket finish (workers may be writing its slot) or never start."""
+        if ticket.deferred is not None:
+            ticket.deferred = None
+        else:
+            ticket.ready.wait()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -251,7 +273,7 @@ class Streamer:
             self.tickets[self.requested] = self.pipeline.submit(store, self.pool.acquire())
 
     def _drop(self, ticket: Ticket) -> None:
-        ticket.ready.wait()
+        self.pipeline.settle(ticket)
         if ticket.error is not None:
             log.debug("vzstream: dropped prefetch of %s that failed: %r", ticket.store.unit.fqn, ticket.error)
         self.backend.release(ticket)

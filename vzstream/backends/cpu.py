@@ -15,7 +15,20 @@ from .base import Backend, chunk_jobs
 class CpuBackend(Backend):
     name = "cpu"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs: dict = {}
+
     def decode_jobs(self, ticket) -> list:
+        # The jobs depend only on (unit, slot): build them once, not on every fetch.
+        key = (ticket.store.unit.index, ticket.slot.index)
+        cached = self._jobs.get(key)
+        if cached is None or cached[0] is not ticket.store or cached[1] is not ticket.slot.tensor:
+            cached = (ticket.store, ticket.slot.tensor, self._build_jobs(ticket))
+            self._jobs[key] = cached
+        return cached[2]
+
+    def _build_jobs(self, ticket) -> list:
         views = ticket.store.views(ticket.slot)
         items = []
         for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
@@ -26,6 +39,9 @@ class CpuBackend(Backend):
 
     def upload(self, ticket) -> None:
         pass
+
+    def close(self) -> None:
+        self._jobs.clear()
 
     def wait(self, ticket) -> None:
         pass

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time vzstream stages and print a table plus one JSON line."""

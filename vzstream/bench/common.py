@@ -1,0 +1,75 @@
+"""Shared plumbing for the benchmarks: timing, machine description, table + JSON output.
+
+Benchmarks are not tests: they assert nothing, exclude warm-up, synchronise before stopping a
+timer, run baseline and candidate in the same process, and print a markdown table followed by
+one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def versions() -> dict:
+    import zstandard
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "zstandard": zstandard.__version__}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeat: int, device="cpu", warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeat` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, rows: list[dict], columns: list[str], config: dict, out_dir: str | None = None) -> None:
+    """Print the table, then one JSON line; also write both under `out_dir` if given."""
+    text = table(rows, columns)
+    line = json.dumps({"bench": name, "machine": machine(), **versions(), "config": config, "rows": rows})
+    print(text)
+    print(line)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(f"# bench {name}\n\nmachine: {machine()}\n\n{text}\n")
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            f.write(line + "\n")

@@ -1,0 +1,109 @@
+"""`python -m vzstream bench session`: resident vs streamed forward and generate.
+
+Rows: for each preset, a resident baseline and vzstream at each prefetch depth — prefill
+forward time, greedy tokens/s, stall %, host RSS, whether tokens match. Then the per-unit
+overhead of hooks + scheduler on a model whose compute is negligible (many tiny blocks):
+(streamed pass time - resident pass time) / units per pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import psutil
+import torch
+from torch import nn
+
+import vzstream
+
+from .common import median_time, report, sync
+from .models import build_model, prompt
+
+COLUMNS = ["model", "mode", "prefill_ms", "tokens_per_s", "stall_pct", "host_rss_mib", "ratio", "tokens_equal"]
+
+
+def _generate(fn, ids, tokens):
+    return fn(ids, max_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+
+def _bench_preset(name: str, args, device: str) -> list[dict]:
+    model = build_model(name, layers=args.layers)
+    ids = prompt(model, batch=1, length=args.prompt_len).to(device)
+    long_ids = prompt(model, batch=1, length=args.prefill_len, seed=1).to(device)
+    rss = psutil.Process().memory_info().rss / 2**20
+    model.to(device)
+    with torch.no_grad():
+        ref = _generate(model.generate, ids, args.tokens)
+        rows = [dict(model=name, mode="resident", host_rss_mib=rss, ratio=1.0, tokens_equal=True, stall_pct=0.0,
+                     prefill_ms=1e3 * median_time(lambda: model(long_ids), args.repeat, device),
+                     tokens_per_s=args.tokens / median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, device))]
+    model.to("cpu")
+    for k in args.prefetch:
+        gc.collect()
+        with vzstream.session(model, device=device, prefetch=k) as s:
+            rss = psutil.Process().memory_info().rss / 2**20
+            out = _generate(s.generate, ids, args.tokens)            # warm-up: learns the trace
+            prefill = median_time(lambda: s(long_ids), args.repeat, device)
+            before = s.stats()
+            gen = median_time(lambda: _generate(s.generate, ids, args.tokens), args.repeat, device, warmup=0)
+            st = s.stats()
+            stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
+            rows.append(dict(model=name, mode=f"vzstream prefetch={k}", prefill_ms=1e3 * prefill,
+                             tokens_per_s=args.tokens / gen, stall_pct=100 * stall, host_rss_mib=rss,
+                             ratio=st.ratio, tokens_equal=bool(torch.equal(out, ref))))
+    del model
+    gc.collect()
+    return rows
+
+
+class _Tiny(nn.Module):
+    """Many blocks with negligible compute: what remains is the per-unit overhead."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(num_blocks))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _bench_overhead(args, device: str) -> dict:
+    torch.manual_seed(0)
+    model = _Tiny(args.overhead_blocks).to(torch.bfloat16).eval()
+    x = torch.randn(1, 8, dtype=torch.bfloat16, device=device)
+    model.to(device)
+    with torch.no_grad():
+        t_res = median_time(lambda: model(x), args.repeat * 5, device)
+    model.to("cpu")
+    with vzstream.session(model, device=device, prefetch=2) as s:
+        t_str = median_time(lambda: s(x), args.repeat * 5, device, warmup=2)
+    per_unit_us = 1e6 * (t_str - t_res) / args.overhead_blocks
+    return dict(model=f"{args.overhead_blocks} x Linear(8,8)", mode="overhead per unit (us)",
+                prefill_ms=1e3 * t_str, tokens_per_s="", stall_pct="", host_rss_mib="", ratio="",
+                tokens_equal=f"{per_unit_us:.1f} us/unit/pass (resident pass {1e3 * t_res:.2f} ms)",
+                overhead_us_per_unit=per_unit_us)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vzstream bench session")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--presets", nargs="+", default=["small", "tinyllama-1.1b"])
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--prefill-len", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=None, help="override the presets' layer count")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--overhead-blocks", type=int, default=200)
+    ap.add_argument("--out", default=None, help="also write session.md / session.json here")
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.presets:
+        rows += _bench_preset(name, args, args.device)
+    rows.append(_bench_overhead(args, args.device))
+    sync(args.device)
+    report("session", rows, COLUMNS, vars(args), args.out)
+    return 0
