@@ -11,13 +11,15 @@ from . import codec
 from .backends import Backend, CpuBackend, FakeBackend
 from .config import SessionConfig
 from .errors import BackendUnavailableError, ConfigError, FormatError, TraceError, VzstreamError
-from .session import Session, greedy, session
+from .generate import greedy
+from .pool import DevicePool
+from .session import Session, session
 from .stats import Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "session", "Session", "SessionConfig", "Stats", "codec", "greedy",
+    "session", "Session", "SessionConfig", "Stats", "DevicePool", "codec", "greedy",
     "Backend", "CpuBackend", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
 ]

@@ -171,9 +171,11 @@ def _run_named(name: str, work) -> None:
 class Streamer:
     """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
 
-    def __init__(self, stores: dict, backend, pool: SlotPool, pipeline: Pipeline, config, stats) -> None:
-        self.stores, self.backend, self.pool, self.pipeline = stores, backend, pool, pipeline
+    def __init__(self, stores: dict, device_pool, pipeline: Pipeline, config, stats, max_slots: int | None) -> None:
+        self.stores, self.device_pool, self.pipeline = stores, device_pool, pipeline
+        self.backend = device_pool.backend
         self.prefetch, self.cache, self.stats = config.prefetch, config.cache, stats
+        self.max_slots = max_slots              # a budgeted ring is static: never grow past it
         self.tracer = Tracer()
         self.schedule: Schedule | None = None
         self.in_pass = False
@@ -206,10 +208,17 @@ class Streamer:
             self.pass_no += 1
         self.stats.trace_misses = self.tracer.misses
 
+    @property
+    def pool(self) -> SlotPool:
+        return self.device_pool.ring            # looked up each time: a joining session may resize it
+
     def _relearn(self) -> None:
         self._drain()
         self._release_idle()
         self.schedule = make_schedule(self.tracer.trace, self.prefetch, self.cache)
+        if self.max_slots is not None and self.schedule.num_slots > self.max_slots:
+            # Holding units for reuse would overflow the budgeted ring: fetch at every use.
+            self.schedule = make_schedule(self.tracer.trace, self.prefetch, "none")
         self.pool.reserve(self.schedule.num_slots)
         self.pass_no, self.requested = 0, -1
         if self.schedule.num_fetches:
@@ -292,6 +301,12 @@ class Streamer:
     def _release_idle(self) -> None:
         """Release held units that are not bound right now (their planned reuse is moot)."""
         for unit in [u for u, (_, count) in self.held.items() if count == 0]:
+            self._free(unit)
+
+    def park(self) -> None:
+        """Hand every slot back (between calls on a shared pool); keep the learned schedule."""
+        self._drain()
+        for unit in list(self.held):
             self._free(unit)
 
     def abort(self) -> None:

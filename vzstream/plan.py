@@ -186,3 +186,78 @@ def param_offsets(params: list[tuple[str, torch.Tensor]], alignment: int) -> lis
         offsets.append(off)
         off += _align(p.numel() * p.element_size(), alignment)
     return offsets
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which units stay resident under a device-memory budget, and what the ring costs."""
+
+    resident: frozenset[int]
+    slot_nbytes: int            # one slot: the largest streamed unit
+    num_slots: int              # the static ring (prefetch + 2)
+    resident_nbytes: int
+    activation_reserve: int
+    budget: int | None
+
+    @property
+    def ring_nbytes(self) -> int:
+        return self.slot_nbytes * self.num_slots
+
+    @property
+    def device_nbytes(self) -> int:
+        return self.resident_nbytes + self.ring_nbytes + self.activation_reserve
+
+
+def _evenly_spaced(m: int, n: int) -> list[int]:
+    """`n` of the positions 0..m-1, spread evenly (streaming has compute to hide behind)."""
+    return sorted({min(m - 1, int((i + 0.5) * m / n)) for i in range(n)}) if n else []
+
+
+def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
+    """The most evenly spread candidates that fit in `free`, then whatever else fits, smallest first."""
+    best: set[int] = set()
+    for n in range(len(candidates), 0, -1):
+        chosen = {candidates[i] for i in _evenly_spaced(len(candidates), n)}
+        if sum(sizes[u] for u in chosen) <= free:
+            best = chosen
+            break
+    free -= sum(sizes[u] for u in best)
+    for u in sorted((u for u in candidates if u not in best), key=lambda u: sizes[u]):
+        if sizes[u] <= free:
+            best.add(u)
+            free -= sizes[u]
+    return best
+
+
+def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
+                min_slot_nbytes: int = 0) -> MemoryPlan:
+    """Keep as many units resident as fit after reserving the ring and the activation margin.
+
+    `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
+    ring could have is tried: units larger than S must stay resident; the rest are filled in
+    evenly; the plan streaming the fewest bytes per pass wins. Raises `ConfigError` naming the
+    smallest budget that would work when nothing fits. `min_slot_nbytes`: a shared pool's ring
+    is at least that large already, whatever this model needs.
+    """
+    total, act = sum(sizes), activation_reserve
+    if total + act + num_slots * min_slot_nbytes <= budget:   # a shared ring stays either way
+        return MemoryPlan(frozenset(range(len(sizes))), 0, 0, total, act, budget)
+    best, minimum = None, total + act
+    for slot in sorted(set(sizes), reverse=True):
+        forced = {u for u, n in enumerate(sizes) if n > slot}
+        fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act
+        minimum = min(minimum, fixed)
+        if fixed > budget:
+            continue
+        resident = forced | _fill(sizes, [u for u in range(len(sizes)) if u not in forced], budget - fixed)
+        resident_nbytes = sum(sizes[u] for u in resident)
+        if best is None or resident_nbytes > best.resident_nbytes:
+            best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget)
+    if best is None:
+        raise ConfigError(
+            f"`vram_budget` of {budget} bytes ({budget / 2**20:.1f} MiB) cannot hold even full streaming: "
+            f"the ring of {num_slots} slots plus {act} bytes of activation reserve needs at least "
+            f"{minimum} bytes ({minimum / 2**20:.1f} MiB). Raise the budget to {minimum} or more, "
+            f"lower `prefetch`, or use finer `units`."
+        )
+    return best

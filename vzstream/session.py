@@ -1,14 +1,16 @@
-"""Session: the context manager users hold (DESIGN §1, §7).
+"""Session: the context manager users hold (DESIGN §1, §5, §7).
 
-On enter: pick the backend, find units, pack streamed units into host RAM (their original
-storage is freed), move resident parameters and buffers to the device, install hooks.
-On exit — normal, exception or KeyboardInterrupt — remove hooks, join workers, restore every
-parameter bit-exactly on its original device, free slots and arenas. A failure half-way
-through enter undoes exactly what was done.
+On enter: pick the backend (or the pool's), find units, plan the resident set under the
+budget, pack streamed units into host RAM (their original storage is freed), move resident
+parameters and buffers to the device, install hooks. On exit — normal, exception or
+KeyboardInterrupt — remove hooks, join workers, restore every parameter bit-exactly on its
+original device, free slots and arenas. A failure half-way through enter undoes exactly what
+was done. Every call (`s(...)`, `generate`, `agenerate`, `stream`) holds the pool's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -19,12 +21,13 @@ import torch
 from torch import nn
 
 from . import codec
-from .backends import make_backend
 from .config import SessionConfig, build_config
-from .errors import TraceError
+from .errors import ConfigError, TraceError
+from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
-from .pipeline import Pipeline, SlotPool, Streamer
-from .plan import find_units
+from .pipeline import Pipeline, Streamer
+from .plan import MemoryPlan, find_units, plan_memory, unit_nbytes
+from .pool import DevicePool, resolve_budget
 from .stats import Stats
 from .store import pack_unit
 
@@ -39,17 +42,19 @@ def session(model: nn.Module, **options) -> "Session":
     return Session(model, build_config(options))
 
 
-class Session:
+class Session(AsyncGeneration):
     def __init__(self, model: nn.Module, config: SessionConfig) -> None:
         self.model, self.config = model, config
         self.backend = None
+        self.pool: DevicePool | None = None
+        self.plan: MemoryPlan | None = None
         self.units: list = []
         self.stores: dict = {}
         self._streamed: list = []    # (param, packed, original device) to restore
         self._moved: list = []       # (param, original device) of resident params
         self._buffers: list = []     # (module, name, original device)
         self._handles: list = []
-        self._pool = self._pipeline = self._streamer = None
+        self._pipeline = self._streamer = None
         self._stats = Stats()
         self.is_open = False
 
@@ -61,32 +66,59 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    async def __aenter__(self) -> "Session":
-        return self.__enter__()
-
-    async def __aexit__(self, *exc) -> None:
-        self.close()
-
     def open(self) -> None:
         if self.model in _open_models:
             raise TraceError(
                 "`model` already has an open vzstream session; close it (leave its `with` block) "
                 "before opening another on the same model."
             )
-        self.backend = make_backend(self.config)      # fails before anything is allocated
-        self.units = find_units(self.model, self.config.units)
-        _open_models.add(self.model)
-        try:
-            self._pack_streamed()
-            self._move_resident()
-            self._start_streaming()
-        except BaseException:
-            self.close()
-            raise
+        self.pool = self._device_pool()               # fails before anything is allocated
+        self.backend = self.pool.backend
+        with self.pool.lock:
+            self.units = find_units(self.model, self.config.units)
+            self.plan = self._plan_memory()
+            _open_models.add(self.model)
+            try:
+                self._pack_streamed()
+                self._move_resident()
+                self._start_streaming()
+            except BaseException:
+                self._close_locked()
+                raise
         self.is_open = True
+
+    def _device_pool(self) -> DevicePool:
+        cfg = self.config
+        if cfg.pool is None:
+            return DevicePool(cfg.device, backend=cfg.backend)
+        if not isinstance(cfg.pool, DevicePool):
+            raise ConfigError(f"`pool` must be a vzstream.DevicePool; got {type(cfg.pool).__name__}.")
+        if cfg.backend is not None and cfg.backend is not cfg.pool.backend:
+            raise ConfigError("`backend` and `pool` were both given; a pooled session uses the pool's backend.")
+        return cfg.pool
+
+    def _plan_memory(self) -> MemoryPlan | None:
+        """Under a budget every unit is a candidate; the planner decides which stay resident."""
+        budgets = [resolve_budget(self.config.vram_budget, self.backend), self.pool.available(self)]
+        budgets = [b for b in budgets if b is not None]
+        if not budgets:
+            return None
+        sizes = [unit_nbytes(u, self.backend.alignment) for u in self.units]
+        num_slots = max(self.config.prefetch + 2, self.pool.ring_slots)
+        plan = plan_memory(sizes, min(budgets), num_slots, self.config.activation_reserve or 0,
+                           min_slot_nbytes=self.pool.ring.slot_nbytes)
+        for unit in self.units:
+            unit.streamed = unit.index not in plan.resident
+        return plan
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
+        if self.pool is None:
+            return
+        with self.pool.lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         try:
             remove(self._handles)
             if self._streamer is not None:
@@ -95,33 +127,36 @@ class Session:
                 self._pipeline.close()
         finally:
             self._restore()
-            if self._pool is not None:
-                self._pool.close()
-            if self.backend is not None:
+            self.pool.leave(self)
+            if self.config.pool is None:
                 self.backend.close()
             self.stores.clear()
-            self._pool = self._pipeline = self._streamer = None
+            self._pipeline = self._streamer = None
             _open_models.discard(self.model)
             self.is_open = False
+
+    def park(self) -> None:
+        """Give every slot back to the pool (called by the pool when it becomes shared)."""
+        if self._streamer is not None:
+            self._streamer.park()
 
     def _pack_streamed(self) -> None:
         streamed = [u for u in self.units if u.streamed]
         device = self.backend.device
-        t0, done = time.perf_counter(), 0
+        t0, level = time.perf_counter(), self.config.level
         with ThreadPoolExecutor(self.config.workers, thread_name_prefix="vzstream-pack") as pool:
             # A window of units in flight bounds the extra host RAM while packing.
             window = max(2, self.config.workers)
-            futures = [pool.submit(pack_unit, u, self.backend, self.config.level) for u in streamed[:window]]
+            futures = [pool.submit(pack_unit, u, self.backend, level) for u in streamed[:window]]
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
                 if i + window < len(streamed):
-                    futures.append(pool.submit(pack_unit, streamed[i + window], self.backend, self.config.level))
+                    futures.append(pool.submit(pack_unit, streamed[i + window], self.backend, level))
                 self.stores[unit.index] = store
                 for (_, p), packed in zip(unit.params, store.packed):
                     self._streamed.append((p, packed, p.device))
                     p.data = placeholder(p.dtype, device)  # frees the original storage
-                done += 1
-                _progress("pack", done, len(streamed), t0)
+                _progress("pack", i + 1, len(streamed), t0)
 
     def _move_resident(self) -> None:
         device = self.backend.device
@@ -140,15 +175,20 @@ class Session:
     def _start_streaming(self) -> None:
         cfg, stats = self.config, self._stats
         slot_nbytes = max((s.slot_nbytes for s in self.stores.values()), default=0)
-        self._pool = SlotPool(self.backend, slot_nbytes)
+        resident = sum(u.raw_nbytes for u in self.units if not u.streamed)
+        fixed_ring = self.plan is not None and bool(self.stores)
+        # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
+        # to the learned schedule's count; budgeted, it is static from here on.
+        self.pool.join(self, resident, slot_nbytes, self.plan.num_slots if fixed_ring else int(bool(self.stores)))
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
-        self._streamer = Streamer(self.stores, self.backend, self._pool, self._pipeline, cfg, stats)
+        max_slots = self.pool.ring_slots if fixed_ring else None
+        self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots)
         self._handles = install(self.model, self.units, self._streamer)
         stats.units_streamed = sum(u.streamed for u in self.units)
         stats.units_resident = len(self.units) - stats.units_streamed
         stats.packed_nbytes = sum(s.packed_nbytes for s in self.stores.values())
         stats.raw_nbytes = sum(s.raw_nbytes for s in self.stores.values())
-        stats.resident_nbytes = sum(u.raw_nbytes for u in self.units if not u.streamed)
+        stats.resident_nbytes = resident
 
     def _restore(self) -> None:
         for p, packed, device in self._streamed:
@@ -160,52 +200,46 @@ class Session:
         self._streamed, self._moved, self._buffers = [], [], []
 
     # -- running ----------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    @contextlib.contextmanager
+    def _running(self):
+        """Hold the pool for one call; tidy up after an exception; park if the pool is shared."""
         if not self.is_open:
             raise TraceError("this vzstream session is not open; use it inside `with vzstream.session(model) as s:`.")
+        with self.pool.lock, torch.no_grad():
+            try:
+                yield
+            except BaseException:
+                self._streamer.abort()  # KeyboardInterrupt skips always_call hooks: tidy up here
+                raise
+            finally:
+                if self.pool.shared:
+                    self._streamer.park()
 
     def __call__(self, *args, **kwargs):
         """The model's forward, streamed (under `torch.no_grad`)."""
-        self._check_open()
-        with torch.no_grad():
-            return self._guarded(self.model, *args, **kwargs)
+        with self._running():
+            return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         """`model.generate(...)` for Hugging Face models; otherwise greedy decoding over logits."""
-        self._check_open()
-        gen = getattr(self.model, "generate", None)
-        with torch.no_grad():
+        with self._running():
+            gen = getattr(self.model, "generate", None)
             if callable(gen):
-                return self._guarded(gen, *args, **kwargs)
-            return self._guarded(greedy, self.model, *args, **kwargs)
-
-    def _guarded(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BaseException:
-            self._streamer.abort()      # KeyboardInterrupt skips always_call hooks: tidy up here
-            raise
+                return gen(*args, **kwargs)
+            return greedy(self.model, *args, **kwargs)
 
     def stats(self) -> Stats:
         """A snapshot of the session's counters (see `Stats`)."""
         out = self._stats.copy()
-        out.trace_misses = self._streamer.tracer.misses if self._streamer else out.trace_misses
+        if self._streamer is not None:
+            out.trace_misses = self._streamer.tracer.misses
+            out.slot_overflows = self.pool.ring.overflows
+            sched = self._streamer.schedule
+            if sched is not None:
+                out.streamed_nbytes_per_pass = sum(self.stores[u].raw_nbytes for u in sched.fetch_units)
         out.peak_device_nbytes = self.backend.peak_device_nbytes if self.backend else 0
         out.host_rss_nbytes = psutil.Process().memory_info().rss
-        sched = self._streamer.schedule if self._streamer else None
-        if sched is not None:
-            out.streamed_nbytes_per_pass = sum(self.stores[u].raw_nbytes for u in sched.fetch_units)
         return out
-
-
-def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 16, **_ignored) -> torch.Tensor:
-    """Greedy decoding for a model mapping `input_ids [B, S]` to logits `[B, S, V]`."""
-    ids = input_ids
-    for _ in range(max_new_tokens):
-        out = model(ids)
-        logits = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)  # [B, S, V]
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 _last_progress = [0.0]

@@ -24,15 +24,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(config) -> Backend:
-    """The backend for `config.device` ("auto" = cuda when available, else cpu)."""
-    if config.backend is not None:
-        if not isinstance(config.backend, Backend):
+def make_backend(device: str = "auto", backend: Backend | None = None) -> Backend:
+    """`backend` if given, else the backend for `device` ("auto" = cuda when available, else cpu)."""
+    if backend is not None:
+        if not isinstance(backend, Backend):
             raise BackendUnavailableError(
-                f"`backend` must be a vzstream Backend instance (e.g. FakeBackend()); got {type(config.backend).__name__}."
+                f"`backend` must be a vzstream Backend instance (e.g. FakeBackend()); got {type(backend).__name__}."
             )
-        return config.backend
-    device = config.device
+        return backend
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     if device == "cpu":

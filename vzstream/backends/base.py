@@ -30,6 +30,12 @@ class Backend:
             self.device_nbytes += nbytes
             self.peak_device_nbytes = max(self.peak_device_nbytes, self.device_nbytes)
 
+    def total_memory(self) -> int:
+        """The device's memory in bytes (a fractional `vram_budget` is a share of this)."""
+        import psutil
+
+        return psutil.virtual_memory().total
+
     # -- memory -----------------------------------------------------------------------------
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 host buffer for the compressed store (pinned where uploads need it)."""
@@ -64,6 +70,9 @@ class Backend:
 
     def release(self, ticket) -> None:
         raise NotImplementedError
+
+    def clear_caches(self) -> None:
+        """Forget anything cached per (unit, slot): the ring was rebuilt or a session left."""
 
     def close(self) -> None:
         """Free what the backend allocated for itself (not slots: the pool frees those)."""

@@ -21,7 +21,7 @@ class CpuBackend(Backend):
 
     def decode_jobs(self, ticket) -> list:
         # The jobs depend only on (unit, slot): build them once, not on every fetch.
-        key = (ticket.store.unit.index, ticket.slot.index)
+        key = (id(ticket.store), ticket.slot.index)   # the value keeps the store alive
         cached = self._jobs.get(key)
         if cached is None or cached[0] is not ticket.store or cached[1] is not ticket.slot.tensor:
             cached = (ticket.store, ticket.slot.tensor, self._build_jobs(ticket))
@@ -40,8 +40,11 @@ class CpuBackend(Backend):
     def upload(self, ticket) -> None:
         pass
 
-    def close(self) -> None:
+    def clear_caches(self) -> None:
         self._jobs.clear()
+
+    def close(self) -> None:
+        self.clear_caches()
 
     def wait(self, ticket) -> None:
         pass

@@ -1,0 +1,119 @@
+"""Generation: greedy decoding for plain modules, and the async API over a session.
+
+`agenerate` and `stream` run generation on a worker thread so the event loop stays
+responsive; the pool lock is taken on that thread. Cancelling the awaiting task (or leaving
+an `async for` early) sets a flag that ends generation at the next token, then waits for the
+thread to finish, so no worker is left running and the session stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+
+
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = 16, *, on_token=None,
+           cancel: threading.Event | None = None, **_ignored) -> torch.Tensor:
+    """Greedy decoding for a model mapping `input_ids [B, S]` to logits `[B, S, V]`."""
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            break
+        out = model(ids)
+        logits = getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)  # [B, S, V]
+        new = logits[:, -1].argmax(-1, keepdim=True)                                       # [B, 1]
+        ids = torch.cat([ids, new], dim=1)
+        if on_token is not None:
+            on_token(new)
+    return ids
+
+
+class _TokenStreamer:
+    """Duck-typed Hugging Face streamer: skips the prompt, hands each new token `[B, 1]` on."""
+
+    def __init__(self, on_token) -> None:
+        self.on_token, self.seen_prompt = on_token, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_token(value.reshape(-1, 1))
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_stop_on(cancel: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Cancelled()])
+
+
+class AsyncGeneration:
+    """Async methods of `Session` (mixed in): `async with`, `agenerate`, `stream`."""
+
+    async def __aenter__(self):
+        await asyncio.to_thread(self.open)   # packing must not block the event loop
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.close)
+
+    def _generate_cancellable(self, input_ids, cancel, on_token=None, **kwargs):
+        if callable(getattr(self.model, "generate", None)):
+            kwargs["stopping_criteria"] = _hf_stop_on(cancel)
+            if on_token is not None:
+                kwargs["streamer"] = _TokenStreamer(on_token)
+            return self.generate(input_ids, **kwargs)
+        with self._running():
+            return greedy(self.model, input_ids, on_token=on_token, cancel=cancel, **kwargs)
+
+    async def agenerate(self, input_ids, **kwargs):
+        """`generate` off the event loop; cancelling the awaiting task stops it at the next token."""
+        cancel = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._generate_cancellable(input_ids, cancel, **kwargs))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancel.set()
+            await _finish(fut)
+            raise
+
+    async def stream(self, input_ids, **kwargs):
+        """`async for new_ids in s.stream(ids, max_new_tokens=N)`: each step's tokens `[B, 1]`."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel, done = threading.Event(), object()
+
+        def run():
+            try:
+                return self._generate_cancellable(
+                    input_ids, cancel, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), **kwargs)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        fut = loop.run_in_executor(None, run)
+        try:
+            while (item := await queue.get()) is not done:
+                yield item
+            await fut                        # re-raise an error from the generation thread
+        finally:
+            cancel.set()
+            await _finish(fut)
+
+
+async def _finish(fut) -> None:
+    """Wait for a generation thread to end (even while being cancelled), dropping its errors."""
+    try:
+        await asyncio.shield(fut)
+    except BaseException:
+        if not fut.done():
+            await asyncio.wait([fut])
