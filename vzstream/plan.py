@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .errors import ConfigError
@@ -32,10 +31,14 @@ class Unit:
     modules: list[nn.Module]                      # hook targets: every module that uses these params
     params: list[tuple[str, nn.Parameter]]        # (fqn, param), each param once
     streamed: bool = True
-    raw_nbytes: int = field(init=False, default=0)
+    param_nbytes: list[int] = field(init=False, default_factory=list)  # sizes as found (params get swapped later)
 
     def __post_init__(self) -> None:
-        self.raw_nbytes = sum(p.numel() * p.element_size() for _, p in self.params)
+        self.param_nbytes = [p.numel() * p.element_size() for _, p in self.params]
+
+    @property
+    def raw_nbytes(self) -> int:
+        return sum(self.param_nbytes)
 
 
 def _direct_params(module: nn.Module) -> list[nn.Parameter]:
@@ -172,19 +175,19 @@ def _peak_slots(fetches, releases, frontier, prefetch: int) -> int:
 
 def unit_nbytes(unit: Unit, alignment: int) -> int:
     """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
-    return sum(_align(p.numel() * p.element_size(), alignment) for _, p in unit.params)
+    return sum(_align(n, alignment) for n in unit.param_nbytes)
 
 
 def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def param_offsets(params: list[tuple[str, torch.Tensor]], alignment: int) -> list[int]:
+def param_offsets(unit: Unit, alignment: int) -> list[int]:
     """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
     offsets, off = [], 0
-    for _, p in params:
+    for n in unit.param_nbytes:
         offsets.append(off)
-        off += _align(p.numel() * p.element_size(), alignment)
+        off += _align(n, alignment)
     return offsets
 
 
@@ -261,3 +264,70 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
             f"lower `prefetch`, or use finer `units`."
         )
     return best
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    fqn: str
+    nbytes: int
+    streamed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """`s.plan`: which units are resident or streamed, and why; `str()` is a table."""
+
+    units: tuple[UnitPlan, ...]
+    budget: int | None
+    slot_nbytes: int
+    num_slots: int
+    activation_reserve: int
+
+    @property
+    def resident(self) -> frozenset[int]:
+        return frozenset(i for i, u in enumerate(self.units) if not u.streamed)
+
+    @property
+    def resident_nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units if not u.streamed)
+
+    @property
+    def streamed_nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units if u.streamed)
+
+    def __str__(self) -> str:
+        mib = 2**20
+        head = (f"budget {'none' if self.budget is None else f'{self.budget / mib:.1f} MiB'}; "
+                f"resident {self.resident_nbytes / mib:.1f} MiB, streamed {self.streamed_nbytes / mib:.1f} MiB per pass; "
+                f"ring {self.num_slots} x {self.slot_nbytes / mib:.1f} MiB; activation reserve {self.activation_reserve / mib:.1f} MiB")
+        width = max((len(u.fqn) for u in self.units), default=4)
+        rows = [f"{u.fqn or '(root)':<{width}}  {'streamed' if u.streamed else 'resident':<8}  "
+                f"{u.nbytes / mib:9.2f} MiB  {u.reason}" for u in self.units]
+        return "\n".join([head, *rows])
+
+
+def describe_plan(units: list[Unit], spec, memory: MemoryPlan | None, alignment: int,
+                  num_slots: int) -> SessionPlan:
+    """Why each unit streams or stays: the budget planner's choice, or else the `units` option."""
+    rows = []
+    for u in units:
+        nbytes = unit_nbytes(u, alignment)
+        if memory is not None:
+            if u.streamed:
+                why = "streamed: does not fit in the budget after the ring and the reserve"
+            elif memory.slot_nbytes and nbytes > memory.slot_nbytes:
+                why = "resident: larger than a ring slot, so it must stay"
+            else:
+                why = "resident: fits in the budget"
+        elif spec == "blocks":
+            why = "streamed: a block of the largest nn.ModuleList" if u.streamed else "resident: outside the blocks"
+        elif spec == "leaves":
+            why = "streamed: owns parameters (units='leaves')"
+        else:
+            why = "streamed: listed in `units`" if u.streamed else "resident: not listed in `units`"
+        rows.append(UnitPlan(u.fqn, nbytes, u.streamed, why))
+    slot = memory.slot_nbytes if memory else max((r.nbytes for r in rows if r.streamed), default=0)
+    slots = memory.num_slots if memory else num_slots
+    act = memory.activation_reserve if memory else 0
+    return SessionPlan(tuple(rows), memory.budget if memory else None, slot, slots, act)

@@ -26,7 +26,7 @@ from .errors import ConfigError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
 from .pipeline import Pipeline, Streamer
-from .plan import MemoryPlan, find_units, plan_memory, unit_nbytes
+from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
 from .store import pack_unit
@@ -47,7 +47,7 @@ class Session(AsyncGeneration):
         self.model, self.config = model, config
         self.backend = None
         self.pool: DevicePool | None = None
-        self.plan: MemoryPlan | None = None
+        self.memory_plan: MemoryPlan | None = None
         self.units: list = []
         self.stores: dict = {}
         self._streamed: list = []    # (param, packed, original device) to restore
@@ -76,7 +76,7 @@ class Session(AsyncGeneration):
         self.backend = self.pool.backend
         with self.pool.lock:
             self.units = find_units(self.model, self.config.units)
-            self.plan = self._plan_memory()
+            self.memory_plan = self._plan_memory()
             _open_models.add(self.model)
             try:
                 self._pack_streamed()
@@ -176,10 +176,10 @@ class Session(AsyncGeneration):
         cfg, stats = self.config, self._stats
         slot_nbytes = max((s.slot_nbytes for s in self.stores.values()), default=0)
         resident = sum(u.raw_nbytes for u in self.units if not u.streamed)
-        fixed_ring = self.plan is not None and bool(self.stores)
+        fixed_ring = self.memory_plan is not None and bool(self.stores)
         # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
         # to the learned schedule's count; budgeted, it is static from here on.
-        self.pool.join(self, resident, slot_nbytes, self.plan.num_slots if fixed_ring else int(bool(self.stores)))
+        self.pool.join(self, resident, slot_nbytes, self.memory_plan.num_slots if fixed_ring else int(bool(self.stores)))
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
         max_slots = self.pool.ring_slots if fixed_ring else None
         self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots)
@@ -227,6 +227,13 @@ class Session(AsyncGeneration):
             if callable(gen):
                 return gen(*args, **kwargs)
             return greedy(self.model, *args, **kwargs)
+
+    @property
+    def plan(self) -> SessionPlan:
+        """Which units are resident or streamed and why (`print(s.plan)` for a table)."""
+        sched = self._streamer.schedule if self._streamer else None
+        slots = sched.num_slots if sched is not None else self.pool.ring_slots
+        return describe_plan(self.units, self.config.units, self.memory_plan, self.backend.alignment, slots)
 
     def stats(self) -> Stats:
         """A snapshot of the session's counters (see `Stats`)."""

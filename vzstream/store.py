@@ -89,5 +89,5 @@ def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
             views.append(memoryview(flat[off : off + n]))
             off += n
         rebased.append(_rebased(p, views))
-    offsets = param_offsets(unit.params, backend.alignment)
+    offsets = param_offsets(unit, backend.alignment)
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena)

@@ -35,9 +35,10 @@ def _bench_preset(name: str, args, device: str) -> list[dict]:
     model.to(device)
     with torch.no_grad():
         ref = _generate(model.generate, ids, args.tokens)
-        rows = [dict(model=name, mode="resident", host_rss_mib=rss, ratio=1.0, tokens_equal=True, stall_pct=0.0,
-                     prefill_ms=1e3 * median_time(lambda: model(long_ids), args.repeat, device),
-                     tokens_per_s=args.tokens / median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, device))]
+        prefill = median_time(lambda: model(long_ids), args.repeat, device)
+        gen = median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, device)
+    rows = [dict(model=name, mode="resident", prefill_ms=1e3 * prefill, tokens_per_s=args.tokens / gen,
+                 stall_pct=0.0, host_rss_mib=rss, ratio=1.0, tokens_equal=True)]
     model.to("cpu")
     for k in args.prefetch:
         gc.collect()
