@@ -53,8 +53,6 @@ def _bench_preset(name: str, args, device: str) -> list[dict]:
             rows.append(dict(model=name, mode=f"vzstream prefetch={k}", prefill_ms=1e3 * prefill,
                              tokens_per_s=args.tokens / gen, stall_pct=100 * stall, host_rss_mib=rss,
                              ratio=st.ratio, tokens_equal=bool(torch.equal(out, ref))))
-    del model
-    gc.collect()
     return rows
 
 
