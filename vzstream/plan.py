@@ -233,14 +233,14 @@ def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
 
 
 def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
-                min_slot_nbytes: int = 0) -> MemoryPlan:
+                min_slot_nbytes: int = 0, what: str = "`vram_budget`") -> MemoryPlan:
     """Keep as many units resident as fit after reserving the ring and the activation margin.
 
     `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
     ring could have is tried: units larger than S must stay resident; the rest are filled in
     evenly; the plan streaming the fewest bytes per pass wins. Raises `ConfigError` naming the
     smallest budget that would work when nothing fits. `min_slot_nbytes`: a shared pool's ring
-    is at least that large already, whatever this model needs.
+    is at least that large already, whatever this model needs. `what` names the budget in errors.
     """
     total, act = sum(sizes), activation_reserve
     if total + act + num_slots * min_slot_nbytes <= budget:   # a shared ring stays either way
@@ -258,7 +258,7 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
             best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget)
     if best is None:
         raise ConfigError(
-            f"`vram_budget` of {budget} bytes ({budget / 2**20:.1f} MiB) cannot hold even full streaming: "
+            f"{what} of {budget} bytes ({budget / 2**20:.1f} MiB) cannot hold even full streaming: "
             f"the ring of {num_slots} slots plus {act} bytes of activation reserve needs at least "
             f"{minimum} bytes ({minimum / 2**20:.1f} MiB). Raise the budget to {minimum} or more, "
             f"lower `prefetch`, or use finer `units`."

@@ -99,14 +99,18 @@ class Session(AsyncGeneration):
 
     def _plan_memory(self) -> MemoryPlan | None:
         """Under a budget every unit is a candidate; the planner decides which stay resident."""
-        budgets = [resolve_budget(self.config.vram_budget, self.backend), self.pool.available(self)]
-        budgets = [b for b in budgets if b is not None]
-        if not budgets:
+        own, shared = resolve_budget(self.config.vram_budget, self.backend), self.pool.available(self)
+        if own is None and shared is None:
             return None
+        if shared is not None and (own is None or shared < own):
+            budget, what = shared, (f"the pool's `budget` left after the other sessions' resident units "
+                                    f"({(self.pool.budget - shared) / 2**20:.1f} MiB)")
+        else:
+            budget, what = own, "`vram_budget`"
         sizes = [unit_nbytes(u, self.backend.alignment) for u in self.units]
         num_slots = max(self.config.prefetch + 2, self.pool.ring_slots)
-        plan = plan_memory(sizes, min(budgets), num_slots, self.config.activation_reserve or 0,
-                           min_slot_nbytes=self.pool.ring.slot_nbytes)
+        plan = plan_memory(sizes, budget, num_slots, self.config.activation_reserve or 0,
+                           min_slot_nbytes=self.pool.ring.slot_nbytes, what=what)
         for unit in self.units:
             unit.streamed = unit.index not in plan.resident
         return plan
