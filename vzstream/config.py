@@ -40,11 +40,13 @@ def parse_nbytes(value: Any, name: str) -> int:
         return value
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_SUFFIXES:
+        # A bare "0.5" is ambiguous (bytes? a fraction?): a unitless string must be whole bytes.
+        if m and m.group(2).lower() in _SIZE_SUFFIXES and (m.group(2) or m.group(1).isdigit()):
             return int(float(m.group(1)) * _SIZE_SUFFIXES[m.group(2).lower()])
     raise ConfigError(
         f"`{name}` must be a byte count (int) or a size string such as '6GiB' or '500MB' "
-        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}."
+        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}. "
+        f"For a fraction of the device's memory pass a float, e.g. 0.5."
     )
 
 
@@ -80,6 +82,8 @@ class SessionConfig:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
 
     def _check_device(self) -> None:
+        if type(self.device).__name__ == "device":       # torch.device, e.g. model.device
+            object.__setattr__(self, "device", str(self.device))
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}."

@@ -31,29 +31,34 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = 16, *, on_token
 
 
 class _TokenStreamer:
-    """Duck-typed Hugging Face streamer: skips the prompt, hands each new token `[B, 1]` on."""
+    """Duck-typed Hugging Face streamer: skips the prompt, hands each new token `[B, 1]` on,
+    and forwards everything to the caller's own streamer, if any."""
 
-    def __init__(self, on_token) -> None:
-        self.on_token, self.seen_prompt = on_token, False
+    def __init__(self, on_token, inner=None) -> None:
+        self.on_token, self.inner, self.seen_prompt = on_token, inner, False
 
     def put(self, value: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.put(value)
         if not self.seen_prompt:
             self.seen_prompt = True
             return
         self.on_token(value.reshape(-1, 1))
 
     def end(self) -> None:
-        pass
+        if self.inner is not None:
+            self.inner.end()
 
 
-def _hf_stop_on(cancel: threading.Event):
+def _hf_stop_on(cancel: threading.Event, given=None):
+    """The caller's stopping criteria plus one that fires once `cancel` is set."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([_Cancelled()])
+    return StoppingCriteriaList([*(given or []), _Cancelled()])
 
 
 class AsyncGeneration:
@@ -67,13 +72,17 @@ class AsyncGeneration:
         await asyncio.to_thread(self.close)
 
     def _generate_cancellable(self, input_ids, cancel, on_token=None, **kwargs):
-        if callable(getattr(self.model, "generate", None)):
-            kwargs["stopping_criteria"] = _hf_stop_on(cancel)
-            if on_token is not None:
-                kwargs["streamer"] = _TokenStreamer(on_token)
-            return self.generate(input_ids, **kwargs)
-        with self._running():
-            return greedy(self.model, input_ids, on_token=on_token, cancel=cancel, **kwargs)
+        self._cancels.add(cancel)             # leaving the session cancels it
+        try:
+            if callable(getattr(self.model, "generate", None)):
+                kwargs["stopping_criteria"] = _hf_stop_on(cancel, kwargs.get("stopping_criteria"))
+                if on_token is not None:
+                    kwargs["streamer"] = _TokenStreamer(on_token, kwargs.get("streamer"))
+                return self.generate(input_ids, **kwargs)
+            with self._running():
+                return greedy(self.model, input_ids, on_token=on_token, cancel=cancel, **kwargs)
+        finally:
+            self._cancels.discard(cancel)
 
     async def agenerate(self, input_ids, **kwargs):
         """`generate` off the event loop; cancelling the awaiting task stops it at the next token."""

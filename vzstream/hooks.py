@@ -51,7 +51,10 @@ def install(model: nn.Module, units, streamer) -> list:
             handles.append(mod.register_forward_pre_hook(partial(_pre, streamer, unit.index)))
             # always_call: release even when the module's forward raises
             handles.append(mod.register_forward_hook(partial(_post, streamer, unit.index), always_call=True))
-    handles.append(model.register_forward_hook(lambda *_: streamer.pass_end(), always_call=True))
+    # A plain hook ends a pass that returned; torch calls only always_call hooks when the
+    # forward raised, so the second one sees the pass still open exactly when it failed.
+    handles.append(model.register_forward_hook(lambda *_: streamer.pass_end()))
+    handles.append(model.register_forward_hook(lambda *_: streamer.pass_failed(), always_call=True))
     return handles
 
 

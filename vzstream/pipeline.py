@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -193,11 +192,13 @@ class Streamer:
         self.tracer.start_pass()
         self.pass_t0 = time.perf_counter()
 
+    def pass_failed(self) -> None:
+        """The root forward raised (its plain end hook never ran): keep the old trace."""
+        if self.in_pass:
+            self.abort()
+
     def pass_end(self) -> None:
         if not self.in_pass:
-            return
-        if sys.exc_info()[0] is not None:       # the forward raised: keep the old trace
-            self.abort()
             return
         self.in_pass = False
         self.stats.passes += 1
@@ -215,10 +216,11 @@ class Streamer:
     def _relearn(self) -> None:
         self._drain()
         self._release_idle()
-        self.schedule = make_schedule(self.tracer.trace, self.prefetch, self.cache)
+        trace, ends = self.tracer.trace, self.tracer.learned_ends
+        self.schedule = make_schedule(trace, self.prefetch, self.cache, ends)
         if self.max_slots is not None and self.schedule.num_slots > self.max_slots:
             # Holding units for reuse would overflow the budgeted ring: fetch at every use.
-            self.schedule = make_schedule(self.tracer.trace, self.prefetch, "none")
+            self.schedule = make_schedule(trace, self.prefetch, "none", ends)
         self.pool.reserve(self.schedule.num_slots)
         self.pass_no, self.requested = 0, -1
         if self.schedule.num_fetches:
@@ -256,6 +258,8 @@ class Streamer:
         bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot))
 
     def release(self, unit: int) -> None:
+        if self.in_pass:
+            self.tracer.observe_release()
         entry = self.held.get(unit)
         if entry is None:
             return

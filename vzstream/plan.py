@@ -66,7 +66,13 @@ def _stream_roots(model: nn.Module, spec) -> tuple[list[str], bool]:
             log.warning("vzstream: units='blocks' found no nn.ModuleList of blocks; streaming every leaf instead")
             return [], True
         prefix = f"{found[0]}." if found[0] else ""
-        return [f"{prefix}{i}" for i in range(len(found[1]))], False
+        seen: set[int] = set()
+        roots = []
+        for i, block in enumerate(found[1]):
+            if id(block) not in seen:         # a block listed twice (shared weights) is one unit
+                seen.add(id(block))
+                roots.append(f"{prefix}{i}")
+        return roots, False
     missing = [f for f in spec if f not in modules]
     if missing:
         sample = ", ".join(list(modules)[1:8])
@@ -115,6 +121,20 @@ def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
     return units
 
 
+def nesting_depth(model: nn.Module, units: list[Unit]) -> int:
+    """Most units bound at once by nesting alone (a unit module inside another unit module)."""
+    hooked = {id(m) for u in units for m in u.modules}
+
+    def depth(mod: nn.Module, seen: set[int]) -> int:
+        if id(mod) in seen:                   # shared submodules: count each path once
+            return 0
+        seen = seen | {id(mod)}
+        below = max((depth(c, seen) for c in mod.children()), default=0)
+        return below + (id(mod) in hooked)
+
+    return max(1, depth(model, set()))
+
+
 def _is_descendant(ancestor: nn.Module, mod: nn.Module) -> bool:
     return any(m is mod for m in ancestor.modules())
 
@@ -140,9 +160,15 @@ class Schedule:
         return self.fetch_units[g % len(self.fetch_units)]
 
 
-def make_schedule(trace, prefetch: int, cache: str) -> Schedule:
-    """Fetch/release flags per position and the slot count the schedule needs."""
+def make_schedule(trace, prefetch: int, cache: str, ends=None) -> Schedule:
+    """Fetch/release flags per position and the slot count the schedule needs.
+
+    `ends[i]` is the last position bound before the use at position `i` was released (a unit
+    that encloses others, e.g. a module owning parameters with children that own more, is
+    held while they run); without it every use is released before the next bind.
+    """
     trace = tuple(trace)
+    ends = tuple(range(len(trace))) if ends is None else tuple(ends)
     if cache == "none":
         fetches = releases = tuple(True for _ in trace)
     else:
@@ -152,24 +178,26 @@ def make_schedule(trace, prefetch: int, cache: str) -> Schedule:
         releases = tuple(last[u] == i for i, u in enumerate(trace))
     frontier = tuple(sum(fetches[: i + 1]) - 1 for i in range(len(trace)))
     fetch_units = tuple(u for u, f in zip(trace, fetches) if f)
-    peak = _peak_slots(fetches, releases, frontier, prefetch)
+    freed_after = [0] * len(trace)              # slots freed right after each position's bind
+    for pos, end in enumerate(ends):
+        freed_after[max(pos, min(end, len(trace) - 1))] += releases[pos]
+    peak = _peak_slots(len(fetch_units), freed_after, frontier, prefetch)
     return Schedule(trace, fetches, releases, frontier, fetch_units, prefetch, peak)
 
 
-def _peak_slots(fetches, releases, frontier, prefetch: int) -> int:
-    """Simulate two passes (the schedule wraps): at each use, fetches up to frontier+prefetch
-    are in flight; a slot frees after the use that releases it."""
-    num_f = sum(fetches)
-    if num_f == 0:
+def _peak_slots(num_fetches: int, freed_after, frontier, prefetch: int) -> int:
+    """Simulate two passes (the schedule wraps): at each bind, fetches up to frontier+prefetch
+    are in flight; slots free after the binds their units enclose."""
+    if num_fetches == 0:
         return 0
     occupied, requested, peak = 0, -1, 0
     for p in range(2):
-        for pos in range(len(fetches)):
-            target = p * num_f + frontier[pos] + prefetch
+        for pos in range(len(frontier)):
+            target = p * num_fetches + frontier[pos] + prefetch
             occupied += max(0, target - requested)
             requested = max(requested, target)
             peak = max(peak, occupied)
-            occupied -= releases[pos]
+            occupied -= freed_after[pos]
     return peak
 
 
@@ -233,19 +261,20 @@ def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
 
 
 def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
-                min_slot_nbytes: int = 0, what: str = "`vram_budget`") -> MemoryPlan:
+                min_slot_nbytes: int = 0, what: str = "`vram_budget`", committed_nbytes: int = 0) -> MemoryPlan:
     """Keep as many units resident as fit after reserving the ring and the activation margin.
 
     `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
     ring could have is tried: units larger than S must stay resident; the rest are filled in
     evenly; the plan streaming the fewest bytes per pass wins. Raises `ConfigError` naming the
     smallest budget that would work when nothing fits. `min_slot_nbytes`: a shared pool's ring
-    is at least that large already, whatever this model needs. `what` names the budget in errors.
+    is at least that large already, whatever this model needs. `what` names the budget in errors;
+    `committed_nbytes` (other sessions' residents in a pool) is added to the numbers it names.
     """
     total, act = sum(sizes), activation_reserve
     if total + act + num_slots * min_slot_nbytes <= budget:   # a shared ring stays either way
         return MemoryPlan(frozenset(range(len(sizes))), 0, 0, total, act, budget)
-    best, minimum = None, total + act
+    best, minimum = None, total + act + num_slots * min_slot_nbytes
     for slot in sorted(set(sizes), reverse=True):
         forced = {u for u, n in enumerate(sizes) if n > slot}
         fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act
@@ -257,8 +286,9 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
         if best is None or resident_nbytes > best.resident_nbytes:
             best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget)
     if best is None:
+        shown, minimum = budget + committed_nbytes, minimum + committed_nbytes
         raise ConfigError(
-            f"{what} of {budget} bytes ({budget / 2**20:.1f} MiB) cannot hold even full streaming: "
+            f"{what} of {shown} bytes ({shown / 2**20:.1f} MiB) cannot hold even full streaming: "
             f"the ring of {num_slots} slots plus {act} bytes of activation reserve needs at least "
             f"{minimum} bytes ({minimum / 2**20:.1f} MiB). Raise the budget to {minimum} or more, "
             f"lower `prefetch`, or use finer `units`."

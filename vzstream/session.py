@@ -22,14 +22,14 @@ from torch import nn
 
 from . import codec
 from .config import SessionConfig, build_config
-from .errors import ConfigError, TraceError
+from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
 from .pipeline import Pipeline, Streamer
-from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, plan_memory, unit_nbytes
+from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import pack_unit
+from .store import pack_unit, unpermute
 
 log = logging.getLogger("vzstream")
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -50,12 +50,13 @@ class Session(AsyncGeneration):
         self.memory_plan: MemoryPlan | None = None
         self.units: list = []
         self.stores: dict = {}
-        self._streamed: list = []    # (param, packed, original device) to restore
+        self._streamed: list = []    # _Original of every streamed param, to restore on exit
         self._moved: list = []       # (param, original device) of resident params
         self._buffers: list = []     # (module, name, original device)
         self._handles: list = []
         self._pipeline = self._streamer = None
         self._stats = Stats()
+        self._cancels: set = set()   # cancel flags of running agenerate/stream calls
         self.is_open = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class Session(AsyncGeneration):
                 "before opening another on the same model."
             )
         self.pool = self._device_pool()               # fails before anything is allocated
+        self._stats = Stats()
         self.backend = self.pool.backend
         with self.pool.lock:
             self.units = find_units(self.model, self.config.units)
@@ -102,15 +104,18 @@ class Session(AsyncGeneration):
         own, shared = resolve_budget(self.config.vram_budget, self.backend), self.pool.available(self)
         if own is None and shared is None:
             return None
+        committed = 0
         if shared is not None and (own is None or shared < own):
-            budget, what = shared, (f"the pool's `budget` left after the other sessions' resident units "
-                                    f"({(self.pool.budget - shared) / 2**20:.1f} MiB)")
+            committed = self.pool.budget - shared   # the other members' resident units
+            budget, what = shared, f"the pool's `budget` (with {committed} bytes resident for other sessions)"
         else:
             budget, what = own, "`vram_budget`"
         sizes = [unit_nbytes(u, self.backend.alignment) for u in self.units]
-        num_slots = max(self.config.prefetch + 2, self.pool.ring_slots)
+        # The ring: `prefetch` in flight, every unit that nesting can bind at once, one spare
+        # (a unit held for reuse under cache="pass").
+        num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
         plan = plan_memory(sizes, budget, num_slots, self.config.activation_reserve or 0,
-                           min_slot_nbytes=self.pool.ring.slot_nbytes, what=what)
+                           min_slot_nbytes=self.pool.ring.slot_nbytes, what=what, committed_nbytes=committed)
         for unit in self.units:
             unit.streamed = unit.index not in plan.resident
         return plan
@@ -119,6 +124,8 @@ class Session(AsyncGeneration):
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
         if self.pool is None:
             return
+        for cancel in list(self._cancels):    # an abandoned stream must not hold the lock
+            cancel.set()
         with self.pool.lock:
             self._close_locked()
 
@@ -130,14 +137,16 @@ class Session(AsyncGeneration):
             elif self._pipeline is not None:
                 self._pipeline.close()
         finally:
-            self._restore()
-            self.pool.leave(self)
-            if self.config.pool is None:
-                self.backend.close()
-            self.stores.clear()
-            self._pipeline = self._streamer = None
-            _open_models.discard(self.model)
-            self.is_open = False
+            try:
+                self._restore()
+            finally:
+                self.pool.leave(self)
+                if self.config.pool is None:
+                    self.backend.close()
+                self.stores.clear()
+                self._pipeline = self._streamer = None
+                _open_models.discard(self.model)
+                self.is_open = False
 
     def park(self) -> None:
         """Give every slot back to the pool (called by the pool when it becomes shared)."""
@@ -157,8 +166,8 @@ class Session(AsyncGeneration):
                 if i + window < len(streamed):
                     futures.append(pool.submit(pack_unit, streamed[i + window], self.backend, level))
                 self.stores[unit.index] = store
-                for (_, p), packed in zip(unit.params, store.packed):
-                    self._streamed.append((p, packed, p.device))
+                for (name, p), packed, perm in zip(unit.params, store.packed, store.perms):
+                    self._streamed.append(_Original(p, packed, perm, p.device, unit.fqn, name))
                     p.data = placeholder(p.dtype, device)  # frees the original storage
                 _progress("pack", i + 1, len(streamed), t0)
 
@@ -195,13 +204,24 @@ class Session(AsyncGeneration):
         stats.resident_nbytes = resident
 
     def _restore(self) -> None:
-        for p, packed, device in self._streamed:
-            p.data = codec.decode(packed).to(device)
+        """Every parameter and buffer back; a corrupt unit does not stop the others."""
+        failed = []
+        for orig in self._streamed:
+            try:
+                orig.restore()
+            except FormatError as exc:
+                failed.append((orig, exc))
         for p, device in self._moved:
             p.data = self.backend.from_device(p.data, device)
         for mod, name, device in self._buffers:
             mod._buffers[name] = mod._buffers[name].to(device)
         self._streamed, self._moved, self._buffers = [], [], []
+        if failed:
+            names = ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed)
+            raise FormatError(
+                f"could not restore {len(failed)} parameter(s) from corrupt compressed data: {names} "
+                f"(left empty; every other parameter was restored). First error: {failed[0][1]}"
+            ) from failed[0][1]
 
     # -- running ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -251,6 +271,24 @@ class Session(AsyncGeneration):
         out.peak_device_nbytes = self.backend.peak_device_nbytes if self.backend else 0
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
+
+
+class _Original:
+    """Where a streamed parameter came from, to put it back exactly."""
+
+    __slots__ = ("param", "packed", "perm", "device", "unit_fqn", "name")
+
+    def __init__(self, param, packed, perm, device, unit_fqn: str, name: str) -> None:
+        self.param, self.packed, self.perm, self.device = param, packed, perm, device
+        self.unit_fqn, self.name = unit_fqn, name
+
+    def restore(self) -> None:
+        try:
+            value = codec.decode(self.packed)
+        except FormatError as exc:
+            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
+        # Packed in memory order: undoing the permutation gives back the original strides.
+        self.param.data = unpermute(value.to(self.device), self.perm)
 
 
 _last_progress = [0.0]

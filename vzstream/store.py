@@ -27,15 +27,24 @@ class UnitStore:
     offsets: list[int]          # byte offset of each tensor in a slot (aligned)
     slot_nbytes: int
     arena: torch.Tensor         # uint8 host buffer holding every frame and raw plane
+    perms: list                 # per tensor: dim order it was packed in (storage order), or None
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def targets(self, slot) -> list[torch.Tensor]:
+        """Contiguous tensors inside `slot` in packed layout: what decode and upload write."""
+        return self._cached(slot)[0]
+
     def views(self, slot) -> list[torch.Tensor]:
-        """Tensors shaped like this unit's parameters inside `slot` (cached per slot)."""
-        views = self._views.get(slot.index)
-        if views is None or views[0] is not slot.tensor:
-            views = (slot.tensor, slot_views(slot.tensor, self.packed, self.offsets))
-            self._views[slot.index] = views
-        return views[1]
+        """The same memory shaped and strided like each parameter: what bind points at."""
+        return self._cached(slot)[1]
+
+    def _cached(self, slot):
+        entry = self._views.get(slot.index)
+        if entry is None or entry[0] is not slot.tensor:
+            targets = slot_views(slot.tensor, self.packed, self.offsets)
+            entry = (slot.tensor, (targets, [unpermute(t, p) for t, p in zip(targets, self.perms)]))
+            self._views[slot.index] = entry
+        return entry[1]
 
     @property
     def packed_nbytes(self) -> int:
@@ -51,6 +60,25 @@ def slot_views(slot: torch.Tensor, packed: list, offsets: list[int]) -> list[tor
     return [
         slot[off : off + p.raw_nbytes].view(p.dtype).view(p.shape) for p, off in zip(packed, offsets)
     ]
+
+
+def storage_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """`t` permuted so its memory is contiguous (a transposed weight packs in memory order),
+    and that permutation; (t, None) when `t` is contiguous or not a dense permutation."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    if t.is_contiguous() or order == tuple(range(t.dim())) or not t.permute(order).is_contiguous():
+        return t, None
+    return t.permute(order), order
+
+
+def unpermute(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """Undo `storage_order`: the original shape and strides over the same memory."""
+    if order is None:
+        return t
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return t.permute(inverse)
 
 
 def _buffers(packed: codec.Packed) -> list:
@@ -75,7 +103,8 @@ def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
 
 def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
     """Pack `unit`'s parameters into one arena. Does not touch the parameters themselves."""
-    packed = [codec.pack(p.detach(), level=level) for _, p in unit.params]
+    ordered = [storage_order(p.detach()) for _, p in unit.params]
+    packed = [codec.pack(t, level=level) for t, _ in ordered]
     buffers = [_buffers(p) for p in packed]
     total = sum(memoryview(b).nbytes for bufs in buffers for b in bufs)
     arena = backend.host_buffer(total)
@@ -90,4 +119,4 @@ def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
             off += n
         rebased.append(_rebased(p, views))
     offsets = param_offsets(unit, backend.alignment)
-    return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena)
+    return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])

@@ -12,7 +12,7 @@ A backend is used like this for every fetch of a unit (DESIGN §6):
 
 from __future__ import annotations
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, ConfigError
 from .base import Backend
 from .cpu import CpuBackend
 from .fake import FakeBackend
@@ -28,8 +28,9 @@ def make_backend(device: str = "auto", backend: Backend | None = None) -> Backen
     """`backend` if given, else the backend for `device` ("auto" = cuda when available, else cpu)."""
     if backend is not None:
         if not isinstance(backend, Backend):
-            raise BackendUnavailableError(
-                f"`backend` must be a vzstream Backend instance (e.g. FakeBackend()); got {type(backend).__name__}."
+            raise ConfigError(
+                f"`backend` must be a vzstream Backend instance (e.g. vzstream.FakeBackend()); "
+                f"got {type(backend).__name__}. Leave it unset to pick one from `device`."
             )
         return backend
     if device == "auto":

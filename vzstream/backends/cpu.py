@@ -29,7 +29,7 @@ class CpuBackend(Backend):
         return cached[2]
 
     def _build_jobs(self, ticket) -> list:
-        views = ticket.store.views(ticket.slot)
+        views = ticket.store.targets(ticket.slot)
         items = []
         for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
             chunk_nbytes = packed.frame_elems * packed.itemsize

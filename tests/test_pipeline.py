@@ -1,0 +1,381 @@
+"""Pipeline and Streamer: exact op order on the fake backend, slot ownership, per-pass caching,
+trace misses under random routing, and worker failures surfacing at bind."""
+
+import os
+import re
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
+
+import vzstream
+from vzstream.pipeline import SlotPool
+
+FUZZ = os.environ.get("VZSTREAM_FUZZ") == "1"        # longer hypothesis runs, as in test_codec
+FORWARD_OPS = ("request", "bind", "release")   # ops the forward thread performs, in program order
+
+
+class RecordingBackend(vzstream.FakeBackend):
+    """The fake backend, also logging `request` when the forward thread submits a ticket (the
+    fake's `decode` is logged by whichever thread starts decoding, so its place races)."""
+
+    def decode_jobs(self, ticket):
+        self.log("request", ticket)
+        return super().decode_jobs(ticket)
+
+
+def forward_ops(ops):
+    return [op for op in ops if op[0] in FORWARD_OPS]
+
+
+def ticket_cycles(ops) -> list[tuple[int, str, str]]:
+    """Split the log into tickets, per slot: (slot, fqn, "request decode upload bind release").
+    Asserts one unit per ticket and that a slot's next ticket starts only after its release."""
+    by_slot = defaultdict(list)
+    for op, fqn, slot in ops:
+        by_slot[slot].append((op, fqn))
+    cycles = []
+    for slot, seq in by_slot.items():
+        current = None
+        for op, fqn in seq:
+            if op == "request":
+                assert current is None, f"slot {slot} requested for {fqn} before {current} released it"
+                current = (fqn, [op])
+                continue
+            assert current is not None and current[0] == fqn, f"slot {slot}: {op} of {fqn} outside its ticket"
+            current[1].append(op)
+            if op == "release":
+                cycles.append((slot, fqn, " ".join(current[1])))
+                current = None
+        assert current is None, f"slot {slot}: ticket of {current[0]} never released"
+    return cycles
+
+
+# A ticket is bound at most once (a reuse under cache="pass" binds nothing new); a dropped one may
+# never have started (inline decode) or may have finished decoding first (workers).
+BOUND = re.compile(r"request decode upload bind release")
+DROPPED = re.compile(r"request( decode upload)? release")
+
+
+def check_lifecycles(ops, drained: int) -> None:
+    cycles = ticket_cycles(ops)
+    kinds = [c for _, _, c in cycles]
+    assert all(BOUND.fullmatch(c) or DROPPED.fullmatch(c) for c in kinds), kinds
+    assert sum(bool(DROPPED.fullmatch(c)) for c in kinds) == drained
+
+
+# -- exact op order -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 4], ids=lambda k: f"prefetch{k}")
+def test_fake_backend_exact_order_on_sequential_model(prefetch, decode_path):
+    n = 4
+    model = build(Stack, num_blocks=n)
+    x = make_input(2, 64)
+    fb = RecordingBackend()
+    with vzstream.session(model, backend=fb, prefetch=prefetch) as s:
+        s(x)                                           # learning pass: synchronous fetches
+        first = forward_ops(fb.ops)
+        mark = len(fb.ops)
+        s(x)
+        s(x)
+        steady = forward_ops(fb.ops[mark:])
+        num_slots = len(s._streamer.pool.slots)
+        assert s.stats().drained == 0
+    blocks = [f"blocks.{i}" for i in range(n)]
+
+    # First pass: fetch, bind, release each block in turn; at its end, wrap around by
+    # requesting the next pass's first `prefetch` blocks.
+    expected = [op for b in blocks for op in (("request", b), ("bind", b), ("release", b))]
+    expected += [("request", blocks[i % n]) for i in range(prefetch)]
+    assert [(op, fqn) for op, fqn, _ in first] == expected
+
+    # Steady state: before binding block i, blocks up to i + prefetch (wrapping) are requested.
+    expected = [op for _ in range(2) for i in range(n)
+                for op in (("request", blocks[(i + prefetch) % n]), ("bind", blocks[i]), ("release", blocks[i]))]
+    assert [(op, fqn) for op, fqn, _ in steady] == expected
+
+    # Fetch g is requested once and bound once, into the same slot: the g-th request from the
+    # first wrap request on is the g-th bind of the steady passes.
+    requests = [(f, slot) for op, f, slot in first[3 * n:] + steady if op == "request"]
+    binds = [(f, slot) for op, f, slot in steady if op == "bind"]
+    assert requests[: len(binds)] == binds
+    assert num_slots == prefetch + 1
+    assert {slot for _, _, slot in fb.ops} == set(range(prefetch + 1))
+    assert s.stats().drained == prefetch               # close dropped the wrap-around prefetches
+    check_lifecycles(fb.ops, drained=prefetch)
+
+
+@pytest.mark.parametrize("model_cls, units", [
+    pytest.param(Shared, "blocks", id="shared-blocks"),
+    pytest.param(TinyLM, "leaves", id="tinylm-leaves"),
+    pytest.param(NestedLeaves, "leaves", id="nested-leaves"),
+])
+@pytest.mark.parametrize("cache", ["pass", "none"], ids=lambda c: f"cache_{c}")
+@pytest.mark.parametrize("prefetch", [0, 1, 3], ids=lambda k: f"prefetch{k}")
+def test_every_ticket_is_decoded_uploaded_bound_released_in_order(model_cls, units, cache, prefetch, decode_path):
+    model = build(model_cls)
+    x = torch.randint(0, 256, (2, 8)) if model_cls is TinyLM else make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    fb = RecordingBackend()
+    with vzstream.session(model, backend=fb, prefetch=prefetch, units=units, cache=cache) as s:
+        for _ in range(3):
+            assert torch.equal(s(x), ref)
+    stats = s.stats()                                  # after close: counts the drops at close too
+    assert stats.trace_misses == 0
+    assert stats.decodes == stats.prefetched + stats.sync_fetches + stats.drained
+    check_lifecycles(fb.ops, drained=stats.drained)
+
+
+def test_miss_drops_in_flight_prefetches(decode_path, slots_ok):
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref_skip = model(x, skip=1)
+    fb = RecordingBackend()
+    with vzstream.session(model, backend=fb, prefetch=2) as s:
+        s(x)
+        s(x)
+        mark = len(fb.ops)
+        assert torch.equal(s(x, skip=1), ref_skip)     # binds blocks.2 where blocks.1 was planned
+        slots_ok(s)
+        stats = s.stats()
+        missed = [(op, fqn) for op, fqn, _ in forward_ops(fb.ops[mark:])]
+    assert stats.trace_misses == 1 and stats.drained == 2
+    assert missed == [
+        ("request", "blocks.2"), ("bind", "blocks.0"), ("release", "blocks.0"),   # on plan
+        ("release", "blocks.1"), ("release", "blocks.2"),     # the miss drops both in-flight tickets
+        ("request", "blocks.2"), ("bind", "blocks.2"), ("release", "blocks.2"),   # off plan: sync
+        ("request", "blocks.3"), ("bind", "blocks.3"), ("release", "blocks.3"),
+        ("request", "blocks.0"), ("request", "blocks.2"),     # relearned (0, 2, 3): wrap-around
+    ]
+    check_lifecycles(fb.ops, drained=s.stats().drained)
+
+
+# -- per-pass cache ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache, fetches_per_pass", [("pass", 3), ("none", 4)])
+@pytest.mark.parametrize("prefetch", [0, 2], ids=lambda k: f"prefetch{k}")
+def test_shared_module_decoded_once_per_pass_with_cache_pass(cache, fetches_per_pass, prefetch, decode_path, slots_ok):
+    model = build(Shared)                              # calls blocks 0, 1, 0, 2
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, device="cpu", prefetch=prefetch, cache=cache) as s:
+        assert torch.equal(s(x), ref)
+        assert torch.equal(s(x), ref)
+        before = s.stats().decodes
+        for _ in range(3):
+            assert torch.equal(s(x), ref)
+            slots_ok(s)
+        stats = s.stats()
+        assert s._streamer.schedule.num_fetches == fetches_per_pass
+    assert stats.decodes - before == 3 * fetches_per_pass
+    assert stats.trace_misses == 0
+
+
+# -- random routing: misses, relearning, no leaks -------------------------------------------------
+
+_REFS: dict = {}
+orders = st.one_of(st.none(), st.lists(st.integers(0, 3), max_size=6).map(tuple))
+
+
+@settings(max_examples=400 if FUZZ else 40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(paths=st.lists(orders, min_size=1, max_size=6), prefetch=st.integers(0, 4),
+       cache=st.sampled_from(["pass", "none"]))
+def test_random_routing_stays_exact_and_leaks_no_slot(paths, prefetch, cache, decode_path, slots_ok):
+    model = build(Routed)
+    x = make_input(2, 64)
+
+    def reference(order):
+        if order not in _REFS:
+            with torch.no_grad():
+                _REFS[order] = model(x, order=order)
+        return _REFS[order]
+
+    with vzstream.session(model, device="cpu", prefetch=prefetch, cache=cache) as s:
+        for order in paths:
+            assert torch.equal(s(x, order=order), reference(order))
+            slots_ok(s)
+        # Repeating the last path: on plan from now on, with a static pool.
+        assert torch.equal(s(x, order=paths[-1]), reference(paths[-1]))
+        stats = s.stats()
+        pool_size = len(s._streamer.pool.slots)
+        for _ in range(2):
+            assert torch.equal(s(x, order=paths[-1]), reference(paths[-1]))
+            slots_ok(s)
+        after = s.stats()
+        sched = s._streamer.schedule
+    assert after.trace_misses == stats.trace_misses
+    assert after.slot_overflows == stats.slot_overflows
+    assert after.decodes - stats.decodes == 2 * sched.num_fetches
+    assert pool_size <= prefetch + 1 + len(s.units)   # bounded whatever the routing did
+
+
+@pytest.mark.parametrize("skip", [0, 1, 3], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2], ids=lambda k: f"prefetch{k}")
+@pytest.mark.parametrize("cache", ["pass", "none"], ids=lambda c: f"cache_{c}")
+def test_skipped_block_is_a_miss_then_relearned(skip, prefetch, cache, decode_path, slots_ok):
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref, ref_skip = model(x), model(x, skip=skip)
+    with vzstream.session(model, device="cpu", prefetch=prefetch, cache=cache) as s:
+        for _ in range(3):
+            assert torch.equal(s(x), ref)
+        assert s.stats().trace_misses == 0
+        assert torch.equal(s(x, skip=skip), ref_skip)
+        slots_ok(s)
+        assert s.stats().trace_misses == 1
+        assert torch.equal(s(x), ref)                  # misses the skip-pass trace: relearn
+        slots_ok(s)
+        misses = s.stats().trace_misses
+        assert misses <= 2
+        overflows, pool_size = s.stats().slot_overflows, len(s._streamer.pool.slots)
+        before = s.stats().decodes
+        for _ in range(3):
+            assert torch.equal(s(x), ref)
+            slots_ok(s)
+        stats = s.stats()
+    assert stats.trace_misses == misses                # relearned: no further misses
+    assert stats.slot_overflows == overflows           # steady state allocates nothing
+    assert len(s.units) == 4 and pool_size <= prefetch + 2
+    assert stats.decodes - before == 3 * 4
+
+
+def test_nested_units_need_no_slot_beyond_the_schedule():
+    model = build(NestedLeaves)
+    x = make_input(2, 64)
+    with vzstream.session(model, device="cpu", units="leaves", prefetch=1) as s:
+        s(x)                                           # learning pass (off plan)
+        before = s.stats().slot_overflows
+        for _ in range(3):
+            s(x)
+        assert s.stats().slot_overflows == before
+        assert len(s._streamer.pool.slots) == s._streamer.schedule.num_slots
+
+
+@pytest.mark.parametrize("prefetch", [0, 2], ids=lambda k: f"prefetch{k}")
+@pytest.mark.parametrize("cache", ["pass", "none"], ids=lambda c: f"cache_{c}")
+def test_nested_and_cross_block_tied_units_are_exact(prefetch, cache, decode_path, slots_ok):
+    nested = build(NestedLeaves)
+    tied = build(Stack)
+    tied.blocks[2].up.weight = tied.blocks[0].up.weight   # blocks.2 binds blocks.0's unit inside itself
+    x = make_input(2, 64)
+    for model, units in ((nested, "leaves"), (tied, "blocks")):
+        with torch.no_grad():
+            ref = model(x)
+        with vzstream.session(model, device="cpu", prefetch=prefetch, units=units, cache=cache) as s:
+            for _ in range(3):
+                assert torch.equal(s(x), ref)
+                slots_ok(s)
+            assert s.stats().trace_misses == 0
+        assert tied.blocks[2].up.weight is tied.blocks[0].up.weight
+
+
+# -- worker failures ------------------------------------------------------------------------
+
+def frame_in_arena(store) -> tuple[str, int, int]:
+    """(tensor fqn, arena offset, nbytes) of the first compressed frame in a unit's store."""
+    base = store.arena.data_ptr()
+    for (name, _), packed in zip(store.unit.params, store.packed):
+        for plane in packed.planes:
+            for frame in plane.frames:
+                data = np.frombuffer(frame.data, dtype=np.uint8)
+                return name, data.ctypes.data - base, data.size
+    raise AssertionError(f"unit {store.unit.fqn} has no compressed frame")
+
+
+def corrupt(store) -> tuple[str, int]:
+    """Flip a byte in the middle of a compressed frame; returns (tensor fqn, arena offset)."""
+    name, offset, nbytes = frame_in_arena(store)
+    at = offset + nbytes // 2
+    store.arena[at] ^= 0xFF
+    return name, at
+
+
+def unit_index(s, fqn: str) -> int:
+    return next(u.index for u in s.units if u.fqn == fqn)
+
+
+def test_corrupt_frame_surfaces_at_that_units_bind(decode_path, snapshot, slots_ok):
+    model = build(Stack, dtype=torch.bfloat16)
+    x = make_input(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    ran = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.blocks)]
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        assert torch.equal(s(x), ref)                  # learned; blocks.0 and .1 already prefetched
+        store = s.stores[unit_index(s, "blocks.3")]
+        tensor, at = corrupt(store)
+        ran.clear()
+        with pytest.raises(vzstream.FormatError, match=r"unit `blocks\.3`") as err:
+            s(x)
+        assert f"`{tensor}`" in str(err.value)
+        assert isinstance(err.value.__cause__, vzstream.FormatError)   # chained, nothing swallowed
+        assert ran == [0, 1, 2]                        # raised at blocks.3's bind, not earlier
+        slots_ok(s)
+        with pytest.raises(vzstream.FormatError, match=r"blocks\.3"):
+            s(x)                                       # still corrupt: fails again, never wrong numbers
+        store.arena[at] ^= 0xFF                        # repair: the session keeps working
+        assert torch.equal(s(x), ref)
+        assert torch.equal(s(x), ref)
+    snap.check(model)
+    for h in handles:
+        h.remove()
+
+
+def _exit_with_corrupt_unit(model, x):
+    """Open a session, corrupt blocks.1 once learned, hit the error at its bind, then leave.
+    Returns (the error raised on leaving, the corrupted tensor's fqn)."""
+    with pytest.raises(vzstream.FormatError) as err:
+        with vzstream.session(model, device="cpu", prefetch=1) as s:
+            s(x)
+            tensor, _ = corrupt(s.stores[unit_index(s, "blocks.1")])
+            with pytest.raises(vzstream.FormatError):
+                s(x)
+    return err.value, tensor
+
+
+def test_exit_with_a_corrupt_unit_restores_every_other_parameter(snapshot, open_models):
+    model = build(Stack, dtype=torch.bfloat16)
+    x = make_input(2, 64, dtype=torch.bfloat16)
+    snap = snapshot(model)
+    _exit_with_corrupt_unit(model, x)
+    # The corrupted unit cannot be restored (its original storage is gone); everything else is
+    # back exactly, with no residue, and the model can be streamed again.
+    corrupted = tuple(n for n, _ in model.blocks[1].named_parameters(prefix="blocks.1"))
+    snap.check(model, skip=corrupted)
+    assert model not in open_models
+
+
+def test_exit_with_a_corrupt_unit_names_unit_and_tensor():
+    model = build(Stack, dtype=torch.bfloat16)
+    error, tensor = _exit_with_corrupt_unit(model, make_input(2, 64, dtype=torch.bfloat16))
+    assert "`blocks.1`" in str(error) and f"`{tensor}`" in str(error)
+
+
+# -- slot pool --------------------------------------------------------------------------------
+
+def test_slot_pool_reserve_acquire_overflow_close():
+    backend = vzstream.CpuBackend()
+    pool = SlotPool(backend, 1024)
+    pool.reserve(2)
+    assert [s.index for s in pool.slots] == [0, 1] and len(pool.free) == 2
+    assert backend.device_nbytes == 2048
+    a, b = pool.acquire(), pool.acquire()
+    assert a is not b and pool.overflows == 0
+    c = pool.acquire()                                 # off plan: grows rather than deadlock
+    assert pool.overflows == 1 and len(pool.slots) == 3 and c.tensor.numel() == 1024
+    for slot in (a, b, c):
+        pool.release(slot)
+    pool.reserve(2)                                    # never shrinks
+    assert len(pool.slots) == 3 and len(pool.free) == 3
+    pool.close()
+    assert backend.device_nbytes == 0 and backend.peak_device_nbytes == 3072

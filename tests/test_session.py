@@ -1,0 +1,341 @@
+"""Session: bit-exact outputs against the resident model, residue-free exit (normally and by
+exception), exceptions inside forward, one session per model, stats, plain-module generate."""
+
+import asyncio
+import contextlib
+import math
+import threading
+
+import pytest
+import torch
+from models import (
+    HF_MODELS,
+    NEW_TOKENS,
+    BlockFailure,
+    Stack,
+    TinyLM,
+    build,
+    build_hf,
+    greedy_resident,
+    hf_inputs,
+    make_input,
+)
+
+import vzstream
+from vzstream.pipeline import Pipeline
+
+UNITS = ("blocks", "leaves")
+
+# Full prefetch matrix for Llama, prefetch {0, 2} for the others; cache="none" on Llama only.
+# At the pipeline's size threshold these blocks decode on worker threads and leaves inline.
+HF_CASES = [
+    pytest.param(name, units, k, "pass", id=f"{name}-{units}-prefetch{k}")
+    for name in HF_MODELS for units in UNITS for k in ((0, 1, 2, 4) if name == "llama" else (0, 2))
+]
+HF_CASES += [pytest.param("llama", units, 2, "none", id=f"llama-{units}-prefetch2-cache_none") for units in UNITS]
+
+
+@pytest.mark.parametrize("name, units, prefetch, cache", HF_CASES)
+def test_hf_generate_and_forward_bit_exact(name, units, prefetch, cache, hf_reference, snapshot):
+    ref_logits, ref_tokens = hf_reference(name)
+    model = build_hf(name)
+    ids, gen_kwargs = hf_inputs()
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=prefetch, units=units, cache=cache) as s:
+        first = s.generate(ids, **gen_kwargs)          # learns the trace on its first pass
+        second = s.generate(ids, **gen_kwargs)         # runs entirely on the learned schedule
+        logits = s(ids).logits
+        stats = s.stats()
+        trace_len = len(s._streamer.tracer.trace)
+        num_fetches = s._streamer.schedule.num_fetches
+    assert torch.equal(first, ref_tokens)
+    assert torch.equal(second, ref_tokens)
+    assert logits.dtype == ref_logits.dtype and torch.equal(logits, ref_logits)
+    assert stats.passes == 2 * NEW_TOKENS + 1
+    assert stats.trace_misses == 0
+    assert stats.sync_fetches == trace_len                        # only the first pass is synchronous
+    assert stats.prefetched == (stats.passes - 1) * num_fetches   # every later fetch was scheduled
+    snap.check(model)          # includes GPT-2's tie: lm_head.weight is still wte.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("cache", ["pass", "none"], ids=lambda c: f"cache_{c}")
+def test_toy_lm_bit_exact_over_repeated_calls(dtype, cache, decode_path, snapshot, slots_ok):
+    model = build(TinyLM, dtype=dtype, tied=True)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2, units="leaves", cache=cache) as s:
+        for _ in range(3):
+            assert torch.equal(s(ids), ref)
+            slots_ok(s)
+    snap.check(model)
+
+
+def test_plain_module_generate_is_resident_greedy():
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = greedy_resident(model, ids, 5)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        assert torch.equal(s.generate(ids, max_new_tokens=5), expected)
+        assert torch.equal(s.generate(ids, max_new_tokens=5), expected)
+        assert s.stats().trace_misses == 0
+
+
+# -- leaving the session ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("units", UNITS)
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt], ids=["RuntimeError", "KeyboardInterrupt"])
+def test_exception_in_body_restores_model(units, exc_type, decode_path, snapshot, open_models):
+    model = build(TinyLM, dtype=torch.bfloat16, tied=True)
+    model.norm.weight.requires_grad_(False)            # requires_grad must survive either way
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap = snapshot(model)
+    with pytest.raises(exc_type, match="in the body"):
+        with vzstream.session(model, device="cpu", prefetch=2, units=units) as s:
+            s(ids)
+            s(ids)                                     # prefetches for the next pass are in flight
+            raise exc_type("in the body")
+    snap.check(model)
+    assert not s.is_open and model not in open_models
+
+
+@pytest.mark.parametrize("raised", [None, RuntimeError, KeyboardInterrupt],
+                         ids=["normal", "RuntimeError", "KeyboardInterrupt"])
+def test_exit_joins_threads_and_frees_device_memory(raised, monkeypatch):
+    monkeypatch.setattr(Pipeline, "inline_nbytes", 0)  # every decode on a worker thread
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with vzstream.session(model, device="cpu", prefetch=2, units="leaves", workers=2) as s:
+            s(ids)
+            s(ids)                                     # prefetches in flight when we leave
+            assert any(t.name.startswith("vzstream") for t in threading.enumerate())
+            assert s.backend.device_nbytes > 0
+            if raised:
+                raise raised("leave")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("vzstream")]
+    assert s.backend.device_nbytes == 0                # slots and resident copies freed
+    assert s.backend.peak_device_nbytes > 0
+
+
+def test_exit_is_idempotent_and_session_refuses_calls_after_exit(snapshot):
+    model = build(Stack)
+    x = make_input(2, 64)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu") as s:
+        s(x)
+    s.close()                                          # a second close is harmless
+    snap.check(model)
+    with pytest.raises(vzstream.TraceError, match="not open"):
+        s(x)
+
+
+@pytest.mark.asyncio
+async def test_async_context_manager(snapshot):
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    snap = snapshot(model)
+    async with vzstream.session(model, device="cpu", prefetch=1) as s:
+        assert torch.equal(s(x), ref)
+        await asyncio.sleep(0)
+        assert torch.equal(s(x), ref)
+    snap.check(model)
+
+
+# -- exceptions raised inside a module's forward ------------------------------------------------
+
+@pytest.mark.parametrize("prefetch", [0, 2], ids=lambda k: f"prefetch{k}")
+@pytest.mark.parametrize("fail_at", [0, 2, 3], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("exc_type", [BlockFailure, KeyboardInterrupt], ids=["Exception", "KeyboardInterrupt"])
+def test_exception_in_forward_then_session_keeps_working(prefetch, fail_at, exc_type, decode_path, snapshot, slots_ok):
+    # KeyboardInterrupt is not an Exception: torch skips always_call hooks, the session tidies up.
+    model = build(Stack, dtype=torch.bfloat16)
+    x = make_input(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=prefetch) as s:
+        with pytest.raises(exc_type):                  # the learning pass itself fails
+            s(x, fail_at=fail_at, fail_with=exc_type)
+        for _ in range(2):
+            assert torch.equal(s(x), ref)
+        with pytest.raises(exc_type):                  # a pass on the learned schedule fails
+            s(x, fail_at=fail_at, fail_with=exc_type)
+        slots_ok(s)
+        for _ in range(2):
+            assert torch.equal(s(x), ref)              # and the next ones are exact, on plan
+        slots_ok(s)
+        stats = s.stats()
+        assert stats.trace_misses == 0                 # a failed pass is forgotten, not learned
+        assert stats.passes == 4
+        assert stats.sync_fetches == len(model.blocks) + fail_at + 1   # the first failed pass + learning pass
+    snap.check(model)
+
+
+def test_exception_in_forward_of_direct_model_call(snapshot, slots_ok):
+    """The model called directly (not through `s(...)`) inside the session still recovers."""
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        s(x)
+        s(x)
+        with torch.no_grad(), pytest.raises(BlockFailure):
+            model(x, fail_at=1)
+        slots_ok(s)
+        assert torch.equal(s(x), ref)
+        assert torch.equal(s(x), ref)
+    snap.check(model)
+
+
+def test_exception_in_forward_propagating_out_of_session_restores_model(snapshot):
+    model = build(TinyLM)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+
+    def boom(module, args):
+        raise BlockFailure("from a forward pre-hook")
+
+    handle = model.blocks[1].down.register_forward_pre_hook(boom)
+    snap = snapshot(model)                             # the user's hook is part of the model
+    with pytest.raises(BlockFailure):
+        with vzstream.session(model, device="cpu", prefetch=2, units="leaves") as s:
+            s(ids)
+    snap.check(model)
+    handle.remove()
+
+
+# -- user state the session must not disturb -------------------------------------------------------
+
+def test_user_hooks_keep_running_and_survive_the_session(snapshot):
+    model = build(Stack)
+    x = make_input(2, 64)
+    calls = []
+    handles = [
+        model.register_forward_pre_hook(lambda m, a: calls.append("root-pre")),
+        model.blocks[1].register_forward_hook(lambda m, a, o: calls.append("block1-post")),
+    ]
+    with torch.no_grad():
+        ref = model(x)
+    calls.clear()
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=1) as s:
+        assert torch.equal(s(x), ref)
+        assert torch.equal(s(x), ref)
+    assert calls == ["root-pre", "block1-post"] * 2
+    snap.check(model)
+    for h in handles:
+        h.remove()
+
+
+def test_exit_preserves_strides_of_noncontiguous_parameter(snapshot):
+    model = build(Stack)
+    weight = model.blocks[1].up.weight                 # [2D, D]
+    model.blocks[1].up.weight = torch.nn.Parameter(weight.detach().t().contiguous().t())
+    assert not model.blocks[1].up.weight.is_contiguous()
+    snap = snapshot(model)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    seen = []
+    model.blocks[1].up.register_forward_pre_hook(lambda m, a: seen.append(m.weight.stride()))
+    with vzstream.session(model, device="cpu") as s:
+        for _ in range(2):                             # traced pass, then the learned schedule
+            assert torch.equal(s(x), ref)
+    assert seen == [(1, 128)] * 2                      # bound with the original strides
+    model.blocks[1].up._forward_pre_hooks.clear()
+    snap.check(model)
+
+
+# -- one session per model ------------------------------------------------------------------
+
+def test_second_session_on_same_model_is_refused_and_first_keeps_working(snapshot):
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        assert torch.equal(s(x), ref)
+        with pytest.raises(vzstream.TraceError, match="`model`"):
+            with vzstream.session(model, device="cpu"):
+                pass
+        assert torch.equal(s(x), ref)
+        assert torch.equal(s(x), ref)
+    snap.check(model)
+    with vzstream.session(model, device="cpu") as s2:   # free again once the first one closed
+        assert torch.equal(s2(x), ref)
+    snap.check(model)
+
+
+def test_session_requires_a_module():
+    with pytest.raises(vzstream.VzstreamError, match="`model`"):
+        vzstream.session(lambda x: x)
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+STAT_FIELDS = ("passes", "trace_misses", "units_streamed", "units_resident", "decodes", "packed_nbytes",
+               "raw_nbytes", "decode_s", "stall_s", "wall_s")
+
+
+def test_stats_fields_dict_and_table():
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        before = s.stats()
+        for _ in range(3):
+            s(ids)
+        stats = s.stats()
+    num_blocks = len(model.blocks)
+    assert before.passes == 0 and before.decodes == 0
+    assert stats.passes == 3
+    assert stats.trace_misses == 0
+    assert stats.units_streamed == num_blocks
+    assert stats.units_resident == 3                   # embed, norm, head
+    # 3 passes of 4 fetches, plus the wrap-around prefetch of the next pass's first 2.
+    assert stats.decodes == 3 * num_blocks + 2
+    raw = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+    assert stats.raw_nbytes == raw
+    assert 0 < stats.packed_nbytes < raw               # bf16 weights do compress
+    assert stats.decode_s > 0 and stats.wall_s > 0 and stats.stall_s >= 0
+    assert stats.stall_s <= stats.wall_s
+    d = stats.as_dict()
+    for key in STAT_FIELDS:
+        assert d[key] == getattr(stats, key)
+    assert math.isclose(d["ratio"], raw / stats.packed_nbytes)
+    table = str(stats)
+    for label in ("passes", "trace misses", "units streamed / resident", "decodes", "packed / raw",
+                  "decode time", "stall"):
+        assert label in table
+    assert f"{stats.units_streamed} / {stats.units_resident}" in table
+
+
+def test_stats_slot_overflows_stays_zero_on_plan():
+    model = build(Stack)
+    x = make_input(2, 64)
+    with vzstream.session(model, device="cpu", prefetch=1) as s:
+        for _ in range(4):
+            s(x)
+        assert s.stats().slot_overflows == s._streamer.pool.overflows == 0
+
+
+def test_session_called_inside_except_block_still_streams():
+    model = build(Stack)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        for _ in range(3):
+            try:
+                raise ValueError("handled by the caller")
+            except ValueError:
+                assert torch.equal(s(x), ref)          # exact either way
+        stats = s.stats()
+    assert stats.passes == 3
+    assert stats.sync_fetches == len(model.blocks)     # only the first pass fetches synchronously
