@@ -8,6 +8,7 @@ here touches CUDA: `device="auto"` is resolved by the backend factory.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ def parse_nbytes(value: Any, name: str) -> int:
     """`"6GiB"`, `"500MB"`, `1024` -> bytes. Fractions are the caller's business."""
     if isinstance(value, bool):
         raise ConfigError(f"`{name}` must be a byte count like 6442450944 or '6GiB'; got {value!r}.")
+    if not isinstance(value, (str, float)):
+        try:
+            value = operator.index(value)     # ints, numpy integers
+        except TypeError:
+            pass
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"`{name}` must be >= 0 bytes; got {value}. Pass a positive size such as '6GiB'.")
@@ -61,7 +67,7 @@ class SessionConfig:
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
     vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
-    activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured
+    activation_reserve: Any = None  # bytes kept free for activations under a budget; None = 0
     pool: Any = None                # a DevicePool shared by several sessions
     backend: Any = None             # a Backend instance (tests: FakeBackend); overrides `device`
 

@@ -114,7 +114,8 @@ class Session(AsyncGeneration):
         # The ring: `prefetch` in flight, every unit that nesting can bind at once, one spare
         # (a unit held for reuse under cache="pass").
         num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
-        plan = plan_memory(sizes, budget, num_slots, self.config.activation_reserve or 0,
+        reserve = (self.config.activation_reserve or 0) + self.backend.scratch_nbytes(self.units)
+        plan = plan_memory(sizes, budget, num_slots, reserve,
                            min_slot_nbytes=self.pool.ring.slot_nbytes, what=what, committed_nbytes=committed)
         for unit in self.units:
             unit.streamed = unit.index not in plan.resident
@@ -188,7 +189,8 @@ class Session(AsyncGeneration):
     def _start_streaming(self) -> None:
         cfg, stats = self.config, self._stats
         slot_nbytes = max((s.slot_nbytes for s in self.stores.values()), default=0)
-        resident = sum(u.raw_nbytes for u in self.units if not u.streamed)
+        # What the pool counts for this member: slot-aligned sizes, as the planner counted them.
+        resident = sum(unit_nbytes(u, self.backend.alignment) for u in self.units if not u.streamed)
         fixed_ring = self.memory_plan is not None and bool(self.stores)
         # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
         # to the learned schedule's count; budgeted, it is static from here on.
@@ -201,7 +203,7 @@ class Session(AsyncGeneration):
         stats.units_resident = len(self.units) - stats.units_streamed
         stats.packed_nbytes = sum(s.packed_nbytes for s in self.stores.values())
         stats.raw_nbytes = sum(s.raw_nbytes for s in self.stores.values())
-        stats.resident_nbytes = resident
+        stats.resident_nbytes = sum(u.raw_nbytes for u in self.units if not u.streamed)
 
     def _restore(self) -> None:
         """Every parameter and buffer back; a corrupt unit does not stop the others."""

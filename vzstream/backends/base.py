@@ -30,6 +30,10 @@ class Backend:
             self.device_nbytes += nbytes
             self.peak_device_nbytes = max(self.peak_device_nbytes, self.device_nbytes)
 
+    def scratch_nbytes(self, units) -> int:
+        """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
+        return 0
+
     def total_memory(self) -> int:
         """The device's memory in bytes (a fractional `vram_budget` is a share of this)."""
         import psutil

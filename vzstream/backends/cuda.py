@@ -1,43 +1,37 @@
 """CUDA backend: pinned host memory, a pinned staging ring, a copy stream and events (DESIGN §5, §6).
 
-Mechanism only: the pipeline decides which unit is fetched into which device slot, and when.
-Per fetch (one `Ticket`):
+Mechanism only: the pipeline decides which unit goes into which device slot, and when. Per fetch:
 
-  decode   workers decode the unit's compressed planes into a pinned staging slot (a
-           round-robin ring). Before writing, each job gates on the slot's previous user: first
-           its ticket's `ready` flag (set only after its upload was issued, so its `copied` event
-           has been recorded by then), then `copied.synchronize()`, on the worker thread.
-  upload   the worker that finished the last job, on the copy stream: wait the device slot's
-           `used` event, copy each plane host→device (compressed planes from staging, raw planes
-           straight from the pinned store arena), interleave the planes into the slot with one
-           copy kernel per tensor, record `copied` (staging reusable) and `uploaded` (slot full).
+  decode   workers decode compressed planes into a pinned staging slot of a ring. Each job first
+           gates on the slot's previous fetch: its ticket's `ready` (set once its upload was
+           issued, so its `copied` event is recorded by then), then `copied.synchronize()`.
+  upload   the worker that ran the last job, on the copy stream: wait the device slot's `used`
+           event, copy planes host→device (compressed ones from staging, raw ones from the pinned
+           arena), interleave them into the slot, record `copied` and `uploaded`.
   bind     forward thread: the compute stream waits `uploaded`. The host does not wait.
-  release  forward thread: record `used` on the compute stream; the next upload into that slot
-           makes the copy stream wait on it before overwriting the slot.
+  release  forward thread: record `used` on the compute stream, for the slot's next upload.
 
-Invariants:
-- The forward thread never blocks on the GPU: bind and release only enqueue a stream wait or an
-  event record. Host waits on events happen on worker threads only.
-- Every event is recorded before anything waits on it: a wait on a never-recorded CUDA event
-  passes at once, silently. Hence the host-side `ready` gate in front of `copied`.
-- Every host buffer a copy reads is pinned, in exact (page-rounded) size: a non-blocking copy
-  from pageable memory silently synchronises, which kills overlap.
-- The device scratch is allocated and used on the copy stream only, so stream order makes its
-  reuse safe; uploads are serialised by a lock so two workers never interleave on it.
-- Importing this module does not initialise CUDA; constructing a `CudaBackend` does.
+Invariants: the forward thread never blocks on the GPU (event waits happen on workers; staging
+of at most 1 MiB, which the pipeline may decode on the forward thread, comes from torch's pinned
+caching allocator, which recycles a block only once its copies are done: no gate). Every event
+is recorded before anything waits on it: waiting on a never-recorded event passes at once. Every
+host buffer a copy reads is pinned: a non-blocking copy from pageable memory silently
+synchronises, which kills overlap. Importing this module never initialises CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
 import threading
+import weakref
 from functools import partial
 
 import numpy as np
 import torch
-from torch.profiler import record_function
+from torch.autograd import profiler
 
 from .. import codec
 from ..errors import FormatError
@@ -46,14 +40,22 @@ from .base import Backend, chunk_jobs
 log = logging.getLogger("vzstream")
 
 PAGE_NBYTES = mmap.PAGESIZE
-STAGING_ALIGNMENT = 64      # plane offsets in a staging slot: whole cache lines per plane
+STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
+SMALL_STAGING_NBYTES = 1 << 20    # up to this much staging: a caching-allocator block, no ring
 
 
 def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-# -- pure planning: which planes go through staging, and where ----------------------------------
+def stage_range(stage: str, fqn: str):
+    """Profiler range `vzstream.<stage>:<fqn>`; none while no profiler runs (it would cost ~8 us)."""
+    if getattr(profiler, "_is_profiler_enabled", True):
+        return profiler.record_function(f"vzstream.{stage}:{fqn}")
+    return contextlib.nullcontext()
+
+
+# -- pure planning: which planes go through staging, and where --------------------------------
 @dataclasses.dataclass(frozen=True)
 class PlaneCopy:
     index: int          # which byte of each element the plane holds (0 = least significant)
@@ -69,10 +71,6 @@ class TensorUpload:
     numel: int
     itemsize: int
     planes: tuple[PlaneCopy, ...]   # one plane: copied straight into the slot; else interleaved
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,52 +97,49 @@ def plan_upload(store) -> UploadPlan:
     for (name, _), packed, slot_offset in zip(store.unit.params, store.packed, store.offsets):
         planes = []
         for i, plane in enumerate(packed.planes if packed.numel else ()):
-            offset = None if plane.compressed else arena_offset(store.arena, plane.raw)
-            staged = offset is None
-            if staged:
-                offset = staging
-                staging = _align(staging + plane.nbytes, STAGING_ALIGNMENT)
-            planes.append(PlaneCopy(plane.index, plane.nbytes, staged, offset))
             if plane.index != i:
                 raise FormatError(f"tensor `{name}`: plane {i} claims index {plane.index}")
+            offset = None if plane.compressed else arena_offset(store.arena, plane.raw)
+            if offset is None:
+                planes.append(PlaneCopy(i, plane.nbytes, True, staging))
+                staging = _align(staging + plane.nbytes, STAGING_ALIGNMENT)
+            else:
+                planes.append(PlaneCopy(i, plane.nbytes, False, offset))
         if len(planes) not in (0, 1, packed.itemsize):
             raise FormatError(f"tensor `{name}`: {len(planes)} planes for itemsize {packed.itemsize}")
-        if len(planes) > 1:
-            merge = max(merge, packed.raw_nbytes)
-        if any(p.staged for p in planes):
-            last_staged = len(tensors)
+        merge = max(merge, packed.raw_nbytes if len(planes) > 1 else 0)
+        last_staged = len(tensors) if any(p.staged for p in planes) else last_staged
         tensors.append(TensorUpload(name, slot_offset, packed.numel, packed.itemsize, tuple(planes)))
     return UploadPlan(tuple(tensors), staging, merge, last_staged)
 
 
 def staging_items(store, plan: UploadPlan) -> list[tuple[int, str, object, int]]:
-    """(nbytes, tensor name, source, staging offset) for every piece a worker writes into
+    """(nbytes, tensor name, source, staging offset) of every piece a worker writes into
     staging: each frame of a compressed plane, or a whole raw plane outside the arena."""
     items = []
     for t, packed in zip(plan.tensors, store.packed):
         for pc, plane in zip(t.planes, packed.planes):
-            if not pc.staged:
-                continue
-            if plane.compressed:
+            if pc.staged and plane.compressed:
                 items.extend((f.nbytes, t.name, f, pc.offset + f.start) for f in plane.frames)
-            else:
+            elif pc.staged:
                 items.append((pc.nbytes, t.name, plane.raw, pc.offset))
     return items
 
 
-def stage_into(source, dst: torch.Tensor) -> None:
-    """Write one staging item into `dst` (a uint8 slice of a staging slot, exactly its size)."""
-    if isinstance(source, codec.Frame):
-        codec.decode_frame_into(source, dst)
-    else:
-        dst.numpy()[:] = np.frombuffer(source, dtype=np.uint8)
+def stage_into(buffer: torch.Tensor, offset: int, nbytes: int, source, fqn: str = "") -> None:
+    """Write one staging item (a frame, or raw bytes) into `buffer[offset : offset + nbytes]`."""
+    with stage_range("decode", fqn):
+        if isinstance(source, codec.Frame):
+            codec.decode_frame_into(source, buffer[offset : offset + nbytes])
+        else:
+            buffer[offset : offset + nbytes].numpy()[:] = np.frombuffer(source, dtype=np.uint8)
 
 
-def merge_planes(dst: torch.Tensor, planes: list[torch.Tensor], scratch: torch.Tensor | None,
-                 numel: int, itemsize: int) -> None:
+def merge_planes(dst: torch.Tensor, planes: list, scratch: torch.Tensor | None, numel: int,
+                 itemsize: int) -> None:
     """Write byte planes (plane i = byte i of each little-endian element) into `dst`, a uint8
-    view of `numel * itemsize` bytes. Several planes go through `scratch` in planar layout
-    `[itemsize, numel]`, then one strided copy interleaves them; on CUDA that is one kernel."""
+    view of numel * itemsize bytes. Several planes go through `scratch` in planar layout
+    [itemsize, numel], then one strided copy interleaves them: one kernel on CUDA."""
     if len(planes) == 1:
         dst.copy_(planes[0], non_blocking=True)
         return
@@ -154,22 +149,20 @@ def merge_planes(dst: torch.Tensor, planes: list[torch.Tensor], scratch: torch.T
     dst.view(numel, itemsize).copy_(planar.view(itemsize, numel).t())
 
 
-# -- host memory ---------------------------------------------------------------------------------
+# -- pinned host memory --------------------------------------------------------------------------
 class PinnedHeap:
-    """Host buffers pinned in exact size (whole pages) with `cudaHostRegister`.
-
-    `torch.empty(..., pin_memory=True)` goes through the pinned caching allocator, which rounds
-    each block up to a power of two: up to 2x the host RAM. Here each buffer is a plain CPU
-    allocation padded so the registered range covers whole pages no other allocation shares
-    (registering a page twice fails). The backing tensors live here until unregistered: freeing
-    registered memory would hand pinned pages back to malloc.
-    """
+    """Host buffers pinned in exact size (whole pages) with `cudaHostRegister` (`pin_memory=True`
+    rounds each block up to a power of two): plain allocations padded so the registered pages
+    are their own (registering a page twice fails), kept alive here until unpinned. A buffer
+    nobody references any more is unpinned by `reclaim` once a fence recorded after it passed."""
 
     def __init__(self, register, unregister) -> None:
         self._register, self._unregister = register, unregister
         self._lock = threading.Lock()
-        self._live: dict[int, torch.Tensor] = {}     # registered address -> backing allocation
-        self.nbytes = 0                              # bytes registered right now
+        self._live: dict[int, tuple] = {}   # address -> (backing allocation, finalizer)
+        self._orphans: list[int] = []       # addresses whose buffer was garbage-collected
+        self._fenced: list[tuple] = []      # (fence event, addresses) waiting to be unpinned
+        self.nbytes = 0                     # bytes registered right now
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         if nbytes == 0:
@@ -177,170 +170,152 @@ class PinnedHeap:
         size = _align(nbytes, PAGE_NBYTES)
         backing = torch.empty(size + PAGE_NBYTES, dtype=torch.uint8)
         start = _align(backing.data_ptr(), PAGE_NBYTES) - backing.data_ptr()
-        buf = backing[start : start + size]
+        buf = backing[start : start + nbytes]
         self._register(buf.data_ptr(), size)
         with self._lock:
-            self._live[buf.data_ptr()] = backing
+            # list.append is atomic: safe from a finalizer running on any thread at any time.
+            finalizer = weakref.finalize(buf, self._orphans.append, buf.data_ptr())
+            self._live[buf.data_ptr()] = (backing, finalizer)
             self.nbytes += size
-        return buf[:nbytes]
+        return buf
 
-    def free(self, buf: torch.Tensor) -> None:
+    def reclaim(self, fence) -> None:
+        """Unpin orphans whose fence passed; fence new orphans with `fence()` (a recorded event)."""
         with self._lock:
-            backing = self._live.pop(buf.data_ptr(), None)
-            if backing is None:
-                return
-            self.nbytes -= _align(buf.numel(), PAGE_NBYTES)
-        self._unregister(buf.data_ptr())
+            fenced, self._fenced, passed = self._fenced, [], []
+            for f in fenced:
+                (passed if f[0].query() else self._fenced).append(f)   # query never blocks
+            batch, self._orphans[:] = list(self._orphans), []
+            if batch:
+                self._fenced.append((fence(), batch))
+        for _, ptrs in passed:
+            self._drop(ptrs)
 
     def close(self) -> None:
-        with self._lock:
-            ptrs, self._live, self.nbytes = list(self._live), {}, 0
+        """Unpin everything (the caller synchronised every stream that reads these buffers)."""
+        self._drop(list(self._live))
+        self._orphans[:], self._fenced = [], []
+
+    def _drop(self, ptrs: list[int]) -> None:
         for ptr in ptrs:
+            with self._lock:
+                entry = self._live.pop(ptr, None)
+                if entry is None:
+                    continue
+                entry[1].detach()
+                self.nbytes -= entry[0].numel() - PAGE_NBYTES
             try:
                 self._unregister(ptr)
-            except Exception as exc:  # keep unregistering the rest; the memory is freed anyway
+            except Exception as exc:   # unpin the rest; the memory is freed anyway
                 log.warning("vzstream: unpinning host memory at %#x failed: %r", ptr, exc)
 
 
-class StagingUse:
-    """One fetch's use of one staging slot, linked to the slot's previous use until gated."""
+class Fetch:
+    """Backend state of one ticket, from `decode_jobs` to `release`. A fetch staged through the
+    ring is linked to the slot's previous fetch (`prev`) until its jobs pass the gate."""
 
-    __slots__ = ("buffer", "ready", "copied", "prev", "retired", "lock")
+    __slots__ = ("plan", "ready", "used", "buffer", "prev", "copied", "uploaded", "released", "lock")
 
-    def __init__(self, buffer, ready, prev, retired) -> None:
-        self.buffer, self.ready, self.prev, self.retired = buffer, ready, prev, retired
-        self.copied = None           # event recorded after the last copy reading `buffer`
+    def __init__(self, plan, ready, used=None) -> None:
+        self.plan, self.ready, self.used = plan, ready, used   # used: the slot's `used` event
+        self.buffer = self.prev = None       # staging buffer; previous fetch of its ring slot
+        self.copied = self.uploaded = None   # events, recorded by `upload`
+        self.released = False                # released: nothing will read or write it again
         self.lock = threading.Lock()
 
 
 class StagingRing:
-    """A round-robin ring of pinned staging slots (DESIGN §6, "staging reuse").
+    """A round-robin ring of pinned staging slots (DESIGN §6, "staging reuse"). `acquire` runs on
+    the forward thread in the order fetches are submitted to the FIFO worker pool, so a fetch
+    only ever gates on an *earlier* submission: gating cannot deadlock. A slot grows when a
+    larger unit arrives; the heap reclaims the old buffer once nothing references it."""
 
-    `acquire` runs on the forward thread, in the order fetches are submitted to the worker pool
-    (FIFO): a use only ever gates on an *earlier* submission, so gating cannot deadlock.
-    A slot grows when a larger unit arrives; its old buffer is freed by the new use's gate, once
-    the previous use's copies from it have finished.
-    """
-
-    def __init__(self, num_slots: int, alloc, free) -> None:
+    def __init__(self, num_slots: int, alloc) -> None:
         if num_slots < 1:
             raise ValueError(f"`staging_slots` must be >= 1; got {num_slots}.")
-        self._alloc, self._free = alloc, free
-        self._uses: list[StagingUse | None] = [None] * num_slots
+        self._alloc = alloc
+        self._last: list[Fetch | None] = [None] * num_slots
         self._buffers: list[torch.Tensor | None] = [None] * num_slots
         self._next = 0
 
-    def acquire(self, nbytes: int, ready) -> StagingUse:
-        """The next slot, for a fetch whose ticket sets `ready` after its upload is issued."""
-        i, self._next = self._next, (self._next + 1) % len(self._uses)
-        buf, retired = self._buffers[i], None
-        if buf is None or buf.numel() < nbytes:
-            retired, buf = buf, self._alloc(nbytes)
-            self._buffers[i] = buf
-        use = StagingUse(buf, ready, self._uses[i], retired)
-        self._uses[i] = use
-        return use
+    def acquire(self, fetch: Fetch, nbytes: int) -> None:
+        """Give `fetch` the next slot (>= nbytes) and link it to that slot's previous fetch."""
+        i, self._next = self._next, (self._next + 1) % len(self._last)
+        if self._buffers[i] is None or self._buffers[i].numel() < nbytes:
+            self._buffers[i] = self._alloc(nbytes)
+        fetch.buffer, fetch.prev, self._last[i] = self._buffers[i], self._last[i], fetch
 
-    def gate(self, use: StagingUse) -> None:
-        """Block (a worker) until `use` may write its buffer; idempotent across a fetch's jobs."""
-        with use.lock:
-            prev, use.prev = use.prev, None          # cut the chain: old uses can be collected
-            if prev is not None:
-                prev.ready.wait()                    # its upload was issued: `copied` recorded
-                if prev.copied is not None:          # None: it failed before uploading
-                    prev.copied.synchronize()
-            if use.retired is not None:
-                self._free(use.retired)
-                use.retired = None
-
-
-# -- the torch.cuda calls, in one place ------------------------------------------------------------
-class CudaRuntime:
-    """Every torch.cuda call the backend makes. Tests substitute a CPU fake with this surface."""
-
-    def __init__(self, device: str) -> None:
-        dev = torch.device(device)
-        if dev.index is None:        # workers must not fall back to *their* current device (0)
-            dev = torch.device("cuda", torch.cuda.current_device())
-        self.device = dev
-
-    def stream(self):
-        return torch.cuda.Stream(self.device)
-
-    def event(self, blocking: bool = False):
-        return torch.cuda.Event(blocking=blocking)
-
-    def current_stream(self):
-        return torch.cuda.current_stream(self.device)
-
-    def use_stream(self, stream):
-        return torch.cuda.stream(stream)    # also makes the stream's device current on this thread
-
-    def record_stream(self, tensor: torch.Tensor, stream) -> None:
-        tensor.record_stream(stream)
-
-    def register(self, ptr: int, nbytes: int) -> None:
-        rc = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
-        if rc != 0:
-            raise RuntimeError(f"cudaHostRegister({ptr:#x}, {nbytes}) failed with cudaError {rc}")
-
-    def unregister(self, ptr: int) -> None:
-        rc = int(torch.cuda.cudart().cudaHostUnregister(ptr))
-        if rc != 0:
-            raise RuntimeError(f"cudaHostUnregister({ptr:#x}) failed with cudaError {rc}")
-
-
-class _Fetch:
-    """Backend state of one ticket, from `decode_jobs` to `release`."""
-
-    __slots__ = ("plan", "staging", "used", "uploaded")
-
-    def __init__(self, plan: UploadPlan, staging: StagingUse | None, used) -> None:
-        self.plan, self.staging, self.used = plan, staging, used
-        self.uploaded = None
-
-
-def _nothing() -> None:
-    pass
+    @staticmethod
+    def gate(fetch: Fetch) -> None:
+        """Block (a worker) until `fetch` may write its buffer. Every job of a fetch calls it."""
+        with fetch.lock:
+            prev, fetch.prev = fetch.prev, None     # cut the chain: old fetches can be collected
+            if prev is None:
+                return
+            while not prev.ready.wait(0.05):        # set once its upload is issued, or it failed
+                if prev.released:                   # dropped before its jobs ever ran
+                    return
+            if prev.copied is not None:             # None: it failed before uploading
+                prev.copied.synchronize()
 
 
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self, device: str = "cuda", *, staging_slots: int = 3, runtime=None) -> None:
+    def __init__(self, device: str = "cuda", *, staging_slots: int = 3, cuda=None) -> None:
         super().__init__()
-        self.runtime = runtime if runtime is not None else CudaRuntime(device)
-        self.device = self.runtime.device
-        self.copy_stream = self.runtime.stream()
-        self.heap = PinnedHeap(self.runtime.register, self.runtime.unregister)
-        self.staging_slots = staging_slots
-        self.staging = StagingRing(staging_slots, self.heap.alloc, self.heap.free)
-        self._plans: dict = {}            # UnitStore -> UploadPlan, computed at its first fetch
-        self._fetches: dict = {}          # Ticket -> _Fetch
+        self.cuda = torch.cuda if cuda is None else cuda   # tests pass a CPU stand-in
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Workers must not fall back to *their* current device, which is always 0.
+            self.device = torch.device("cuda", self.cuda.current_device())
+        self.copy_stream = self.cuda.Stream(self.device)
+        self.heap = PinnedHeap(lambda ptr, nbytes: self._cudart("cudaHostRegister", ptr, nbytes, 0),
+                               lambda ptr: self._cudart("cudaHostUnregister", ptr))
+        self.staging = StagingRing(staging_slots, self.heap.alloc)
+        self._plans: dict = {}               # UnitStore -> (UploadPlan, staging items)
+        self._fetches: dict = {}             # Ticket -> Fetch
         self._used: dict[int, object] = {}   # slot index -> `used` event of its latest release
         self._scratch: torch.Tensor | None = None
         self._upload_lock = threading.Lock()
 
-    # -- memory -----------------------------------------------------------------------------
+    def total_memory(self) -> int:
+        return self.cuda.get_device_properties(self.device).total_memory
+
+    def scratch_nbytes(self, units) -> int:
+        """Device memory the uploads of `units` need besides the slots: the merge scratch."""
+        # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
+        return max((n for u in units for (_, p), n in zip(u.params, u.param_nbytes)
+                    if p.dtype.is_floating_point and p.element_size() > 1), default=0)
+
     def host_buffer(self, nbytes: int) -> torch.Tensor:
+        self.heap.reclaim(self._fence)
         return self.heap.alloc(nbytes)
+
+    def _fence(self):
+        return self.copy_stream.record_event()     # after every copy issued so far
+
+    def _cudart(self, name: str, *args) -> None:
+        rc = int(getattr(self.cuda.cudart(), name)(*args))
+        if rc != 0:
+            raise RuntimeError(f"{name}{args} failed with cudaError {rc}")
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         buf = super().device_buffer(nbytes)
         # The allocator may hand out a block whose last compute-stream user has not run yet;
-        # the copy stream will write into it, so it must start after that work.
-        self.copy_stream.wait_stream(self.runtime.current_stream())
+        # the copy stream writes into it, so it must start after that work.
+        self.copy_stream.wait_stream(self.cuda.current_stream(self.device))
         return buf
 
     def free_device_buffer(self, buf: torch.Tensor) -> None:
         # A drained prefetch may still be writing the slot on the copy stream: keep the block
-        # from being reused until that work is done.
-        self.runtime.record_stream(buf, self.copy_stream)
+        # from being handed out again until that work is done.
+        if buf.is_cuda:
+            buf.record_stream(self.copy_stream)
         super().free_device_buffer(buf)
 
     def _scratch_for(self, nbytes: int) -> torch.Tensor:
-        """Device scratch of >= nbytes. Call on the copy stream: the block then belongs to it,
-        so freeing a smaller one and reusing memory is ordered by the stream itself."""
+        """Device scratch >= nbytes, allocated on the copy stream: stream order keeps reuse safe."""
         old = self._scratch.numel() if self._scratch is not None else 0
         if old < nbytes:
             self._scratch = None
@@ -351,77 +326,75 @@ class CudaBackend(Backend):
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
         store, fqn = ticket.store, ticket.store.unit.fqn
-        plan = self._plans.get(store)
-        if plan is None:
-            plan = self._plans[store] = plan_upload(store)
-        staging = self.staging.acquire(plan.staging_nbytes, ticket.ready) if plan.staging_nbytes else None
-        self._fetches[ticket] = _Fetch(plan, staging, self._used.get(ticket.slot.index))
-        if staging is None:
-            return [[(fqn, _nothing)]]   # one job, so the upload is issued on a worker, not here
-        items = [
-            (nbytes, name, partial(self._stage, fqn, staging, source, offset, nbytes))
-            for nbytes, name, source, offset in staging_items(store, plan)
-        ]
-        return [[(fqn, partial(self.staging.gate, staging))] + job for job in chunk_jobs(items)]
-
-    @staticmethod
-    def _stage(fqn: str, staging: StagingUse, source, offset: int, nbytes: int) -> None:
-        with record_function(f"vzstream.decode:{fqn}"):
-            stage_into(source, staging.buffer[offset : offset + nbytes])
+        if store not in self._plans:
+            plan = plan_upload(store)
+            self._plans[store] = (plan, staging_items(store, plan))
+        plan, items = self._plans[store]
+        fetch = self._fetches[ticket] = Fetch(plan, ticket.ready, self._used.get(ticket.slot.index))
+        gate = []
+        if plan.staging_nbytes > SMALL_STAGING_NBYTES:
+            self.staging.acquire(fetch, plan.staging_nbytes)
+            gate = [(fqn, partial(StagingRing.gate, fetch))]
+        elif plan.staging_nbytes:
+            # torch's pinned caching allocator: it recycles a block once its copies are done.
+            fetch.buffer = torch.empty(plan.staging_nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        else:
+            return [[(fqn, lambda: None)]]   # nothing to decode: one job, so a worker uploads
+        work = [(n, name, partial(stage_into, fetch.buffer, off, n, src, fqn)) for n, name, src, off in items]
+        return [gate + job for job in chunk_jobs(work)]
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
-        rt = self.runtime
-        with record_function(f"vzstream.upload:{ticket.store.unit.fqn}"), self._upload_lock, \
-                rt.use_stream(self.copy_stream):
+        with stage_range("upload", ticket.store.unit.fqn), self._upload_lock, \
+                self.cuda.stream(self.copy_stream):    # also makes its device current here
             if fetch.used is not None:
                 self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
             copied = self._copy_planes(ticket, fetch)
-            uploaded = rt.event()
-            uploaded.record(self.copy_stream)
-        fetch.uploaded = uploaded
-        if fetch.staging is not None:
-            fetch.staging.copied = copied     # before the pipeline sets ticket.ready: see gate
+            uploaded = self.copy_stream.record_event()
+        # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
+        fetch.copied, fetch.uploaded = copied, uploaded
 
-    def _copy_planes(self, ticket, fetch: _Fetch):
-        """Enqueue every plane copy and merge on the copy stream; the `copied` event (or None)."""
+    def _copy_planes(self, ticket, fetch: Fetch):
+        """Enqueue every plane copy and merge on the copy stream; return `copied` (or None)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
-        staged = fetch.staging.buffer if fetch.staging is not None else None
         scratch = self._scratch_for(plan.merge_nbytes) if plan.merge_nbytes else None
         copied = None
         for i, t in enumerate(plan.tensors):
             if t.planes:
-                sources = [(staged if p.staged else arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
-                dst = slot[t.slot_offset : t.slot_offset + t.nbytes]
+                sources = [(fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
+                           for p in t.planes]
+                dst = slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
                 merge_planes(dst, sources, scratch, t.numel, t.itemsize)
             if i == plan.last_staged:
                 # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
-                copied = self.runtime.event(blocking=True)
-                copied.record(self.copy_stream)
+                copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         return copied
 
     def wait(self, ticket) -> None:
-        fetch = self._fetches[ticket]
-        with record_function(f"vzstream.bind:{ticket.store.unit.fqn}"):
-            if fetch.uploaded is not None:
-                self.runtime.current_stream().wait_event(fetch.uploaded)
+        with stage_range("bind", ticket.store.unit.fqn):    # the pipeline saw the upload issued
+            self.cuda.current_stream(self.device).wait_event(self._fetches[ticket].uploaded)
 
     def release(self, ticket) -> None:
-        self._fetches.pop(ticket, None)
-        with record_function(f"vzstream.release:{ticket.store.unit.fqn}"):
-            used = self.runtime.event()
-            used.record(self.runtime.current_stream())
-            self._used[ticket.slot.index] = used
+        fetch = self._fetches.pop(ticket, None)
+        if fetch is not None:
+            fetch.released = True
+        with stage_range("release", ticket.store.unit.fqn):
+            self._used[ticket.slot.index] = self.cuda.current_stream(self.device).record_event()
+
+    def clear_caches(self) -> None:
+        # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
+        # `_used` stays: the events order the ring's slots for whichever session uses them next.
+        self._plans.clear()
+        self.heap.reclaim(self._fence)
 
     def close(self) -> None:
         try:
-            self.copy_stream.synchronize()    # nothing may still read memory unpinned below
+            self.copy_stream.synchronize()   # nothing may still read memory unpinned below
         finally:
             self.heap.close()
-            self.staging = StagingRing(self.staging_slots, self.heap.alloc, self.heap.free)
-            if self._scratch is not None:
-                self.account(-self._scratch.numel())
-                self._scratch = None
-            self._fetches.clear()
-            self._plans.clear()
-            self._used.clear()
+            self.staging = None                        # its buffers are unpinned now
+            self.account(-self._scratch.numel() if self._scratch is not None else 0)
+            self._scratch = None
+            for state in (self._fetches, self._plans, self._used):
+                state.clear()
+

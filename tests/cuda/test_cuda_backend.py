@@ -1,0 +1,139 @@
+"""CudaBackend on a real GPU: tokens and logits bit-identical to the same seeded model resident on
+the same GPU, less peak device memory than resident, no host synchronisation on the forward
+thread in the steady state, and pinned host memory registered while open, released after."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+import vzstream
+from models import Routed, build, build_hf, hf_inputs, make_input, seeded
+
+pytestmark = pytest.mark.cuda
+
+CASES = [
+    pytest.param(name, units, k, id=f"{name}-{units}-prefetch{k}")
+    for name in ("llama", "gpt2") for units in ("blocks", "leaves") for k in (1, 2, 4)
+]
+
+
+def cuda_inputs(batch: int = 2, seq: int = 8):
+    ids, gen_kwargs = hf_inputs(batch, seq)
+    gen_kwargs["attention_mask"] = gen_kwargs["attention_mask"].cuda()
+    return ids.cuda(), gen_kwargs
+
+
+def resident_run(model, ids, gen_kwargs):
+    """Two greedy generates and one forward of a resident copy of `model`, on the GPU."""
+    ref = copy.deepcopy(model).to("cuda")
+    with torch.no_grad():
+        tokens = [ref.generate(ids, **gen_kwargs) for _ in range(2)]
+        logits = ref(ids).logits
+    del ref
+    torch.cuda.empty_cache()      # tests may; the library never does
+    return tokens, logits
+
+
+@pytest.mark.parametrize("name, units, prefetch", CASES)
+def test_streamed_equals_resident_on_the_same_gpu(name, units, prefetch, snapshot):
+    model = build_hf(name)
+    ids, gen_kwargs = cuda_inputs()
+    ref_tokens, ref_logits = resident_run(model, ids, gen_kwargs)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cuda", prefetch=prefetch, units=units) as s:
+        first = s.generate(ids, **gen_kwargs)         # learns the trace
+        second = s.generate(ids, **gen_kwargs)        # entirely on the learned schedule
+        logits = s(ids).logits
+        stats = s.stats()
+    assert torch.equal(first, ref_tokens[0]) and torch.equal(second, ref_tokens[1])
+    assert logits.dtype == ref_logits.dtype and torch.equal(logits, ref_logits)
+    assert stats.trace_misses == 0 and stats.prefetched > 0
+    snap.check(model)
+
+
+def test_trace_misses_drain_and_stay_exact(snapshot):
+    """A routed toy model changes path every call: drained prefetches must never corrupt a slot."""
+    model = build(Routed, dtype=torch.bfloat16, num_blocks=6)
+    x = make_input(4, 64, dtype=torch.bfloat16).cuda()
+    orders = [None, (0, 2, 4), (5, 4, 3, 2, 1, 0), (1, 1, 1), None, (3,)]
+    ref = copy.deepcopy(model).to("cuda")
+    with torch.no_grad():
+        expected = [ref(x, order=o) for o in orders]
+    del ref
+    snap = snapshot(model)
+    with vzstream.session(model, device="cuda", prefetch=4, units="blocks") as s:
+        for _ in range(2):
+            for order, want in zip(orders, expected):
+                assert torch.equal(s(x, order=order), want)
+    snap.check(model)
+
+
+def mid_llama():
+    """8 layers, hidden 512, small vocab: blocks dominate, so streaming must save memory."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    with seeded(0):
+        model = tf.LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def test_peak_device_memory_below_resident():
+    model = mid_llama()
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = copy.deepcopy(model).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        ref_tokens = ref.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    resident_peak = torch.cuda.max_memory_allocated()
+    del ref
+    torch.cuda.empty_cache()
+    with vzstream.session(model, device="cuda", prefetch=2) as s:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        tokens = [s.generate(ids, **kwargs) for _ in range(2)]
+        torch.cuda.synchronize()
+        streamed_peak = torch.cuda.max_memory_allocated()
+    assert all(torch.equal(t, ref_tokens) for t in tokens)
+    assert streamed_peak < resident_peak, (streamed_peak, resident_peak)
+
+
+def test_no_host_sync_on_the_forward_thread_in_steady_state(monkeypatch):
+    model = build_hf("llama", num_layers=4)
+    ids, gen_kwargs = cuda_inputs()
+    forward_thread, calls = threading.get_ident(), []
+
+    def counting(fn):
+        def counted(*args, **kwargs):
+            if threading.get_ident() == forward_thread:
+                calls.append(fn.__qualname__)
+            return fn(*args, **kwargs)
+        return counted
+
+    with vzstream.session(model, device="cuda", prefetch=2, units="leaves") as s:
+        s.generate(ids, **gen_kwargs)                 # first call: learns the trace
+        for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                            (torch.cuda.Stream, "synchronize")):
+            monkeypatch.setattr(owner, name, counting(getattr(owner, name)))
+        s.generate(ids, **gen_kwargs)
+        monkeypatch.undo()
+    assert calls == []
+
+
+def test_arenas_pinned_while_open_and_unpinned_after():
+    model = build_hf("llama", num_layers=4)
+    ids, gen_kwargs = cuda_inputs()
+    with vzstream.session(model, device="cuda", prefetch=1) as s:
+        s.generate(ids, **gen_kwargs)
+        heap = s.backend.heap
+        assert all(store.arena.is_pinned() for store in s.stores.values())
+        arena_nbytes = sum(store.arena.numel() for store in s.stores.values())
+        assert arena_nbytes <= heap.nbytes
+    assert heap.nbytes == 0

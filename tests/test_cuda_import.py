@@ -1,0 +1,399 @@
+"""backends/cuda.py on a machine without a GPU: importing it leaves CUDA alone, device="cuda"
+fails cleanly, the pure helpers (upload plan, staging layout, plane merge, pinned heap, staging
+ring gate) are right, and the whole backend runs a real session on CPU against `FakeCuda`, a
+stand-in for `torch.cuda` whose streams and events log and check every operation."""
+
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import vzstream
+from vzstream import codec
+from vzstream.backends import CpuBackend
+from vzstream.backends import cuda as cuda_mod
+from vzstream.backends.cuda import (PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, merge_planes,
+                                    plan_upload, stage_into, staging_items)
+from vzstream.bench import gpu, models
+from vzstream.plan import Unit
+from vzstream.store import pack_unit
+from models import Stack, TinyLM, build, build_hf, hf_inputs
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+# -- a CPU stand-in for torch.cuda ----------------------------------------------------------------
+class FakeEvent:
+    def __init__(self, cuda, blocking=False):
+        self.cuda, self.blocking, self.stream = cuda, blocking, None
+
+    def record(self, stream):
+        self.stream = stream
+        self.cuda.log("record", stream.name, self)
+
+    def query(self):
+        return self.stream is not None        # a CPU "copy" is done once it is issued
+
+    def synchronize(self):
+        assert self.stream is not None, "synchronize() on an event never recorded passes at once"
+        self.cuda.log("event.synchronize", None, self)
+
+
+class FakeStream:
+    def __init__(self, cuda, name):
+        self.cuda, self.name = cuda, name
+
+    def wait_event(self, event):
+        assert event.stream is not None, "wait_event() on an event never recorded passes at once"
+        assert event.stream is not self, "a stream waiting on its own event orders nothing"
+        self.cuda.log("wait_event", self.name, event)
+
+    def record_event(self, event=None):
+        event = event or FakeEvent(self.cuda)
+        event.record(self)
+        return event
+
+    def wait_stream(self, other):
+        self.cuda.log("wait_stream", self.name, None)
+
+    def synchronize(self):
+        self.cuda.log("stream.synchronize", self.name, None)
+
+
+class FakeCuda:
+    """The torch.cuda names CudaBackend uses. `ops`: (thread id, op, stream name, event)."""
+
+    def __init__(self):
+        self.ops, self.pinned, self._lock, self._local = [], {}, threading.Lock(), threading.local()
+        self.compute = FakeStream(self, "compute")
+        self.Stream = lambda device: FakeStream(self, "copy")
+        self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking)
+        self.cudart = lambda: self
+        self.get_device_properties = lambda device: SimpleNamespace(total_memory=16 << 30)
+
+    def log(self, op, stream, event):
+        with self._lock:
+            self.ops.append((threading.get_ident(), op, stream, event))
+
+    def current_stream(self, device=None):
+        return getattr(self._local, "stream", self.compute)
+
+    @contextmanager
+    def stream(self, stream):
+        prev, self._local.stream = self.current_stream(), stream
+        try:
+            yield
+        finally:
+            self._local.stream = prev
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        assert ptr % PAGE_NBYTES == 0 and nbytes % PAGE_NBYTES == 0 and flags == 0
+        with self._lock:
+            assert all(ptr + nbytes <= p or p + n <= ptr for p, n in self.pinned.items()), "pages pinned twice"
+            self.pinned[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        with self._lock:
+            return 0 if self.pinned.pop(ptr, None) is not None else 712
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return any(p <= start and end <= p + n for p, n in self.pinned.items())
+
+
+# -- import and availability ------------------------------------------------------------------------
+def test_import_does_not_initialise_cuda():
+    code = "import torch, vzstream.backends.cuda, vzstream.bench.gpu; assert not torch.cuda.is_initialized()"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@NO_GPU
+def test_session_on_cuda_without_gpu_raises_and_leaves_model_alone(snapshot):
+    model = build(Stack)
+    snap = snapshot(model)
+    with pytest.raises(vzstream.BackendUnavailableError, match="needs a CUDA GPU"):
+        with vzstream.session(model, device="cuda"):
+            pass
+    snap.check(model)
+    assert not torch.cuda.is_initialized()
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+def _packed_unit(tensors: dict, backend=None):
+    params = [(name, nn.Parameter(t, requires_grad=False)) for name, t in tensors.items()]
+    unit = Unit(0, "unit", [], params)
+    return pack_unit(unit, backend or CpuBackend(), None), tensors
+
+
+def _mixed(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "big.bf16": (torch.randn(1 << 20 | 4097, generator=g) * 0.02).to(torch.bfloat16),  # two frames
+        "w.fp16": torch.randn(300, 7, generator=g).to(torch.float16),
+        "w.fp32": torch.randn(1000, generator=g),
+        "ids.int64": torch.arange(-50, 50, dtype=torch.int64),
+        "mask.bool": torch.rand(33, generator=g) > 0.5,
+        "empty.bf16": torch.empty(0, 4, dtype=torch.bfloat16),
+        "one.fp8": torch.randn(5000, generator=g).to(torch.float8_e4m3fn),
+    }
+
+
+def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_arena():
+    store, _ = _packed_unit(_mixed())
+    plan = plan_upload(store)
+    arena = store.arena.numpy()
+    staged = []
+    for t, packed, off in zip(plan.tensors, store.packed, store.offsets):
+        assert (t.slot_offset, t.numel, t.itemsize) == (off, packed.numel, packed.itemsize)
+        assert len(t.planes) == (0 if packed.numel == 0 else len(packed.planes))
+        for pc, plane in zip(t.planes, packed.planes):
+            assert (pc.index, pc.nbytes, pc.staged) == (plane.index, plane.nbytes, plane.compressed)
+            if pc.staged:
+                staged.append((pc.offset, pc.nbytes))
+            else:   # uploaded in place: the offset points at the plane's own bytes in the arena
+                assert arena[pc.offset : pc.offset + pc.nbytes].tobytes() == bytes(plane.raw)
+    assert any(t.name == "big.bf16" and t.planes[1].staged and not t.planes[0].staged for t in plan.tensors)
+    staged.sort()
+    assert all(off % cuda_mod.STAGING_ALIGNMENT == 0 for off, _ in staged)
+    assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
+    assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
+    split = [p.raw_nbytes for p in store.packed if p.numel and len(p.planes) > 1]
+    assert plan.merge_nbytes == max(split) == CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
+    assert plan.last_staged == max(i for i, t in enumerate(plan.tensors) if any(p.staged for p in t.planes))
+
+
+def test_plan_stages_raw_planes_that_live_outside_the_arena():
+    store, _ = _packed_unit({"w": torch.randn(64, dtype=torch.bfloat16)})
+    packed = store.packed[0]
+    planes = tuple(p if p.compressed else codec.Plane(p.index, p.nbytes, bytes(p.raw), ()) for p in packed.planes)
+    store.packed[0] = codec.Packed(packed.dtype, packed.shape, planes, packed.frame_elems)
+    plan = plan_upload(store)
+    assert all(pc.staged for pc in plan.tensors[0].planes)
+
+
+def _run_upload_on_cpu(store, plan) -> torch.Tensor:
+    """Stage and merge exactly as the backend does, with CPU tensors in place of device ones."""
+    staging = torch.full((plan.staging_nbytes,), 0xAB, dtype=torch.uint8)
+    for nbytes, _, source, offset in staging_items(store, plan):
+        stage_into(staging, offset, nbytes, source)
+    slot = torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8)
+    scratch = torch.empty(plan.merge_nbytes, dtype=torch.uint8)
+    for t in plan.tensors:
+        if t.planes:
+            sources = [(staging if p.staged else store.arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
+            merge_planes(slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize], sources, scratch,
+                         t.numel, t.itemsize)
+    return slot
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed):
+    store, tensors = _packed_unit(_mixed(seed))
+    slot = _run_upload_on_cpu(store, plan_upload(store))
+    views = store.views(SimpleNamespace(index=0, tensor=slot))
+    for (name, expected), got in zip(tensors.items(), views):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+
+
+def test_pinned_heap_pins_whole_private_pages_and_reclaims_after_a_fence():
+    fake = FakeCuda()
+    heap = PinnedHeap(lambda p, n: fake.cudaHostRegister(p, n, 0), fake.cudaHostUnregister)
+    bufs = [heap.alloc(n) for n in (1, PAGE_NBYTES - 1, PAGE_NBYTES, 3 * PAGE_NBYTES + 5)]
+    assert [b.numel() for b in bufs] == [1, PAGE_NBYTES - 1, PAGE_NBYTES, 3 * PAGE_NBYTES + 5]
+    assert all(fake.is_pinned(b) and b.data_ptr() % PAGE_NBYTES == 0 for b in bufs)
+    assert heap.nbytes == sum(fake.pinned.values()) == 7 * PAGE_NBYTES
+    assert heap.alloc(0).numel() == 0 and len(fake.pinned) == 4
+    fences = []
+
+    def fence():
+        fences.append(FakeEvent(fake))
+        return fences[-1]
+
+    del bufs[0]                                    # dropped: unpinned only once a fence passed
+    heap.reclaim(fence)
+    assert len(fake.pinned) == 4 and len(fences) == 1
+    heap.reclaim(fence)
+    assert len(fake.pinned) == 4                   # the fence has not passed yet
+    fences[0].record(fake.compute)
+    heap.reclaim(fence)
+    assert len(fake.pinned) == 3 and heap.nbytes == 6 * PAGE_NBYTES
+    heap.close()
+    assert not fake.pinned and heap.nbytes == 0
+
+
+def test_staging_ring_gates_each_slot_on_its_previous_fetch():
+    fake = FakeCuda()
+    ring = StagingRing(2, lambda n: torch.empty(n, dtype=torch.uint8))
+    fetches = [Fetch(None, threading.Event()) for _ in range(5)]
+    for f in fetches:
+        ring.acquire(f, 100)
+    assert [f.prev for f in fetches] == [None, None, fetches[0], fetches[1], fetches[2]]
+    assert fetches[2].buffer is fetches[0].buffer and fetches[3].buffer is fetches[1].buffer
+    bigger = Fetch(None, threading.Event())
+    ring.acquire(bigger, 300)                      # slot 1 grows; its previous fetch keeps the old one
+    assert bigger.buffer.numel() == 300 and fetches[3].buffer.numel() == 100
+    StagingRing.gate(fetches[0])                   # first use of its slot: no wait
+    passed = threading.Event()
+    worker = threading.Thread(target=lambda: (StagingRing.gate(fetches[2]), passed.set()))
+    worker.start()
+    assert not passed.wait(0.2), "gated before the previous fetch of its slot issued its upload"
+    fetches[0].copied = FakeEvent(fake)
+    fetches[0].copied.record(fake.compute)         # what upload does, then the pipeline sets ready
+    fetches[0].ready.set()
+    worker.join(5)
+    assert passed.is_set() and fetches[2].prev is None
+    assert [op for _, op, _, ev in fake.ops if ev is fetches[0].copied] == ["record", "event.synchronize"]
+
+
+def test_staging_ring_gate_passes_a_previous_fetch_that_failed_or_was_dropped():
+    ring = StagingRing(1, lambda n: torch.empty(n, dtype=torch.uint8))
+    failed, dropped, after_failed, after_dropped = (Fetch(None, threading.Event()) for _ in range(4))
+    for f in (failed, after_failed):
+        ring.acquire(f, 10)
+    failed.ready.set()                             # ready without an upload: copied stays None
+    StagingRing.gate(after_failed)
+    ring.acquire(dropped, 10)
+    ring.acquire(after_dropped, 10)
+    dropped.released = True                        # settled by the pipeline before it ever ran
+    StagingRing.gate(after_dropped)
+
+
+# -- the whole backend in a real session, on CPU ------------------------------------------------------
+@pytest.fixture(params=["ring", "small"])
+def staging(request, monkeypatch):
+    """"ring": every fetch stages through the pinned ring (as units with > 1 MiB of compressed
+    planes do); "small": through fresh blocks of torch's pinned caching allocator."""
+    if request.param == "ring":
+        monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
+    return request.param
+
+
+def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> CudaBackend:
+    """A CudaBackend on `fake` whose ops check the event discipline as they run (see below)."""
+    backend = CudaBackend("cpu", cuda=fake, **kwargs)
+    latest, expected = {}, {}                 # slot -> `used` of its latest release; ticket -> it
+    decode_jobs, upload, wait, release = backend.decode_jobs, backend.upload, backend.wait, backend.release
+
+    def mine(start):
+        return [op[1:] for op in fake.ops[start:] if op[0] == threading.get_ident()]
+
+    def checked_decode_jobs(ticket):
+        expected[ticket] = latest.get(ticket.slot.index)
+        return decode_jobs(ticket)
+
+    def checked_upload(ticket):               # waits the slot's latest `used`, then records
+        start = len(fake.ops)
+        upload(ticket)
+        ops, want = mine(start), expected.pop(ticket)
+        assert want is None or ops[0] == ("wait_event", "copy", want)
+        assert ops[-1][:2] == ("record", "copy")
+
+    def checked_wait(ticket):                 # the compute stream waits; nothing else happens
+        start = len(fake.ops)
+        wait(ticket)
+        assert [op[:2] for op in mine(start)] == [("wait_event", "compute")]
+
+    def checked_release(ticket):              # records `used` on the compute stream, nothing else
+        start = len(fake.ops)
+        release(ticket)
+        (op,) = mine(start)
+        assert op[:2] == ("record", "compute")
+        latest[ticket.slot.index] = op[2]
+
+    def pinned_merge(dst, planes, scratch, numel, itemsize):
+        assert staging == "small" or all(fake.is_pinned(p) for p in planes), "a copy reads pageable memory"
+        merge_planes(dst, planes, scratch, numel, itemsize)
+
+    monkeypatch.setattr(cuda_mod, "merge_planes", pinned_merge)
+    backend.decode_jobs, backend.upload, backend.wait, backend.release = (
+        checked_decode_jobs, checked_upload, checked_wait, checked_release)
+    return backend
+
+
+@pytest.mark.parametrize("name, units, prefetch", [
+    ("llama", "blocks", 1), ("llama", "leaves", 2), ("gpt2", "blocks", 4), ("gpt2", "leaves", 1)])
+def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread(
+        name, units, prefetch, staging, hf_reference, snapshot, monkeypatch):
+    monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)   # every unit on workers
+    ref_logits, ref_tokens = hf_reference(name)
+    model = build_hf(name)
+    ids, gen_kwargs = hf_inputs()
+    snap, fake = snapshot(model), FakeCuda()
+    backend = checked_backend(fake, staging, monkeypatch, staging_slots=2)
+    with vzstream.session(model, backend=backend, prefetch=prefetch, units=units) as s:
+        first = s.generate(ids, **gen_kwargs)
+        start = len(fake.ops)
+        second = s.generate(ids, **gen_kwargs)       # the learned schedule: the steady state
+        syncs = [op for op in fake.ops[start:] if op[0] == threading.get_ident() and "synchronize" in op[1]]
+        logits = s(ids).logits
+    assert torch.equal(first, ref_tokens) and torch.equal(second, ref_tokens)
+    assert torch.equal(logits, ref_logits)
+    assert syncs == []
+    if staging == "ring":                            # workers gated on the ring: the log shows it
+        assert any(op[1] == "event.synchronize" for op in fake.ops)
+    assert not fake.pinned, "pinned host memory left registered after exit"
+    assert backend.device_nbytes == 0 and backend.heap.nbytes == 0
+    backend.close()                                  # a second close is harmless
+    assert backend.total_memory() == 16 << 30
+    snap.check(model)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "workers"])
+def test_toy_lm_on_fake_cuda_with_one_staging_slot(inline, staging, monkeypatch, snapshot):
+    """The tightest ring (one slot) with prefetch 4, decoded on the forward thread or on workers:
+    no deadlock, exact outputs over repeated calls."""
+    monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 1 << 62 if inline else 0)
+    model = build(TinyLM, dtype=torch.bfloat16, tied=True)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    snap, fake = snapshot(model), FakeCuda()
+    backend = checked_backend(fake, staging, monkeypatch, staging_slots=1)
+    with vzstream.session(model, backend=backend, prefetch=4, units="leaves", workers=3) as s:
+        for _ in range(3):
+            assert torch.equal(s(ids), ref)
+    assert not fake.pinned
+    snap.check(model)
+
+
+def test_profiler_sees_every_stage(monkeypatch):
+    """decode and upload run on worker threads: the profiler records them with profile_all_threads."""
+    try:
+        all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        pytest.skip("this torch's profiler cannot record other threads")
+    monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)
+    model = build(Stack, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with vzstream.session(model, backend=CudaBackend("cpu", cuda=FakeCuda()), prefetch=1) as s:
+        s(x)
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, experimental_config=all_threads) as prof:
+            s(x)
+    names = {e.name for e in prof.events()}
+    for stage in ("decode", "upload", "bind", "release"):
+        assert f"vzstream.{stage}:blocks.1" in names, stage
+
+
+# -- the GPU benchmark, as far as it runs without a GPU -------------------------------------------
+@NO_GPU
+def test_bench_gpu_says_it_needs_a_gpu(capsys):
+    assert gpu.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().out
+    assert not torch.cuda.is_initialized()
+
+
+def test_bench_gpu_quick_options_model_build_and_decode_timing_run_on_cpu():
+    args = gpu.parse_args(["--quick", "--out", "results"])
+    assert (args.layers, args.tokens, args.prefill, args.out) == (4, 8, (1, 128), "results")
+    model = models.build_model(args.preset, layers=1)       # the --quick build, 1 layer: fast
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert models.prompt(model, *args.prefill).shape == args.prefill
+    store, _ = _packed_unit(_mixed())
+    assert gpu.measure_decode_s([store], workers=2, repeat=1) > 0

@@ -1,0 +1,267 @@
+"""`python -m vzstream bench gpu [--out DIR] [--quick]`: vzstream on one CUDA GPU against resident,
+accelerate `cpu_offload` and diffusers group offloading, all in one process on the same card.
+
+Per model (tinyllama-1.1b architecture, random init, bf16; llama-3-8b under a 4 GiB budget when
+time allows): greedy decode of batch 1 and a prefill of batch 4 x 1024, for each method:
+tokens/s, the fraction of the DESIGN §9 bound reached, peak VRAM (`max_memory_allocated` after
+`reset_peak_memory_stats`), host RSS, and whether the tokens equal the resident run's.
+
+Bound per pass = max(C, B / min(W_pcie, W_dec)), where C is the resident pass time, B the bytes
+streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the streamed units, which
+is what crosses PCIe: decoded `hi` planes plus raw `lo` planes), W_pcie the pinned host→device
+bandwidth (256 MiB copies timed with CUDA events) and W_dec the workers' decode rate in the same
+bytes: B / the time a thread pool of `workers` threads takes to decode every compressed frame of
+one pass into staging-sized buffers. The baselines are held to the same bound.
+
+Warm-up is excluded, every timer stops after `torch.cuda.synchronize()`, times are medians.
+Nothing is asserted: a benchmark reports. The table is printed, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+
+import vzstream
+
+from .common import report
+from .models import build_model, prompt
+
+COLUMNS = ["model", "method", "decode_tok_s", "decode_bound_frac", "prefill_tok_s", "prefill_bound_frac",
+           "peak_vram_gib", "host_rss_gib", "tokens_equal", "note"]
+GIB = 2**30
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m vzstream bench gpu")
+    ap.add_argument("--out", default=None, help="write gpu.md and gpu.json here")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 4 layers, few tokens, no 8B")
+    ap.add_argument("--preset", default="tinyllama-1.1b")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--no-8b", action="store_true", help="skip the llama-3-8b budget row")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="skip optional rows past this")
+    args = ap.parse_args(argv)
+    args.layers = 4 if args.quick else None
+    args.tokens, args.slow_tokens, args.warm_tokens = (8, 4, 2) if args.quick else (64, 16, 4)
+    args.prefill = (1, 128) if args.quick else (4, 1024)       # batch, length
+    args.repeat = 1 if args.quick else 3
+    args.pcie_nbytes = (64 if args.quick else 256) << 20
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("vzstream bench gpu needs a CUDA GPU: torch.cuda.is_available() is False on this "
+              "machine (no GPU, or a CPU-only torch build). Run it on a CUDA machine.")
+        return 2
+    t0 = time.perf_counter()
+    pcie_gbps = measure_pcie(args.pcie_nbytes)
+    config = dict(vars(args), pcie_gbps=pcie_gbps, device=torch.cuda.get_device_name(),
+                  workers=vzstream.SessionConfig().workers)
+    rows = bench_preset(args.preset, args, pcie_gbps, config)
+    if args.quick or args.no_8b:
+        pass
+    elif time.perf_counter() - t0 > args.budget_s - 150:
+        rows.append(dict(model="llama-3-8b", method="-", note="skipped: not enough time left"))
+    else:
+        rows += bench_8b(args, pcie_gbps, config)
+    config["elapsed_s"] = time.perf_counter() - t0
+    report("gpu", rows, COLUMNS, config, args.out)
+    return 0
+
+
+# -- measurements -----------------------------------------------------------------------------
+def measure_pcie(nbytes: int, repeat: int = 5) -> float:
+    """Pinned host→device GB/s: one large copy, timed with CUDA events, median of `repeat`."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)                 # warm-up
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def measure_decode_s(stores, workers: int, repeat: int = 3) -> float:
+    """Seconds for `workers` threads to decode every compressed frame of `stores` once, into
+    three rotating staging-sized buffers (as the backend's ring does)."""
+    from vzstream.backends.cuda import plan_upload, stage_into, staging_items
+
+    plans = [(store, plan_upload(store)) for store in stores]
+    size = max((p.staging_nbytes for _, p in plans), default=0)
+    ring = [torch.empty(size, dtype=torch.uint8) for _ in range(3)]
+    tasks = [(ring[i % 3], off, n, src)
+             for i, (store, plan) in enumerate(plans) for n, _, src, off in staging_items(store, plan)]
+    times = []
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in range(repeat + 1):                     # the first run is warm-up
+            t0 = time.perf_counter()
+            list(pool.map(lambda t: stage_into(*t), tasks))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def timed(fn, repeat: int):
+    """(median seconds, last result) of `fn()` over `repeat` runs; the GPU is synchronised
+    before each timer starts and before it stops."""
+    times, out = [], None
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def generate(fn, ids, n: int):
+    return fn(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+              do_sample=False, pad_token_id=0)
+
+
+def measure(gen, forward, args, tokens: int, repeat: int) -> dict:
+    """Warm up, then time greedy decoding of `tokens` and the prefill; peak VRAM and RSS."""
+    with torch.no_grad():
+        gen(args.warm_tokens)                           # learns the trace, warms the caches
+        forward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gen_s, out = timed(lambda: gen(tokens), repeat)
+        prefill_s, _ = timed(forward, repeat)
+    return dict(gen_s=gen_s, pass_s=gen_s / tokens, prefill_s=prefill_s, tokens=out.cpu(),
+                peak=torch.cuda.max_memory_allocated(), rss=psutil.Process().memory_info().rss)
+
+
+def row(model: str, method: str, m: dict, args, tokens: int, bound: dict, ref, note: str = "") -> dict:
+    batch, length = args.prefill
+    equal = ref is None or bool(torch.equal(m["tokens"], ref[:, : m["tokens"].shape[1]]))
+    return dict(model=model, method=method, decode_tok_s=tokens / m["gen_s"],
+                decode_bound_frac=bound["decode_s"] / m["pass_s"] if bound else "",
+                prefill_tok_s=batch * length / m["prefill_s"],
+                prefill_bound_frac=bound["prefill_s"] / m["prefill_s"] if bound else "",
+                peak_vram_gib=m["peak"] / GIB, host_rss_gib=m["rss"] / GIB, tokens_equal=equal, note=note)
+
+
+def _free_gpu() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()     # between methods only, so each starts from the same cache state
+
+
+# -- methods ----------------------------------------------------------------------------------
+def bench_preset(preset: str, args, pcie_gbps: float, config: dict) -> list[dict]:
+    model = build_model(preset, layers=args.layers)
+    ids = prompt(model).cuda()
+    prefill_ids = prompt(model, *args.prefill, seed=1).cuda()
+    name = preset if args.layers is None else f"{preset} ({args.layers} layers)"
+
+    model.cuda()
+    res = measure(lambda n: generate(model.generate, ids, n),
+                  lambda: model(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
+    model.cpu()
+    _free_gpu()
+    ref, rows, bound = res["tokens"], [], None
+    for k in args.prefetch:
+        with vzstream.session(model, device="cuda", prefetch=k) as s:
+            m = measure(lambda n: generate(s.generate, ids, n),
+                        lambda: s(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
+            stats = s.stats()
+            if bound is None:
+                bound = make_bound(res, stats, s, pcie_gbps, config)
+                rows.append(row(name, "resident", res, args, args.tokens, bound, None))
+        rows.append(row(name, f"vzstream prefetch={k}", m, args, args.tokens, bound, ref,
+                        note=f"stall {100 * stats.stall_fraction:.0f}%, ratio {stats.ratio:.3f}"))
+        _free_gpu()
+    model = None                 # the baselines build their own: one copy in RAM at a time
+    rows.append(baseline(preset, "diffusers group offload", run_diffusers, args, ids, prefill_ids, bound, ref))
+    rows.append(baseline(preset, "accelerate cpu_offload", run_accelerate, args, ids, prefill_ids, bound, ref))
+    return rows
+
+
+def make_bound(res: dict, stats, s, pcie_gbps: float, config: dict) -> dict:
+    """DESIGN §9 per pass, for decode (C = resident time per token) and for the prefill."""
+    B = stats.streamed_nbytes_per_pass         # every streamed unit is fetched once per pass
+    streamed = list(s.stores.values())
+    decode_gbps = B / measure_decode_s(streamed, s.config.workers) / 1e9
+    transfer_s = B / (min(pcie_gbps, decode_gbps) * 1e9)
+    config.update(streamed_nbytes_per_pass=B, decode_gbps=decode_gbps, transfer_s_per_pass=transfer_s,
+                  resident_decode_s_per_pass=res["pass_s"], resident_prefill_s=res["prefill_s"])
+    return dict(decode_s=max(res["pass_s"], transfer_s), prefill_s=max(res["prefill_s"], transfer_s))
+
+
+def baseline(preset, method, run, args, ids, prefill_ids, bound, ref) -> dict:
+    """A baseline on a freshly built (same seed) model, so the process holds one copy of it."""
+    name = preset if args.layers is None else f"{preset} ({args.layers} layers)"
+    gc.collect()
+    try:
+        model = build_model(preset, layers=args.layers)
+        m, tokens, note = run(model, args, ids, prefill_ids)
+    except ImportError as exc:
+        return dict(model=name, method=method, note=f"skipped: {exc}")
+    except Exception as exc:     # a baseline that breaks must not lose the other rows
+        return dict(model=name, method=method, note=f"failed: {type(exc).__name__}: {exc}"[:200])
+    finally:
+        model = None
+        _free_gpu()
+    return row(name, method, m, args, tokens, bound, ref, note)
+
+
+def run_diffusers(model, args, ids, prefill_ids):
+    from diffusers.hooks import apply_group_offloading
+
+    # Applied to the decoder so its `layers` form the groups (on the CausalLM wrapper every
+    # child would be one unmatched group); lm_head stays resident as in vzstream's "blocks".
+    model.lm_head.cuda()
+    apply_group_offloading(model.model, onload_device=torch.device("cuda"), offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=True)
+    m = measure(lambda n: generate(model.generate, ids, n),
+                lambda: model(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
+    return m, args.tokens, "embed + norm move each pass (unmatched group)"
+
+
+def run_accelerate(model, args, ids, prefill_ids):
+    from accelerate import cpu_offload
+
+    cpu_offload(model, execution_device=torch.device("cuda"))
+    # Synchronous pageable copies of every weight, every pass: fewer tokens, one timed run.
+    m = measure(lambda n: generate(model.generate, ids, n),
+                lambda: model(prefill_ids, logits_to_keep=1), args, args.slow_tokens, 1)
+    return m, args.slow_tokens, f"{args.slow_tokens} tokens, 1 run"
+
+
+def bench_8b(args, pcie_gbps: float, config: dict) -> list[dict]:
+    """llama-3-8b: resident, then streamed under `vram_budget="4GiB"` (16 tokens)."""
+    preset, tokens = "llama-3-8b", 16
+    model = build_model(preset)
+    ids, prefill_ids = prompt(model).cuda(), prompt(model, *args.prefill, seed=1).cuda()
+    model.cuda()
+    res = measure(lambda n: generate(model.generate, ids, n),
+                  lambda: model(prefill_ids, logits_to_keep=1), args, tokens, 2)
+    model.cpu()
+    _free_gpu()
+    sub = {}
+    try:
+        with vzstream.session(model, device="cuda", prefetch=2, vram_budget="4GiB") as s:
+            m = measure(lambda n: generate(s.generate, ids, n),
+                        lambda: s(prefill_ids, logits_to_keep=1), args, tokens, 2)
+            stats = s.stats()
+            bound = make_bound(res, stats, s, pcie_gbps, sub)
+    except vzstream.ConfigError as exc:
+        return [row(preset, "resident", res, args, tokens, None, None),
+                dict(model=preset, method="vzstream vram_budget=4GiB", note=f"ConfigError: {exc}"[:200])]
+    config["llama-3-8b"] = sub
+    note = (f"{stats.units_resident} units resident, {stats.streamed_nbytes_per_pass / GIB:.1f} GiB "
+            f"streamed/pass, stall {100 * stats.stall_fraction:.0f}%")
+    return [row(preset, "resident", res, args, tokens, bound, None),
+            row(preset, "vzstream prefetch=2 vram_budget=4GiB", m, args, tokens, bound, res["tokens"], note)]
