@@ -77,11 +77,13 @@ def demo(argv) -> int:
     same = torch.equal(out.cpu(), ref.cpu())
     print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}): {args.tokens / t_str:.1f} tokens/s, "
           f"stall {100 * stall:.1f}% of forward time")
-    print(f"packed: {st.packed_nbytes / mib:.1f} MiB of {st.raw_nbytes / mib:.1f} MiB streamed weights "
-          f"(ratio {st.ratio:.3f}); host RSS with the session open {rss_packed / mib:.0f} MiB "
-          f"(was {rss_model / mib:.0f} MiB with the model resident in host RAM)")
-    print(f"peak device memory held by vzstream: {st.peak_device_nbytes / mib:.1f} MiB "
-          f"(resident {st.resident_nbytes / mib:.1f} MiB + slots)")
+    slots = st.peak_device_nbytes - st.resident_nbytes
+    on_cpu = " (on the CPU backend the device is host RAM too)" if device == "cpu" else ""
+    print(f"weights in host RAM: {st.packed_nbytes / mib:.1f} MiB packed ({st.ratio:.3f}x smaller than "
+          f"{st.raw_nbytes / mib:.1f} MiB of streamed bf16); on the device: {st.resident_nbytes / mib:.1f} MiB "
+          f"resident + {slots / mib:.1f} MiB of slots{on_cpu}")
+    print(f"host RSS: {rss_model / mib:.0f} MiB with the model resident in host RAM, "
+          f"{rss_packed / mib:.0f} MiB with the session open")
     print(f"tokens identical to the resident run: {'yes' if same else 'NO'}")
     return 0 if same else 1
 

@@ -110,7 +110,7 @@ def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
         prefix = f"{fqn}." if fqn else ""
         add(fqn, [mod], [(prefix + n, p) for n, p in mod._parameters.items() if p is not None], leaves_stream)
     # A module that uses a parameter owned elsewhere (tied weights) must bind that unit too.
-    for fqn, mod in modules.items():
+    for mod in modules.values():
         for p in _direct_params(mod):
             unit = owner[id(p)]
             if not any(mod is m or _is_descendant(m, mod) for m in unit.modules):

@@ -11,6 +11,7 @@ was done. Every call (`s(...)`, `generate`, `agenerate`, `stream`) holds the poo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import time
 import weakref
@@ -171,6 +172,7 @@ class Session(AsyncGeneration):
                     self._streamed.append(_Original(p, packed, perm, p.device, unit.fqn, name))
                     p.data = placeholder(p.dtype, device)  # frees the original storage
                 _progress("pack", i + 1, len(streamed), t0)
+        _return_freed_memory()
 
     def _move_resident(self) -> None:
         device = self.backend.device
@@ -291,6 +293,15 @@ class _Original:
             raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
         self.param.data = unpermute(value.to(self.device), self.perm)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed original weights back to the OS (glibc keeps freed heap otherwise, and
+    RSS would hide what packing saved). Best effort: a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _last_progress = [0.0]

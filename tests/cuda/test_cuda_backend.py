@@ -137,3 +137,35 @@ def test_arenas_pinned_while_open_and_unpinned_after():
         arena_nbytes = sum(store.arena.numel() for store in s.stores.values())
         assert arena_nbytes <= heap.nbytes
     assert heap.nbytes == 0
+
+
+def test_budget_accounting_matches_the_allocator():
+    """Under a budget, what vzstream counts on the device matches what the caching allocator
+    holds for it, and the allocator's peak (activations included) stays within the budget."""
+    model = mid_llama()
+    ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = copy.deepcopy(model).to("cuda")
+    with torch.no_grad():
+        ref_tokens = ref.generate(ids, **kwargs)
+    model_nbytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    del ref
+    torch.cuda.empty_cache()
+    budget, reserve = model_nbytes // 2, 64 << 20
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with vzstream.session(model, device="cuda", prefetch=2, vram_budget=budget + reserve,
+                          activation_reserve=reserve) as s:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        counted = s.backend.device_nbytes
+        torch.cuda.reset_peak_memory_stats()
+        tokens = [s.generate(ids, **kwargs) for _ in range(2)]
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        stats = s.stats()
+    assert all(torch.equal(t, ref_tokens) for t in tokens)
+    assert 0 < stats.units_resident and stats.streamed_nbytes_per_pass > 0
+    assert counted <= held <= counted + (4 << 20), (counted, held)   # allocator rounding only
+    assert stats.peak_device_nbytes <= budget + reserve
+    assert peak <= budget + reserve, (peak, budget + reserve)

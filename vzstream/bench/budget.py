@@ -34,6 +34,32 @@ def minimum_budget(model, device: str, prefetch: int) -> int:
     return 1
 
 
+def sweep(model, ids, ref, device: str, budgets: list[int], prefetch: int, tokens: int, repeat: int) -> list[dict]:
+    """One row per budget; on CUDA also the allocator's own peak, to cross-check the accounting."""
+    rows, mib, cuda = [], 2**20, torch.device(device).type == "cuda"
+    for budget in budgets:
+        with vzstream.session(model, device=device, prefetch=prefetch, vram_budget=budget) as s:
+            out = _generate(s.generate, ids, tokens)                 # warm-up: learns the trace
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = median_time(lambda: _generate(s.generate, ids, tokens), repeat, device, warmup=0)
+            st = s.stats()
+        row = dict(budget_mib=budget / mib, units_resident=st.units_resident,
+                   streamed_mib_per_pass=st.streamed_nbytes_per_pass / mib,
+                   peak_device_mib=st.peak_device_nbytes / mib, tokens_per_s=tokens / t,
+                   tokens_equal=bool(torch.equal(out.cpu(), ref.cpu())))
+        if cuda:
+            row["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib
+        rows.append(row)
+    return rows
+
+
+def budget_points(model, device: str, prefetch: int, points: int) -> list[int]:
+    """`points` budgets from the planner's minimum to all resident."""
+    lo, hi = minimum_budget(model, device, prefetch), model_nbytes(model) + (1 << 20)
+    return [lo + (hi - lo) * i // (points - 1) for i in range(points)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vzstream bench budget")
     ap.add_argument("--device", default="cpu")
@@ -53,19 +79,10 @@ def main(argv=None) -> int:
         ref = _generate(model.generate, ids, args.tokens)
         t_res = median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, args.device)
         model.to("cpu")
-    lo, hi = minimum_budget(model, args.device, args.prefetch), model_nbytes(model) + (1 << 20)
-    budgets = [lo + (hi - lo) * i // (args.points - 1) for i in range(args.points)]
-    mib = 2**20
     rows = [dict(budget_mib="resident (no session)", units_resident="all", streamed_mib_per_pass=0,
-                 peak_device_mib=model_nbytes(model) / mib, tokens_per_s=args.tokens / t_res, tokens_equal=True)]
-    for budget in budgets:
-        with vzstream.session(model, device=args.device, prefetch=args.prefetch, vram_budget=budget) as s:
-            out = _generate(s.generate, ids, args.tokens)           # warm-up: learns the trace
-            t = median_time(lambda: _generate(s.generate, ids, args.tokens), args.repeat, args.device, warmup=0)
-            st = s.stats()
-        rows.append(dict(budget_mib=budget / mib, units_resident=st.units_resident,
-                         streamed_mib_per_pass=st.streamed_nbytes_per_pass / mib,
-                         peak_device_mib=st.peak_device_nbytes / mib, tokens_per_s=args.tokens / t,
-                         tokens_equal=bool(torch.equal(out, ref))))
-    report("budget", rows, COLUMNS, vars(args), args.out)
+                 peak_device_mib=model_nbytes(model) / 2**20, tokens_per_s=args.tokens / t_res, tokens_equal=True)]
+    budgets = budget_points(model, args.device, args.prefetch, args.points)
+    rows += sweep(model, ids, ref, args.device, budgets, args.prefetch, args.tokens, args.repeat)
+    columns = COLUMNS + (["cuda_peak_allocated_mib"] if torch.device(args.device).type == "cuda" else [])
+    report("budget", rows, columns, vars(args), args.out)
     return 0

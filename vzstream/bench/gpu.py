@@ -4,7 +4,9 @@ accelerate `cpu_offload` and diffusers group offloading, all in one process on t
 Per model (tinyllama-1.1b architecture, random init, bf16; llama-3-8b under a 4 GiB budget when
 time allows): greedy decode of batch 1 and a prefill of batch 4 x 1024, for each method:
 tokens/s, the fraction of the DESIGN §9 bound reached, peak VRAM (`max_memory_allocated` after
-`reset_peak_memory_stats`), host RSS, and whether the tokens equal the resident run's.
+`reset_peak_memory_stats`), host RSS, and whether the tokens equal the resident run's. Then the
+`bench budget` sweep (the planner's minimum, the middle, all resident) on the same card, with
+vzstream's own device accounting beside `torch.cuda.max_memory_allocated` to cross-check it.
 
 Bound per pass = max(C, B / min(W_pcie, W_dec)), where C is the resident pass time, B the bytes
 streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the streamed units, which
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     config = dict(vars(args), pcie_gbps=pcie_gbps, device=torch.cuda.get_device_name(),
                   workers=vzstream.SessionConfig().workers)
     rows = bench_preset(args.preset, args, pcie_gbps, config)
+    budget_rows = bench_budget(args)
     if args.quick or args.no_8b:
         pass
     elif time.perf_counter() - t0 > args.budget_s - 150:
@@ -73,8 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows += bench_8b(args, pcie_gbps, config)
     config["elapsed_s"] = time.perf_counter() - t0
+    report("gpu_budget", budget_rows, BUDGET_COLUMNS, config, args.out)
     report("gpu", rows, COLUMNS, config, args.out)
     return 0
+
+
+BUDGET_COLUMNS = ["budget_mib", "units_resident", "streamed_mib_per_pass", "peak_device_mib",
+                  "cuda_peak_allocated_mib", "tokens_per_s", "tokens_equal"]
+
+
+def bench_budget(args) -> list[dict]:
+    """The `bench budget` sweep on this GPU: minimum, middle, all resident (decode only)."""
+    from .budget import budget_points, sweep
+
+    model = build_model(args.preset, layers=args.layers)
+    ids = prompt(model).cuda()
+    with torch.no_grad():
+        ref = generate(model.cuda().generate, ids, args.slow_tokens)
+    model.cpu()
+    _free_gpu()
+    rows = sweep(model, ids, ref, "cuda", budget_points(model, "cuda", 2, 3), 2, args.slow_tokens, 2)
+    _free_gpu()
+    return rows
 
 
 # -- measurements -----------------------------------------------------------------------------
