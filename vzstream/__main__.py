@@ -1,4 +1,4 @@
-"""Command line: `python -m vzstream demo | bench {codec,session,budget,gpu} | inspect`.
+"""Command line: `python -m vzstream demo | inspect | bench {codec,session,budget,gpu}`.
 
 `demo` is the main job: build a Llama-architecture model, generate greedily resident and
 streamed, and show what streaming cost and saved.
@@ -88,17 +88,42 @@ def demo(argv) -> int:
     return 0 if same else 1
 
 
+def inspect(argv) -> int:
+    """What a session would do with a model: units, resident/streamed and why, packed sizes."""
+    ap = argparse.ArgumentParser(prog="python -m vzstream inspect", description=inspect.__doc__)
+    ap.add_argument("model", nargs="?", help="a local Hugging Face model directory (instead of --preset)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--units", default="blocks")
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--vram-budget", default=None, help="e.g. 6GiB: plan as under this budget")
+    args = ap.parse_args(argv)
+    import vzstream
+    from vzstream.bench.models import build_model
+
+    model = build_model(args.model or args.preset)
+    with vzstream.session(model, device="cpu", units=args.units, prefetch=args.prefetch,
+                          vram_budget=args.vram_budget) as s:
+        print(s.plan)
+        st = s.stats()
+    print(f"packed {st.packed_nbytes / 2**20:.1f} MiB of {st.raw_nbytes / 2**20:.1f} MiB streamed "
+          f"(ratio {st.ratio:.3f}); planned on the CPU backend (slot alignment may differ on CUDA)")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    usage = "usage: python -m vzstream {demo | bench " + "|".join(BENCHES) + "} [options]   (-h after a command for its options)"
+    usage = ("usage: python -m vzstream {demo | inspect | bench " + "|".join(BENCHES) + "} [options]"
+             "   (-h after a command for its options)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
         return demo(rest)
+    if cmd == "inspect":
+        return inspect(rest)
     if cmd == "bench" and rest and rest[0] in BENCHES:
         return importlib.import_module(f"vzstream.bench.{rest[0]}").main(rest[1:]) or 0
     print(usage, file=sys.stderr)
