@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -159,9 +160,11 @@ class Session(AsyncGeneration):
         streamed = [u for u in self.units if u.streamed]
         device = self.backend.device
         t0, level = time.perf_counter(), self.config.level
-        with ThreadPoolExecutor(self.config.workers, thread_name_prefix="vzstream-pack") as pool:
+        # Nothing computes while packing: use every core (zstd releases the GIL).
+        threads = max(self.config.workers, min(16, os.cpu_count() or 1))
+        with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
             # A window of units in flight bounds the extra host RAM while packing.
-            window = max(2, self.config.workers)
+            window = max(2, threads)
             futures = [pool.submit(pack_unit, u, self.backend, level) for u in streamed[:window]]
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
