@@ -3,6 +3,7 @@ fails cleanly, the pure helpers (upload plan, staging layout, plane merge, pinne
 ring gate) are right, and the whole backend runs a real session on CPU against `FakeCuda`, a
 stand-in for `torch.cuda` whose streams and events log and check every operation."""
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -75,6 +76,7 @@ class FakeCuda:
         self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking)
         self.cudart = lambda: self
         self.get_device_properties = lambda device: SimpleNamespace(total_memory=16 << 30)
+        self.device = lambda device: contextlib.nullcontext()   # torch.cuda.device(...)
 
     def log(self, op, stream, event):
         with self._lock:

@@ -65,7 +65,16 @@ class AsyncGeneration:
     """Async methods of `Session` (mixed in): `async with`, `agenerate`, `stream`."""
 
     async def __aenter__(self):
-        await asyncio.to_thread(self.open)   # packing must not block the event loop
+        # Packing must not block the event loop. The thread gets the caller's current GPU, so
+        # device="cuda" means the same card as in a plain `with`.
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+        def open_here():
+            if device is not None:
+                torch.cuda.set_device(device)
+            self.open()
+
+        await asyncio.to_thread(open_here)
         return self
 
     async def __aexit__(self, *exc) -> None:

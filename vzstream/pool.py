@@ -70,6 +70,9 @@ class DevicePool:
     def _rebuild_ring(self, slot_nbytes: int) -> None:
         # Members are parked (no slot in use) whenever the pool lock is free.
         self.ring.close()
+        for member, _ in self.members.values():      # cached views would keep old slots alive
+            for store in member.stores.values():
+                store.forget_slots()
         self.backend.clear_caches()
         self.ring = SlotPool(self.backend, slot_nbytes)
 

@@ -143,10 +143,10 @@ class Session(AsyncGeneration):
             try:
                 self._restore()
             finally:
+                self.stores.clear()
                 self.pool.leave(self)
                 if self.config.pool is None:
                     self.backend.close()
-                self.stores.clear()
                 self._pipeline = self._streamer = None
                 _open_models.discard(self.model)
                 self.is_open = False
@@ -200,6 +200,7 @@ class Session(AsyncGeneration):
         # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
         # to the learned schedule's count; budgeted, it is static from here on.
         self.pool.join(self, resident, slot_nbytes, self.memory_plan.num_slots if fixed_ring else int(bool(self.stores)))
+        self.backend.prepare(cfg.prefetch)
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
         max_slots = self.pool.ring_slots if fixed_ring else None
         self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots)

@@ -38,6 +38,10 @@ class UnitStore:
         """The same memory shaped and strided like each parameter: what bind points at."""
         return self._cached(slot)[1]
 
+    def forget_slots(self) -> None:
+        """Drop cached views (the ring was rebuilt: the old slots must be freed)."""
+        self._views.clear()
+
     def _cached(self, slot):
         entry = self._views.get(slot.index)
         if entry is None or entry[0] is not slot.tensor:

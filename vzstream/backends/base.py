@@ -30,6 +30,9 @@ class Backend:
             self.device_nbytes += nbytes
             self.peak_device_nbytes = max(self.peak_device_nbytes, self.device_nbytes)
 
+    def prepare(self, prefetch: int) -> None:
+        """Size per-fetch resources (CUDA: staging slots) for `prefetch` fetches in flight."""
+
     def scratch_nbytes(self, units) -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0

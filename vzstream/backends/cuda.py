@@ -168,9 +168,8 @@ class PinnedHeap:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         size = _align(nbytes, PAGE_NBYTES)
-        backing = torch.empty(size + PAGE_NBYTES, dtype=torch.uint8)
-        start = _align(backing.data_ptr(), PAGE_NBYTES) - backing.data_ptr()
-        buf = backing[start : start + nbytes]
+        backing = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+        buf = backing[:nbytes]
         self._register(buf.data_ptr(), size)
         with self._lock:
             # list.append is atomic: safe from a finalizer running on any thread at any time.
@@ -179,15 +178,22 @@ class PinnedHeap:
             self.nbytes += size
         return buf
 
-    def reclaim(self, fence) -> None:
+    def reclaim(self, fence, wait: bool = False) -> None:
         """Unpin orphans whose fence passed; fence new orphans with `fence()` (a recorded event)."""
         with self._lock:
             fenced, self._fenced, passed = self._fenced, [], []
             for f in fenced:
                 (passed if f[0].query() else self._fenced).append(f)   # query never blocks
-            batch, self._orphans[:] = list(self._orphans), []
+            batch = []
+            while self._orphans:          # pop one by one: a finalizer may append meanwhile
+                batch.append(self._orphans.pop())
             if batch:
-                self._fenced.append((fence(), batch))
+                done = fence()
+                if wait:                 # off the hot path (pool lock held): unpin now
+                    done.synchronize()
+                    passed.append((done, batch))
+                else:
+                    self._fenced.append((done, batch))
         for _, ptrs in passed:
             self._drop(ptrs)
 
@@ -203,7 +209,7 @@ class PinnedHeap:
                 if entry is None:
                     continue
                 entry[1].detach()
-                self.nbytes -= entry[0].numel() - PAGE_NBYTES
+                self.nbytes -= entry[0].numel()
             try:
                 self._unregister(ptr)
             except Exception as exc:   # unpin the rest; the memory is freed anyway
@@ -242,8 +248,19 @@ class StagingRing:
         """Give `fetch` the next slot (>= nbytes) and link it to that slot's previous fetch."""
         i, self._next = self._next, (self._next + 1) % len(self._last)
         if self._buffers[i] is None or self._buffers[i].numel() < nbytes:
-            self._buffers[i] = self._alloc(nbytes)
+            # Grow every slot now: pinning is slow, and a slot reached only in a later pass
+            # would otherwise pin on the forward thread in the steady state.
+            self._buffers = [b if b is not None and b.numel() >= nbytes else self._alloc(nbytes)
+                             for b in self._buffers]
         fetch.buffer, fetch.prev, self._last[i] = self._buffers[i], self._last[i], fetch
+
+    def grow(self, num_slots: int) -> None:
+        """At least `num_slots` slots (called between calls: no fetch in flight)."""
+        extra = num_slots - len(self._last)
+        if extra > 0:
+            size = max((b.numel() for b in self._buffers if b is not None), default=0)
+            self._last += [None] * extra
+            self._buffers += [self._alloc(size) if size else None for _ in range(extra)]
 
     @staticmethod
     def gate(fetch: Fetch) -> None:
@@ -289,14 +306,18 @@ class CudaBackend(Backend):
                     if p.dtype.is_floating_point and p.element_size() > 1), default=0)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        self.heap.reclaim(self._fence)
-        return self.heap.alloc(nbytes)
+        # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
+        # would create a context (hundreds of MiB) on GPU 0.
+        with self.cuda.device(self.device):
+            self.heap.reclaim(self._fence)
+            return self.heap.alloc(nbytes)
 
     def _fence(self):
         return self.copy_stream.record_event()     # after every copy issued so far
 
     def _cudart(self, name: str, *args) -> None:
-        rc = int(getattr(self.cuda.cudart(), name)(*args))
+        with self.cuda.device(self.device):
+            rc = int(getattr(self.cuda.cudart(), name)(*args))
         if rc != 0:
             raise RuntimeError(f"{name}{args} failed with cudaError {rc}")
 
@@ -334,7 +355,7 @@ class CudaBackend(Backend):
         gate = []
         if plan.staging_nbytes > SMALL_STAGING_NBYTES:
             self.staging.acquire(fetch, plan.staging_nbytes)
-            gate = [(fqn, partial(StagingRing.gate, fetch))]
+            gate = [(fqn, partial(self._gate, fetch))]
         elif plan.staging_nbytes:
             # torch's pinned caching allocator: it recycles a block once its copies are done.
             fetch.buffer = torch.empty(plan.staging_nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
@@ -343,10 +364,20 @@ class CudaBackend(Backend):
         work = [(n, name, partial(stage_into, fetch.buffer, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
 
+    def _gate(self, fetch: Fetch) -> None:
+        with self.cuda.device(self.device):            # the event wait runs on a worker thread
+            StagingRing.gate(fetch)
+
+    def prepare(self, prefetch: int) -> None:
+        """A staging slot per fetch in flight, plus one, so decoding runs `prefetch` ahead."""
+        self.staging.grow(prefetch + 1)
+
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
+        # torch.cuda.device first: leaving `stream(...)` alone would restore device 0's stream
+        # on this worker and so create a context on GPU 0.
         with stage_range("upload", ticket.store.unit.fqn), self._upload_lock, \
-                self.cuda.stream(self.copy_stream):    # also makes its device current here
+                self.cuda.device(self.device), self.cuda.stream(self.copy_stream):
             if fetch.used is not None:
                 self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
             copied = self._copy_planes(ticket, fetch)
@@ -385,7 +416,8 @@ class CudaBackend(Backend):
         # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
         # `_used` stays: the events order the ring's slots for whichever session uses them next.
         self._plans.clear()
-        self.heap.reclaim(self._fence)
+        with self.cuda.device(self.device):
+            self.heap.reclaim(self._fence, wait=True)
 
     def close(self) -> None:
         try:
