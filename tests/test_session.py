@@ -339,3 +339,56 @@ def test_session_called_inside_except_block_still_streams():
         stats = s.stats()
     assert stats.passes == 3
     assert stats.sync_fetches == len(model.blocks)     # only the first pass fetches synchronously
+
+
+# -- re-entry, shared parameters (regressions from review) ------------------------------------
+
+def _runs_within(fn, seconds: float = 10.0):
+    """Run `fn` on a thread; return (finished, its exception). A hang is a failure, not a stall."""
+    box = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:   # noqa: BLE001 - handed to the test
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive(), box.get("exc")
+
+
+def test_call_from_inside_its_own_forward_is_refused_not_a_deadlock():
+    model = build(Stack)
+    x = make_input(2, 64)
+    with vzstream.session(model, device="cpu") as s:
+        handle = model.blocks[0].register_forward_hook(lambda m, a, o: s(x))
+        finished, exc = _runs_within(lambda: s(x))
+        handle.remove()
+        assert finished, "a re-entrant call deadlocked on the pool lock"
+        assert isinstance(exc, vzstream.TraceError) and "inside another call" in str(exc)
+        with torch.no_grad():
+            ref = model(x)                              # still streams: the session recovered
+        assert torch.equal(s(x), ref)
+
+
+def test_models_sharing_parameters_cannot_both_be_open(snapshot):
+    a = build(Stack)
+    b = torch.nn.Module()
+    b.blocks = torch.nn.ModuleList([a.blocks[0], torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)])
+    snap = snapshot(a)
+    with vzstream.session(a, device="cpu"):
+        with pytest.raises(vzstream.TraceError, match="shares parameters"):
+            vzstream.session(b, device="cpu").open()
+    snap.check(a)
+
+
+def test_block_registered_under_two_names_is_one_unit():
+    model = build(Stack)
+    model.first = model.blocks[0]                       # an alias registered before the list
+    x = make_input(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, device="cpu", prefetch=1) as s:
+        assert torch.equal(s(x), ref) and torch.equal(s(x), ref)

@@ -25,13 +25,17 @@ _SIZE_SUFFIXES = {
 }
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """One decode thread per core, leaving one core to the forward thread (at most 8)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, available_cores() - 1))
 
 
-def parse_nbytes(value: Any, name: str) -> int:
+def parse_nbytes(value: Any, name: str, fraction_ok: bool = False) -> int:
     """`"6GiB"`, `"500MB"`, `1024` -> bytes. Fractions are the caller's business."""
     if isinstance(value, bool):
         raise ConfigError(f"`{name}` must be a byte count like 6442450944 or '6GiB'; got {value!r}.")
@@ -51,9 +55,18 @@ def parse_nbytes(value: Any, name: str) -> int:
             return int(float(m.group(1)) * _SIZE_SUFFIXES[m.group(2).lower()])
     raise ConfigError(
         f"`{name}` must be a byte count (int) or a size string such as '6GiB' or '500MB' "
-        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}. "
-        f"For a fraction of the device's memory pass a float, e.g. 0.5."
+        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}."
+        + (" For a fraction of the device's memory pass a float, e.g. 0.5." if fraction_ok else "")
     )
+
+
+def check_device(device: Any) -> str:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' (or a torch.device) -> the string; else ConfigError."""
+    if type(device).__name__ == "device":                # torch.device, e.g. model.device
+        device = str(device)
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}.")
+    return device
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ class SessionConfig:
         if self.cache not in _CACHE_MODES:
             raise ConfigError(f"`cache` must be one of {_CACHE_MODES}; got {self.cache!r}.")
         if self.vram_budget is not None and not isinstance(self.vram_budget, float):
-            object.__setattr__(self, "vram_budget", parse_nbytes(self.vram_budget, "vram_budget"))
+            object.__setattr__(self, "vram_budget", parse_nbytes(self.vram_budget, "vram_budget", fraction_ok=True))
         if isinstance(self.vram_budget, float) and not 0.0 < self.vram_budget <= 1.0:
             raise ConfigError(
                 f"`vram_budget` as a float is a fraction of the device's memory and must be in (0, 1]; "
@@ -88,14 +101,13 @@ class SessionConfig:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
 
     def _check_device(self) -> None:
-        if type(self.device).__name__ == "device":       # torch.device, e.g. model.device
-            object.__setattr__(self, "device", str(self.device))
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(
-                f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}."
-            )
+        object.__setattr__(self, "device", check_device(self.device))
 
     def _check_ints(self) -> None:
+        for name in ("prefetch", "workers", "level"):     # numpy integers count as ints
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
+                object.__setattr__(self, name, operator.index(value))
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 64:
             raise ConfigError(
                 f"`prefetch` must be an int in [0, 64] (units decoded ahead of the one computing; "

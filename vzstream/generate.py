@@ -1,9 +1,11 @@
 """Generation: greedy decoding for plain modules, and the async API over a session.
 
 `agenerate` and `stream` run generation on a worker thread so the event loop stays
-responsive; the pool lock is taken on that thread. Cancelling the awaiting task (or leaving
-an `async for` early) sets a flag that ends generation at the next token, then waits for the
-thread to finish, so no worker is left running and the session stays usable.
+responsive; the pool lock is taken on that thread. Cancelling the awaiting task, or closing
+the `stream` generator (leaving `async with contextlib.aclosing(s.stream(...))`, or the
+generator being collected), sets a flag that ends generation at the next token, then waits
+for the thread, so no worker is left running and the session stays usable. Leaving the
+session cancels any generation still running.
 """
 
 from __future__ import annotations
@@ -13,10 +15,21 @@ import threading
 
 import torch
 
+from .errors import ConfigError
+
+
+_GREEDY_IGNORES = frozenset({"attention_mask", "pad_token_id", "eos_token_id", "use_cache"})
+
 
 def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = 16, *, on_token=None,
-           cancel: threading.Event | None = None, **_ignored) -> torch.Tensor:
+           cancel: threading.Event | None = None, do_sample: bool = False, **kwargs) -> torch.Tensor:
     """Greedy decoding for a model mapping `input_ids [B, S]` to logits `[B, S, V]`."""
+    unknown = sorted(set(kwargs) - _GREEDY_IGNORES)
+    if unknown or do_sample:
+        raise ConfigError(
+            f"`generate` on a plain nn.Module is greedy decoding: it takes `max_new_tokens` (and ignores "
+            f"{', '.join(sorted(_GREEDY_IGNORES))}); got {'do_sample=True' if do_sample else ', '.join(unknown)}. "
+            f"Drop the option, or give the model a Hugging Face `generate`.")
     ids = input_ids
     for _ in range(max_new_tokens):
         if cancel is not None and cancel.is_set():
@@ -74,7 +87,13 @@ class AsyncGeneration:
                 torch.cuda.set_device(device)
             self.open()
 
-        await asyncio.to_thread(open_here)
+        fut = asyncio.ensure_future(asyncio.to_thread(open_here))
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:       # __aexit__ will not run: undo what the thread opened
+            await _finish(fut)
+            await asyncio.to_thread(self.close)
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:

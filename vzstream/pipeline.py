@@ -1,8 +1,9 @@
 """The streaming runtime: slot pool, decode workers, in-flight tickets, and the schedule walk.
 
 Invariants:
-- Only the forward thread calls `Streamer` methods (from hooks); workers only run decode jobs
-  and the upload that follows the last job of a ticket.
+- `Streamer` methods run under the pool's lock: from hooks on the forward thread, or from
+  `park`/`close` on the thread that holds the lock; workers only run decode jobs and the
+  upload that follows the last job of a ticket.
 - A slot is owned by exactly one of: the free list, one in-flight ticket, one held unit.
 - Every ticket ends bound-then-released or drained; `close()` drains all of them, so no
   thread or slot outlives the session.
@@ -18,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import FormatError, VzstreamError
+from .errors import FormatError, TraceError, VzstreamError
 from .hooks import bind_params, unbind_params
 from .plan import Schedule, make_schedule
 from .trace import Tracer
@@ -68,7 +69,7 @@ class SlotPool:
 class Ticket:
     """One fetch of one unit into one slot, from decode request to release."""
 
-    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred")
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline")
 
     def __init__(self, store, slot: Slot) -> None:
         self.store, self.slot = store, slot
@@ -79,6 +80,7 @@ class Ticket:
         self.decode_s = 0.0
         self.position = -1          # trace position of the latest bind (for the release rule)
         self.deferred = None        # jobs of a small unit, run on the forward thread at wait
+        self.inline = False         # decoded on the forward thread: no worker ever writes its slot
 
 
 class Pipeline:
@@ -100,7 +102,7 @@ class Pipeline:
         ticket.pending = len(jobs)
         self.stats.decodes += 1
         if store.raw_nbytes < self.inline_nbytes:
-            ticket.deferred = jobs
+            ticket.deferred, ticket.inline = jobs, True
         elif not jobs:
             self._finish(ticket)
         for job in () if ticket.deferred is not None else jobs:
@@ -145,15 +147,16 @@ class Pipeline:
             self.stats.stall_s += time.perf_counter() - t0
         if ticket.error is not None:
             fqn, exc = ticket.store.unit.fqn, ticket.error
+            if not isinstance(exc, Exception):  # KeyboardInterrupt during an inline decode
+                raise exc
             if isinstance(exc, FormatError):
                 raise FormatError(f"unit `{fqn}`: {exc}") from exc
-            raise VzstreamError(f"decoding unit `{fqn}` failed in a worker thread: {exc!r}") from exc
+            raise VzstreamError(f"decoding unit `{fqn}` failed: {exc!r}") from exc
 
     def settle(self, ticket: Ticket) -> None:
         """Let an unwanted ticket finish (workers may be writing its slot) or never start."""
-        if ticket.deferred is not None:
-            ticket.deferred = None
-        else:
+        ticket.deferred = None
+        if not ticket.inline:
             ticket.ready.wait()
 
     def close(self) -> None:
@@ -170,7 +173,9 @@ def _run_named(name: str, work) -> None:
 class Streamer:
     """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
 
-    def __init__(self, stores: dict, device_pool, pipeline: Pipeline, config, stats, max_slots: int | None) -> None:
+    def __init__(self, stores: dict, device_pool, pipeline: Pipeline, config, stats, max_slots: int | None,
+                 owner=None) -> None:
+        self.owner = owner                      # the session; another one's call must not run this model
         self.stores, self.device_pool, self.pipeline = stores, device_pool, pipeline
         self.backend = device_pool.backend
         self.prefetch, self.cache, self.stats = config.prefetch, config.cache, stats
@@ -186,6 +191,12 @@ class Streamer:
 
     # -- passes -----------------------------------------------------------------------------
     def pass_start(self) -> None:
+        active = getattr(self.device_pool, "active", None)
+        if active is not None and active is not self.owner:
+            raise TraceError(
+                "this model's session shares a DevicePool with the session whose call is running; calling "
+                "it from inside that call would stream both at once past the pool's ring. Call it through "
+                "its own session after the outer call returns, or give the sessions separate `pool`s.")
         if self.in_pass:                        # the previous pass died without its end hook
             self.abort()
         self.in_pass = True
@@ -270,10 +281,11 @@ class Streamer:
         on_plan = self.in_pass and self.tracer.on_plan and ticket.position >= 0
         if on_plan and not self.schedule.releases[ticket.position]:
             return                              # cache="pass": held until its last use
-        self._free(unit)
+        self._release_slot(unit)
 
-    def _free(self, unit: int) -> None:
+    def _release_slot(self, unit: int) -> None:
         ticket = self.held.pop(unit)[0]
+        self.pipeline.settle(ticket)            # a wait interrupted by Ctrl-C leaves workers writing this slot
         unbind_params(ticket.store.unit.params)
         self.backend.release(ticket)
         self.pool.release(ticket.slot)
@@ -298,20 +310,19 @@ class Streamer:
         if not self.tickets:
             return
         self.requested = min(self.tickets) - 1  # a later on-plan bind requests them again
-        for ticket in self.tickets.values():
-            self._drop(ticket)
-        self.tickets.clear()
+        for g in list(self.tickets):            # pop first: an interrupted drain never drops one twice
+            self._drop(self.tickets.pop(g))
 
     def _release_idle(self) -> None:
         """Release held units that are not bound right now (their planned reuse is moot)."""
         for unit in [u for u, (_, count) in self.held.items() if count == 0]:
-            self._free(unit)
+            self._release_slot(unit)
 
     def park(self) -> None:
         """Hand every slot back (between calls on a shared pool); keep the learned schedule."""
         self._drain()
         for unit in list(self.held):
-            self._free(unit)
+            self._release_slot(unit)
 
     def abort(self) -> None:
         """Forget the current pass after an exception: everything back to the pool."""
@@ -319,7 +330,7 @@ class Streamer:
         self.tracer.abort_pass()
         self._drain()
         for unit in list(self.held):
-            self._free(unit)
+            self._release_slot(unit)
         if self.schedule is not None:
             self.pass_no, self.requested = 0, -1
 

@@ -12,6 +12,7 @@ Nothing here touches threads or devices, so every decision is testable on CPU.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -57,7 +58,7 @@ def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def _stream_roots(model: nn.Module, spec) -> tuple[list[str], bool]:
     """Module fqns whose whole subtree is one streamed unit, and whether leaves stream too."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))   # an aliased module answers to every name
     if spec == "leaves":
         return [], True
     if spec == "blocks":
@@ -91,6 +92,7 @@ def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
     """Group the model's parameters into units. Streamed units come first, in module order."""
     roots, leaves_stream = _stream_roots(model, spec)
     modules = dict(model.named_modules())
+    by_name = dict(model.named_modules(remove_duplicate=False))
     owner: dict[int, Unit] = {}
     units: list[Unit] = []
 
@@ -105,7 +107,7 @@ def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
 
     for fqn in roots:
         prefix = f"{fqn}." if fqn else ""
-        add(fqn, [modules[fqn]], [(prefix + n, p) for n, p in modules[fqn].named_parameters()], True)
+        add(fqn, [by_name[fqn]], [(prefix + n, p) for n, p in by_name[fqn].named_parameters()], True)
     for fqn, mod in modules.items():
         prefix = f"{fqn}." if fqn else ""
         add(fqn, [mod], [(prefix + n, p) for n, p in mod._parameters.items() if p is not None], leaves_stream)
@@ -176,7 +178,7 @@ def make_schedule(trace, prefetch: int, cache: str, ends=None) -> Schedule:
         last = {u: i for i, u in enumerate(trace)}
         fetches = tuple(first[u] == i for i, u in enumerate(trace))
         releases = tuple(last[u] == i for i, u in enumerate(trace))
-    frontier = tuple(sum(fetches[: i + 1]) - 1 for i in range(len(trace)))
+    frontier = tuple(n - 1 for n in itertools.accumulate(fetches))
     fetch_units = tuple(u for u, f in zip(trace, fetches) if f)
     freed_after = [0] * len(trace)              # slots freed right after each position's bind
     for pos, end in enumerate(ends):

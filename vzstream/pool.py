@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 from .backends import make_backend
-from .config import parse_nbytes
+from .config import check_device, parse_nbytes
 from .errors import ConfigError
 from .pipeline import SlotPool
 
@@ -25,16 +25,18 @@ def resolve_budget(value, backend, name: str = "vram_budget") -> int | None:
         if not 0.0 < value <= 1.0:
             raise ConfigError(f"`{name}` as a float is a fraction of device memory in (0, 1]; got {value}.")
         return int(value * backend.total_memory())
-    return parse_nbytes(value, name)
+    return parse_nbytes(value, name, fraction_ok=True)
 
 
 class DevicePool:
     """`vzstream.DevicePool(device, budget=...)`; pass it as `session(model, pool=pool)`."""
 
     def __init__(self, device: str = "auto", budget=None, *, backend=None) -> None:
-        self.backend = make_backend(device, backend)
+        self.backend = make_backend(check_device(device), backend)
         self.budget = resolve_budget(budget, self.backend, "budget")
         self.lock = threading.Lock()          # held by the session that is running a call
+        self.owner: int | None = None         # thread id holding `lock` for a call (re-entry check)
+        self.active = None                    # the session whose call holds `lock`
         self.ring = SlotPool(self.backend, 0)
         self.ring_slots = 0                   # static ring size once a member set it
         self.members: dict[int, tuple] = {}   # id(session) -> (session, its resident bytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import codec
-from .config import SessionConfig, build_config
+from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
@@ -35,6 +35,7 @@ from .store import pack_unit, unpermute
 
 log = logging.getLogger("vzstream")
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_open_params: "weakref.WeakValueDictionary[int, nn.Parameter]" = weakref.WeakValueDictionary()  # id -> param of an open session
 
 
 def session(model: nn.Module, **options) -> "Session":
@@ -75,14 +76,21 @@ class Session(AsyncGeneration):
                 "`model` already has an open vzstream session; close it (leave its `with` block) "
                 "before opening another on the same model."
             )
+        shared = [n for n, p in self.model.named_parameters() if _open_params.get(id(p)) is p]
+        if shared:
+            raise TraceError(
+                f"`model` shares parameters with a model that has an open vzstream session ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}); close that session first, or open one session on a "
+                f"module that contains both models.")
         self.pool = self._device_pool()               # fails before anything is allocated
         self._stats = Stats()
         self.backend = self.pool.backend
         with self.pool.lock:
-            self.units = find_units(self.model, self.config.units)
-            self.memory_plan = self._plan_memory()
-            _open_models.add(self.model)
             try:
+                self.units = find_units(self.model, self.config.units)
+                self.memory_plan = self._plan_memory()   # a budget error must close the backend too
+                _open_models.add(self.model)
+                _open_params.update((id(p), p) for p in self.model.parameters())
                 self._pack_streamed()
                 self._move_resident()
                 self._start_streaming()
@@ -127,6 +135,9 @@ class Session(AsyncGeneration):
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
         if self.pool is None:
             return
+        if self.pool.owner == threading.get_ident():
+            raise TraceError("a vzstream session cannot be closed from inside a call on its pool "
+                             "(a hook or callback); close it after the call returns.")
         for cancel in list(self._cancels):    # an abandoned stream must not hold the lock
             cancel.set()
         with self.pool.lock:
@@ -149,6 +160,8 @@ class Session(AsyncGeneration):
                     self.backend.close()
                 self._pipeline = self._streamer = None
                 _open_models.discard(self.model)
+                for p in self.model.parameters():
+                    _open_params.pop(id(p), None)
                 self.is_open = False
 
     def park(self) -> None:
@@ -160,11 +173,12 @@ class Session(AsyncGeneration):
         streamed = [u for u in self.units if u.streamed]
         device = self.backend.device
         t0, level = time.perf_counter(), self.config.level
-        # Nothing computes while packing: use every core (zstd releases the GIL).
-        threads = max(self.config.workers, min(16, os.cpu_count() or 1))
+        # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
+        threads = max(self.config.workers, min(16, available_cores()))
+        largest = max((u.raw_nbytes for u in streamed), default=1)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
-            # A window of units in flight bounds the extra host RAM while packing.
-            window = max(2, threads)
+            # A window of units in flight bounds the extra host RAM while packing (~1 GiB).
+            window = max(2, min(threads, (1 << 30) // max(largest, 1)))
             futures = [pool.submit(pack_unit, u, self.backend, level) for u in streamed[:window]]
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
@@ -203,7 +217,7 @@ class Session(AsyncGeneration):
         self.backend.prepare(cfg.prefetch)
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
         max_slots = self.pool.ring_slots if fixed_ring else None
-        self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots)
+        self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots, owner=self)
         self._handles = install(self.model, self.units, self._streamer)
         stats.units_streamed = sum(u.streamed for u in self.units)
         stats.units_resident = len(self.units) - stats.units_streamed
@@ -235,15 +249,25 @@ class Session(AsyncGeneration):
     @contextlib.contextmanager
     def _running(self):
         """Hold the pool for one call; tidy up after an exception; park if the pool is shared."""
+        closed = TraceError("this vzstream session is not open; use it inside `with vzstream.session(model) as s:`.")
         if not self.is_open:
-            raise TraceError("this vzstream session is not open; use it inside `with vzstream.session(model) as s:`.")
+            raise closed
+        if self.pool.owner == threading.get_ident():
+            raise TraceError(
+                "a vzstream call was made from inside another call on the same pool (a hook, a callback, "
+                "or another session's forward); a pool runs one call at a time. Make the call after the "
+                "outer one returns, or give the two sessions separate `pool`s.")
         with self.pool.lock, torch.no_grad():
+            if not self.is_open:                  # closed while this call waited for the lock
+                raise closed
+            self.pool.owner, self.pool.active = threading.get_ident(), self
             try:
                 yield
             except BaseException:
                 self._streamer.abort()  # KeyboardInterrupt skips always_call hooks: tidy up here
                 raise
             finally:
+                self.pool.owner = self.pool.active = None
                 if self.pool.shared:
                     self._streamer.park()
 
@@ -263,6 +287,8 @@ class Session(AsyncGeneration):
     @property
     def plan(self) -> SessionPlan:
         """Which units are resident or streamed and why (`print(s.plan)` for a table)."""
+        if self.pool is None:
+            raise TraceError("`plan` is known once the session is open: read it inside `with vzstream.session(model) as s:`.")
         sched = self._streamer.schedule if self._streamer else None
         slots = sched.num_slots if sched is not None else self.pool.ring_slots
         return describe_plan(self.units, self.config.units, self.memory_plan, self.backend.alignment, slots)

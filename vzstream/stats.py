@@ -19,7 +19,7 @@ class Stats:
     decodes: int = 0                 # unit fetches submitted (prefetched or synchronous)
     prefetched: int = 0              # binds served by a prefetch already in flight
     sync_fetches: int = 0            # binds that had to fetch synchronously (first pass, misses)
-    drained: int = 0                 # prefetches dropped after a miss
+    drained: int = 0                 # prefetches dropped unused (a miss, a park between calls, close)
     slot_overflows: int = 0          # slots allocated beyond the schedule's count (off-plan only)
     packed_nbytes: int = 0           # compressed size of the streamed units in host RAM
     raw_nbytes: int = 0              # their size uncompressed

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import codec
+from .errors import ConfigError
 from .plan import Unit, param_offsets, unit_nbytes
 
 
@@ -108,7 +109,12 @@ def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
 def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
     """Pack `unit`'s parameters into one arena. Does not touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
-    packed = [codec.pack(t, level=level) for t, _ in ordered]
+    packed = []
+    for (name, _), (t, _) in zip(unit.params, ordered):
+        try:
+            packed.append(codec.pack(t, level=level))
+        except ConfigError as exc:
+            raise ConfigError(f"unit `{unit.fqn}`, parameter `{name}`: {exc}") from exc
     buffers = [_buffers(p) for p in packed]
     total = sum(memoryview(b).nbytes for bufs in buffers for b in bufs)
     arena = backend.host_buffer(total)
