@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import mmap
 import threading
-import weakref
 from functools import partial
 
 import numpy as np
@@ -36,10 +34,10 @@ from torch.autograd import profiler
 from .. import codec
 from ..errors import FormatError
 from .base import Backend, chunk_jobs
+from .pinned import PAGE_NBYTES, Fetch, PinnedHeap, StagingRing  # noqa: F401 (re-exported)
 
 log = logging.getLogger("vzstream")
 
-PAGE_NBYTES = mmap.PAGESIZE
 STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
 SMALL_STAGING_NBYTES = 1 << 20    # up to this much staging: a caching-allocator block, no ring
 
@@ -147,133 +145,6 @@ def merge_planes(dst: torch.Tensor, planes: list, scratch: torch.Tensor | None, 
     for i, src in enumerate(planes):
         planar[i * numel : (i + 1) * numel].copy_(src, non_blocking=True)
     dst.view(numel, itemsize).copy_(planar.view(itemsize, numel).t())
-
-
-# -- pinned host memory --------------------------------------------------------------------------
-class PinnedHeap:
-    """Host buffers pinned in exact size (whole pages) with `cudaHostRegister` (`pin_memory=True`
-    rounds each block up to a power of two): plain allocations padded so the registered pages
-    are their own (registering a page twice fails), kept alive here until unpinned. A buffer
-    nobody references any more is unpinned by `reclaim` once a fence recorded after it passed."""
-
-    def __init__(self, register, unregister) -> None:
-        self._register, self._unregister = register, unregister
-        self._lock = threading.Lock()
-        self._live: dict[int, tuple] = {}   # address -> (backing allocation, finalizer)
-        self._orphans: list[int] = []       # addresses whose buffer was garbage-collected
-        self._fenced: list[tuple] = []      # (fence event, addresses) waiting to be unpinned
-        self.nbytes = 0                     # bytes registered right now
-
-    def alloc(self, nbytes: int) -> torch.Tensor:
-        if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        size = _align(nbytes, PAGE_NBYTES)
-        backing = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
-        buf = backing[:nbytes]
-        self._register(buf.data_ptr(), size)
-        with self._lock:
-            # list.append is atomic: safe from a finalizer running on any thread at any time.
-            finalizer = weakref.finalize(buf, self._orphans.append, buf.data_ptr())
-            self._live[buf.data_ptr()] = (backing, finalizer)
-            self.nbytes += size
-        return buf
-
-    def reclaim(self, fence, wait: bool = False) -> None:
-        """Unpin orphans whose fence passed; fence new orphans with `fence()` (a recorded event)."""
-        with self._lock:
-            fenced, self._fenced, passed = self._fenced, [], []
-            for f in fenced:
-                (passed if f[0].query() else self._fenced).append(f)   # query never blocks
-            batch = []
-            while self._orphans:          # pop one by one: a finalizer may append meanwhile
-                batch.append(self._orphans.pop())
-            if batch:
-                done = fence()
-                if wait:                 # off the hot path (pool lock held): unpin now
-                    done.synchronize()
-                    passed.append((done, batch))
-                else:
-                    self._fenced.append((done, batch))
-        for _, ptrs in passed:
-            self._drop(ptrs)
-
-    def close(self) -> None:
-        """Unpin everything (the caller synchronised every stream that reads these buffers)."""
-        self._drop(list(self._live))
-        self._orphans[:], self._fenced = [], []
-
-    def _drop(self, ptrs: list[int]) -> None:
-        for ptr in ptrs:
-            with self._lock:
-                entry = self._live.pop(ptr, None)
-                if entry is None:
-                    continue
-                entry[1].detach()
-                self.nbytes -= entry[0].numel()
-            try:
-                self._unregister(ptr)
-            except Exception as exc:   # unpin the rest; the memory is freed anyway
-                log.warning("vzstream: unpinning host memory at %#x failed: %r", ptr, exc)
-
-
-class Fetch:
-    """Backend state of one ticket, from `decode_jobs` to `release`. A fetch staged through the
-    ring is linked to the slot's previous fetch (`prev`) until its jobs pass the gate."""
-
-    __slots__ = ("plan", "ready", "used", "buffer", "prev", "copied", "uploaded", "released", "lock")
-
-    def __init__(self, plan, ready, used=None) -> None:
-        self.plan, self.ready, self.used = plan, ready, used   # used: the slot's `used` event
-        self.buffer = self.prev = None       # staging buffer; previous fetch of its ring slot
-        self.copied = self.uploaded = None   # events, recorded by `upload`
-        self.released = False                # released: nothing will read or write it again
-        self.lock = threading.Lock()
-
-
-class StagingRing:
-    """A round-robin ring of pinned staging slots (DESIGN §6, "staging reuse"). `acquire` runs on
-    the forward thread in the order fetches are submitted to the FIFO worker pool, so a fetch
-    only ever gates on an *earlier* submission: gating cannot deadlock. A slot grows when a
-    larger unit arrives; the heap reclaims the old buffer once nothing references it."""
-
-    def __init__(self, num_slots: int, alloc) -> None:
-        if num_slots < 1:
-            raise ValueError(f"`staging_slots` must be >= 1; got {num_slots}.")
-        self._alloc = alloc
-        self._last: list[Fetch | None] = [None] * num_slots
-        self._buffers: list[torch.Tensor | None] = [None] * num_slots
-        self._next = 0
-
-    def acquire(self, fetch: Fetch, nbytes: int) -> None:
-        """Give `fetch` the next slot (>= nbytes) and link it to that slot's previous fetch."""
-        i, self._next = self._next, (self._next + 1) % len(self._last)
-        if self._buffers[i] is None or self._buffers[i].numel() < nbytes:
-            # Grow every slot now: pinning is slow, and a slot reached only in a later pass
-            # would otherwise pin on the forward thread in the steady state.
-            self._buffers = [b if b is not None and b.numel() >= nbytes else self._alloc(nbytes)
-                             for b in self._buffers]
-        fetch.buffer, fetch.prev, self._last[i] = self._buffers[i], self._last[i], fetch
-
-    def grow(self, num_slots: int) -> None:
-        """At least `num_slots` slots (called between calls: no fetch in flight)."""
-        extra = num_slots - len(self._last)
-        if extra > 0:
-            size = max((b.numel() for b in self._buffers if b is not None), default=0)
-            self._last += [None] * extra
-            self._buffers += [self._alloc(size) if size else None for _ in range(extra)]
-
-    @staticmethod
-    def gate(fetch: Fetch) -> None:
-        """Block (a worker) until `fetch` may write its buffer. Every job of a fetch calls it."""
-        with fetch.lock:
-            prev, fetch.prev = fetch.prev, None     # cut the chain: old fetches can be collected
-            if prev is None:
-                return
-            while not prev.ready.wait(0.05):        # set once its upload is issued, or it failed
-                if prev.released:                   # dropped before its jobs ever ran
-                    return
-            if prev.copied is not None:             # None: it failed before uploading
-                prev.copied.synchronize()
 
 
 class CudaBackend(Backend):
