@@ -308,3 +308,40 @@ def test_nested_parameter_owners_stay_within_the_budget(model_cls, prefetch):
         stats = s.stats()
     assert stats.slot_overflows == 0
     assert stats.peak_device_nbytes <= minimum
+
+
+# -- activations measured on the traced pass -------------------------------------------------
+
+def test_measured_activations_evict_resident_units_to_stay_in_budget(snapshot, reference):
+    """No `activation_reserve`: the backend's measurement of the traced pass is fitted into the
+    budget by evicting resident units; outputs stay exact and the model is restored."""
+    ids, gen_kwargs, ref_logits, ref_tokens = reference
+    model = _llama()
+    snap = snapshot(model)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget, activations = total + (64 << 10), total // 2
+    fb = vzstream.FakeBackend(activation_nbytes=activations)
+    with vzstream.session(model, backend=fb, vram_budget=budget, prefetch=1) as s:
+        all_resident = s.stats().units_streamed
+        assert all_resident == 0                       # fits before anything was measured
+        assert torch.equal(s(ids).logits, ref_logits)  # the traced pass measures
+        after = s.stats()
+        assert after.units_streamed > 0 and after.units_resident < len(s.units)
+        assert fb.device_nbytes + activations <= budget
+        assert "streamed" in str(s.plan)
+        for _ in range(2):
+            assert torch.equal(s.generate(ids, **gen_kwargs), ref_tokens)
+            assert torch.equal(s(ids).logits, ref_logits)
+        assert fb.device_nbytes + activations <= budget
+    snap.check(model)
+
+
+def test_explicit_activation_reserve_is_not_remeasured(reference):
+    ids = reference[0]
+    model = _llama()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    fb = vzstream.FakeBackend(activation_nbytes=total // 2)
+    with vzstream.session(model, backend=fb, vram_budget=total + (64 << 10), activation_reserve=0) as s:
+        s(ids)
+        s(ids)
+        assert s.stats().units_streamed == 0          # the user's reserve stands

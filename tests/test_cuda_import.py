@@ -77,6 +77,8 @@ class FakeCuda:
         self.cudart = lambda: self
         self.get_device_properties = lambda device: SimpleNamespace(total_memory=16 << 30)
         self.device = lambda device: contextlib.nullcontext()   # torch.cuda.device(...)
+        self.memory_allocated = self.max_memory_allocated = lambda device=None: 0
+        self.reset_peak_memory_stats = lambda device=None: None
 
     def log(self, op, stream, event):
         with self._lock:

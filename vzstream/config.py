@@ -80,7 +80,7 @@ class SessionConfig:
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
     vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
-    activation_reserve: Any = None  # bytes kept free for activations under a budget; None = 0
+    activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
     pool: Any = None                # a DevicePool shared by several sessions
     backend: Any = None             # a Backend instance (tests: FakeBackend); overrides `device`
 

@@ -174,8 +174,10 @@ class Streamer:
     """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
 
     def __init__(self, stores: dict, device_pool, pipeline: Pipeline, config, stats, max_slots: int | None,
-                 owner=None) -> None:
+                 owner=None, measure: bool = False) -> None:
         self.owner = owner                      # the session; another one's call must not run this model
+        self.measure = measure                  # measure activations on the first traced pass
+        self.activation_nbytes: int | None = None
         self.stores, self.device_pool, self.pipeline = stores, device_pool, pipeline
         self.backend = device_pool.backend
         self.prefetch, self.cache, self.stats = config.prefetch, config.cache, stats
@@ -199,6 +201,8 @@ class Streamer:
                 "its own session after the outer call returns, or give the sessions separate `pool`s.")
         if self.in_pass:                        # the previous pass died without its end hook
             self.abort()
+        if self.measure and self.tracer.trace is None:
+            self.backend.begin_measure()
         self.in_pass = True
         self.tracer.start_pass()
         self.pass_t0 = time.perf_counter()
@@ -215,6 +219,8 @@ class Streamer:
         self.stats.passes += 1
         self.stats.wall_s += time.perf_counter() - self.pass_t0
         if self.tracer.end_pass():
+            if self.measure:                    # the first traced pass: its activation peak
+                self.measure, self.activation_nbytes = False, self.backend.end_measure()
             self._relearn()
         else:
             self.pass_no += 1
@@ -317,6 +323,12 @@ class Streamer:
         """Release held units that are not bound right now (their planned reuse is moot)."""
         for unit in [u for u, (_, count) in self.held.items() if count == 0]:
             self._release_slot(unit)
+
+    def relearn_from_scratch(self, max_slots: int | None) -> None:
+        """The streamed set changed: forget the trace; the next pass traces again."""
+        self.park()
+        self.tracer, self.schedule, self.max_slots = Tracer(), None, max_slots
+        self.pass_no, self.requested = 0, -1
 
     def park(self) -> None:
         """Hand every slot back (between calls on a shared pool); keep the learned schedule."""

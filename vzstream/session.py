@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,6 @@ import psutil
 import torch
 from torch import nn
 
-from . import codec
 from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
@@ -31,7 +31,7 @@ from .pipeline import Pipeline, Streamer
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import pack_unit, unpermute
+from .store import Original, pack_unit
 
 log = logging.getLogger("vzstream")
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -53,13 +53,15 @@ class Session(AsyncGeneration):
         self.memory_plan: MemoryPlan | None = None
         self.units: list = []
         self.stores: dict = {}
-        self._streamed: list = []    # _Original of every streamed param, to restore on exit
+        self._streamed: list = []    # Original of every streamed param, to restore on exit
         self._moved: list = []       # (param, original device) of resident params
         self._buffers: list = []     # (module, name, original device)
         self._handles: list = []
         self._pipeline = self._streamer = None
         self._stats = Stats()
         self._cancels: set = set()   # cancel flags of running agenerate/stream calls
+        self._measure = False        # measure activations on the traced pass, then fit the budget
+        self._spare: dict = {}       # packed copies of resident units, while `_measure`
         self.is_open = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -89,6 +91,13 @@ class Session(AsyncGeneration):
             try:
                 self.units = find_units(self.model, self.config.units)
                 self.memory_plan = self._plan_memory()   # a budget error must close the backend too
+                if self.memory_plan is not None:
+                    for unit in self.units:
+                        unit.streamed = unit.index not in self.memory_plan.resident
+                # Measure activations on the traced pass when the user gave no reserve; resident
+                # units are packed too, so the ones that then no longer fit can be evicted.
+                self._measure = (self.memory_plan is not None and self.config.activation_reserve is None
+                                 and self.backend.measures_activations)
                 _open_models.add(self.model)
                 _open_params.update((id(p), p) for p in self.model.parameters())
                 self._pack_streamed()
@@ -109,7 +118,7 @@ class Session(AsyncGeneration):
             raise ConfigError("`backend` and `pool` were both given; a pooled session uses the pool's backend.")
         return cfg.pool
 
-    def _plan_memory(self) -> MemoryPlan | None:
+    def _plan_memory(self, activation_nbytes: int | None = None) -> MemoryPlan | None:
         """Under a budget every unit is a candidate; the planner decides which stay resident."""
         own, shared = resolve_budget(self.config.vram_budget, self.backend), self.pool.available(self)
         if own is None and shared is None:
@@ -124,12 +133,10 @@ class Session(AsyncGeneration):
         # The ring: `prefetch` in flight, every unit that nesting can bind at once, one spare
         # (a unit held for reuse under cache="pass").
         num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
-        reserve = (self.config.activation_reserve or 0) + self.backend.scratch_nbytes(self.units)
-        plan = plan_memory(sizes, budget, num_slots, reserve,
+        act = self.config.activation_reserve if activation_nbytes is None else activation_nbytes
+        reserve = (act or 0) + self.backend.scratch_nbytes(self.units)
+        return plan_memory(sizes, budget, num_slots, reserve,
                            min_slot_nbytes=self.pool.ring.slot_nbytes, what=what, committed_nbytes=committed)
-        for unit in self.units:
-            unit.streamed = unit.index not in plan.resident
-        return plan
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
@@ -170,7 +177,7 @@ class Session(AsyncGeneration):
             self._streamer.park()
 
     def _pack_streamed(self) -> None:
-        streamed = [u for u in self.units if u.streamed]
+        streamed = [u for u in self.units if u.streamed or self._measure]
         device = self.backend.device
         t0, level = time.perf_counter(), self.config.level
         # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
@@ -184,12 +191,50 @@ class Session(AsyncGeneration):
                 store = futures[i].result()
                 if i + window < len(streamed):
                     futures.append(pool.submit(pack_unit, streamed[i + window], self.backend, level))
-                self.stores[unit.index] = store
-                for (name, p), packed, perm in zip(unit.params, store.packed, store.perms):
-                    self._streamed.append(_Original(p, packed, perm, p.device, unit.fqn, name))
-                    p.data = placeholder(p.dtype, device)  # frees the original storage
+                if unit.streamed:
+                    self._swap_out(unit, store, device)
+                else:
+                    self._spare[unit.index] = store         # resident for now; evictable
                 _progress("pack", i + 1, len(streamed), t0)
         _return_freed_memory()
+
+    def _swap_out(self, unit, store, device, orig_devices=None) -> None:
+        """`unit` streams from `store`: free its parameters (remembering how to restore them)."""
+        self.stores[unit.index] = store
+        for (name, p), packed, perm in zip(unit.params, store.packed, store.perms):
+            orig = p.device if orig_devices is None else orig_devices[id(p)]
+            self._streamed.append(Original(p, packed, perm, orig, unit.fqn, name))
+            p.data = placeholder(p.dtype, device)  # frees the original storage
+
+    def _fit_activations(self, activation_nbytes: int) -> None:
+        """Re-plan with the activation peak measured on the traced pass; evict what no longer fits."""
+        self._measure = False
+        spare, self._spare = self._spare, {}
+        try:
+            plan = self._plan_memory(activation_nbytes)
+        except ConfigError as exc:
+            log.warning("vzstream: measured activations (%d bytes) do not fit the budget even fully "
+                        "streamed; keeping the plan. %s", activation_nbytes, exc)
+            return
+        evict = [u for u in self.units if not u.streamed and u.index not in plan.resident]
+        self.memory_plan = dataclasses.replace(plan, resident=frozenset(
+            u.index for u in self.units if not u.streamed and u not in evict))
+        if not evict:
+            return
+        log.info("vzstream: activations take %.1f MiB: evicting %d resident unit(s) to stay in budget",
+                 activation_nbytes / 2**20, len(evict))
+        self._streamer.park()
+        remove(self._handles)
+        evicted = {id(p) for u in evict for _, p in u.params}
+        orig_devices = {id(p): d for p, d in self._moved if id(p) in evicted}
+        self._moved = [(p, d) for p, d in self._moved if id(p) not in evicted]
+        for unit in evict:
+            unit.streamed = True
+            self.backend.account(-sum(unit.param_nbytes))
+            self._swap_out(unit, spare[unit.index], self.backend.device, orig_devices)
+        self._join_pool()
+        self._streamer.relearn_from_scratch(self.pool.ring_slots)
+        self._handles = install(self.model, self.units, self._streamer)
 
     def _move_resident(self) -> None:
         device = self.backend.device
@@ -205,8 +250,8 @@ class Session(AsyncGeneration):
                     self._buffers.append((mod, name, buf.device))
                     mod._buffers[name] = buf.to(device)
 
-    def _start_streaming(self) -> None:
-        cfg, stats = self.config, self._stats
+    def _join_pool(self) -> bool:
+        """(Re-)register with the pool; True when the ring is static (budgeted)."""
         slot_nbytes = max((s.slot_nbytes for s in self.stores.values()), default=0)
         # What the pool counts for this member: slot-aligned sizes, as the planner counted them.
         resident = sum(unit_nbytes(u, self.backend.alignment) for u in self.units if not u.streamed)
@@ -214,11 +259,21 @@ class Session(AsyncGeneration):
         # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
         # to the learned schedule's count; budgeted, it is static from here on.
         self.pool.join(self, resident, slot_nbytes, self.memory_plan.num_slots if fixed_ring else int(bool(self.stores)))
+        self._update_stats()
+        return fixed_ring
+
+    def _start_streaming(self) -> None:
+        cfg, stats = self.config, self._stats
+        fixed_ring = self._join_pool()
         self.backend.prepare(cfg.prefetch)
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
         max_slots = self.pool.ring_slots if fixed_ring else None
-        self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots, owner=self)
+        self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots, owner=self,
+                                  measure=self._measure)
         self._handles = install(self.model, self.units, self._streamer)
+
+    def _update_stats(self) -> None:
+        stats = self._stats
         stats.units_streamed = sum(u.streamed for u in self.units)
         stats.units_resident = len(self.units) - stats.units_streamed
         stats.packed_nbytes = sum(s.packed_nbytes for s in self.stores.values())
@@ -263,6 +318,8 @@ class Session(AsyncGeneration):
             self.pool.owner, self.pool.active = threading.get_ident(), self
             try:
                 yield
+                if self._measure and self._streamer.activation_nbytes is not None:
+                    self._fit_activations(self._streamer.activation_nbytes)
             except BaseException:
                 self._streamer.abort()  # KeyboardInterrupt skips always_call hooks: tidy up here
                 raise
@@ -298,6 +355,7 @@ class Session(AsyncGeneration):
         out = self._stats.copy()
         if self._streamer is not None:
             out.trace_misses = self._streamer.tracer.misses
+            out.activation_nbytes = self._streamer.activation_nbytes or 0
             out.slot_overflows = self.pool.ring.overflows
             sched = self._streamer.schedule
             if sched is not None:
@@ -305,24 +363,6 @@ class Session(AsyncGeneration):
         out.peak_device_nbytes = self.backend.peak_device_nbytes if self.backend else 0
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
-
-
-class _Original:
-    """Where a streamed parameter came from, to put it back exactly."""
-
-    __slots__ = ("param", "packed", "perm", "device", "unit_fqn", "name")
-
-    def __init__(self, param, packed, perm, device, unit_fqn: str, name: str) -> None:
-        self.param, self.packed, self.perm, self.device = param, packed, perm, device
-        self.unit_fqn, self.name = unit_fqn, name
-
-    def restore(self) -> None:
-        try:
-            value = codec.decode(self.packed)
-        except FormatError as exc:
-            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
-        # Packed in memory order: undoing the permutation gives back the original strides.
-        self.param.data = unpermute(value.to(self.device), self.perm)
 
 
 def _return_freed_memory() -> None:

@@ -26,6 +26,7 @@ class Stats:
     resident_nbytes: int = 0         # parameters kept on the device
     streamed_nbytes_per_pass: int = 0
     peak_device_nbytes: int = 0      # what the backend held on the device at most (params + slots)
+    activation_nbytes: int = 0       # activation peak measured on the traced pass (0: not measured)
     host_rss_nbytes: int = 0         # process RSS when stats() was called
     decode_s: float = 0.0            # worker time spent decoding (summed over threads)
     stall_s: float = 0.0             # forward-thread time spent waiting for a unit
@@ -64,6 +65,7 @@ class Stats:
             ("resident on device", f"{self.resident_nbytes / mib:.1f} MiB"),
             ("streamed per pass", f"{self.streamed_nbytes_per_pass / mib:.1f} MiB"),
             ("peak device memory", f"{self.peak_device_nbytes / mib:.1f} MiB"),
+            ("activations (traced pass)", f"{self.activation_nbytes / mib:.1f} MiB"),
             ("host RSS", f"{self.host_rss_nbytes / mib:.1f} MiB"),
             ("decode time (workers)", f"{self.decode_s:.3f} s"),
             ("stall", f"{self.stall_s:.3f} s of {self.wall_s:.3f} s ({100 * self.stall_fraction:.1f}%)"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .errors import ConfigError
+from .errors import ConfigError, FormatError
 from .plan import Unit, param_offsets, unit_nbytes
 
 
@@ -130,3 +130,21 @@ def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
         rebased.append(_rebased(p, views))
     offsets = param_offsets(unit, backend.alignment)
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
+
+
+class Original:
+    """Where a streamed parameter came from, to put it back exactly."""
+
+    __slots__ = ("param", "packed", "perm", "device", "unit_fqn", "name")
+
+    def __init__(self, param, packed, perm, device, unit_fqn: str, name: str) -> None:
+        self.param, self.packed, self.perm, self.device = param, packed, perm, device
+        self.unit_fqn, self.name = unit_fqn, name
+
+    def restore(self) -> None:
+        try:
+            value = codec.decode(self.packed)
+        except FormatError as exc:
+            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
+        # Packed in memory order: undoing the permutation gives back the original strides.
+        self.param.data = unpermute(value.to(self.device), self.perm)

@@ -30,6 +30,15 @@ class Backend:
             self.device_nbytes += nbytes
             self.peak_device_nbytes = max(self.peak_device_nbytes, self.device_nbytes)
 
+    measures_activations = False    # can report the activation peak of a pass (CUDA can)
+
+    def begin_measure(self) -> None:
+        """Start measuring the device memory a pass allocates beyond what is held now."""
+
+    def end_measure(self) -> int | None:
+        """Bytes of activations the pass since `begin_measure` peaked at; None: not measurable."""
+        return None
+
     def prepare(self, prefetch: int) -> None:
         """Size per-fetch resources (CUDA: staging slots) for `prefetch` fetches in flight."""
 

@@ -14,10 +14,16 @@ from .cpu import CpuBackend
 class FakeBackend(CpuBackend):
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, activation_nbytes: int | None = None) -> None:
         super().__init__()
         self.ops: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
+        # Pretend a pass allocates this much for activations (tests of budget fitting on CPU).
+        self.activation_nbytes = activation_nbytes
+        self.measures_activations = activation_nbytes is not None
+
+    def end_measure(self) -> int | None:
+        return self.activation_nbytes
 
     def log(self, op: str, ticket) -> None:
         with self._log_lock:
