@@ -162,6 +162,7 @@ class Session(AsyncGeneration):
                 self._restore()
             finally:
                 self.stores.clear()
+                self._spare.clear()
                 self.pool.leave(self)
                 if self.config.pool is None:
                     self.backend.close()
