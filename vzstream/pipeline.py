@@ -224,7 +224,6 @@ class Streamer:
             self._relearn()
         else:
             self.pass_no += 1
-        self.stats.trace_misses = self.tracer.misses
 
     @property
     def pool(self) -> SlotPool:
@@ -246,15 +245,15 @@ class Streamer:
     # -- units ------------------------------------------------------------------------------
     def bind(self, unit: int) -> None:
         pos = self.tracer.observe(unit) if self.in_pass else None
+        fetch = None
         if pos is not None:
-            sched = self.schedule
-            self._request_through(self.pass_no * sched.num_fetches + sched.frontier[pos] + self.prefetch)
+            g = self.pass_no * self.schedule.num_fetches + self.schedule.frontier[pos]   # global fetch index
+            self._request_through(g + self.prefetch)
+            if self.schedule.fetches[pos]:
+                fetch = self.tickets.pop(g)
         elif self.tickets and not (self.in_pass and self.tracer.on_plan):
             self._drain()                       # a miss: in-flight prefetches are for the old plan
             self._release_idle()
-        fetch = None
-        if pos is not None and self.schedule.fetches[pos]:
-            fetch = self.tickets.pop(self.pass_no * self.schedule.num_fetches + self.schedule.frontier[pos])
         entry = self.held.get(unit)
         if entry is not None:                   # held since an earlier use (or bound around this one)
             entry[1] += 1
@@ -327,7 +326,8 @@ class Streamer:
     def relearn_from_scratch(self, max_slots: int | None) -> None:
         """The streamed set changed: forget the trace; the next pass traces again."""
         self.park()
-        self.tracer, self.schedule, self.max_slots = Tracer(), None, max_slots
+        self.tracer.forget()
+        self.schedule, self.max_slots = None, max_slots
         self.pass_no, self.requested = 0, -1
 
     def park(self) -> None:
@@ -340,9 +340,7 @@ class Streamer:
         """Forget the current pass after an exception: everything back to the pool."""
         self.in_pass = False
         self.tracer.abort_pass()
-        self._drain()
-        for unit in list(self.held):
-            self._release_slot(unit)
+        self.park()
         if self.schedule is not None:
             self.pass_no, self.requested = 0, -1
 

@@ -54,6 +54,11 @@ class Tracer:
         self.trace, self.learned_ends = tuple(self.recording), tuple(self.ends)
         return True
 
+    def forget(self) -> None:
+        """Drop the learned trace (the streamed set changed); the miss count stays."""
+        self.trace = self.learned_ends = None
+        self.on_plan = False
+
     def abort_pass(self) -> None:
         """The forward raised: keep the old trace, forget this partial pass."""
         self.on_plan = False
