@@ -401,3 +401,24 @@ def test_bench_gpu_quick_options_model_build_and_decode_timing_run_on_cpu():
     assert models.prompt(model, *args.prefill).shape == args.prefill
     store, _ = _packed_unit(_mixed())
     assert gpu.measure_decode_s([store], workers=2, repeat=1) > 0
+
+
+def test_bench_gpu_run_keeps_every_row_as_it_is_measured(tmp_path, capsys):
+    """A GPU run cut short must still leave what it measured: each row is printed and appended to
+    gpu.rows.jsonl at once, a failing section becomes a row, and the run goes on."""
+    import json
+
+    run = gpu.Run(str(tmp_path))
+    run.add({"model": "m", "method": "resident", "decode_tok_s": 12.5})
+    with run.section("m", "vzstream prefetch=2"):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    with run.section("m", "after"):
+        run.add({"model": "m", "method": "after", "note": "ran"})
+    args = gpu.parse_args(["--budget-s", "0"])
+    assert not run.time_left(args, 60, "llama-3-8b", "-")
+    lines = [json.loads(line) for line in (tmp_path / "gpu.rows.jsonl").read_text().splitlines()]
+    assert lines == run.rows and [r["method"] for r in lines] == ["resident", "vzstream prefetch=2", "after", "-"]
+    assert lines[1]["note"] == "failed: RuntimeError: CUDA error: an illegal memory access"
+    assert lines[3]["note"].startswith("skipped: under 60 s")
+    out = capsys.readouterr().out
+    assert "decode_tok_s=12.5" in out and "Traceback" in out

@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import psutil
 import torch
@@ -63,22 +68,69 @@ def main(argv: list[str] | None = None) -> int:
         print("vzstream bench gpu needs a CUDA GPU: torch.cuda.is_available() is False on this "
               "machine (no GPU, or a CPU-only torch build). Run it on a CUDA machine.")
         return 2
-    t0 = time.perf_counter()
+    run = Run(args.out)
     pcie_gbps = measure_pcie(args.pcie_nbytes)
     config = dict(vars(args), pcie_gbps=pcie_gbps, device=torch.cuda.get_device_name(),
                   workers=vzstream.SessionConfig().workers)
-    rows = bench_preset(args.preset, args, pcie_gbps, config)
-    budget_rows = bench_budget(args)
-    if args.quick or args.no_8b:
-        pass
-    elif time.perf_counter() - t0 > args.budget_s - 150:
-        rows.append(dict(model="llama-3-8b", method="-", note="skipped: not enough time left"))
-    else:
-        rows += bench_8b(args, pcie_gbps, config)
-    config["elapsed_s"] = time.perf_counter() - t0
-    report("gpu_budget", budget_rows, BUDGET_COLUMNS, config, args.out)
-    report("gpu", rows, COLUMNS, config, args.out)
+    print(f"device {config['device']}, pinned host->device {pcie_gbps:.1f} GB/s, "
+          f"{config['workers']} decode workers", flush=True)
+    bench_preset(run, args.preset, args, pcie_gbps, config)
+    budget_rows = []
+    if run.time_left(args, 60, args.preset, "budget sweep"):
+        with run.section(args.preset, "budget sweep"):
+            budget_rows = bench_budget(args)
+    if not (args.quick or args.no_8b) and run.time_left(args, 150, "llama-3-8b", "-"):
+        bench_8b(run, args, pcie_gbps, config)
+    config["elapsed_s"] = run.elapsed()
+    if budget_rows:
+        report("gpu_budget", budget_rows, BUDGET_COLUMNS, config, args.out)
+    report("gpu", run.rows, COLUMNS, config, args.out)
     return 0
+
+
+class Run:
+    """The rows of one run, each printed on one line and appended to `<out>/gpu.rows.jsonl` the
+    moment it is measured, so a run cut short (a time limit, a crash) leaves what it measured.
+    A section that raises becomes a `failed:` row; the run goes on with the next one."""
+
+    def __init__(self, out: str | None) -> None:
+        self.rows: list[dict] = []
+        self.t0, self.path = time.perf_counter(), None
+        if out:
+            os.makedirs(out, exist_ok=True)
+            self.path = os.path.join(out, "gpu.rows.jsonl")
+            open(self.path, "w").close()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(f"[{self.elapsed():4.0f} s] " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    @contextmanager
+    def section(self, model: str, method: str):
+        try:
+            yield
+        except Exception as exc:
+            traceback.print_exc(file=sys.stdout)
+            self.add(dict(model=model, method=method, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
+        finally:
+            _free_gpu()
+
+    def time_left(self, args, needed_s: float, model: str, method: str) -> bool:
+        """False, and a row saying so, if under `needed_s` of the `--budget-s` remain."""
+        if args.budget_s - self.elapsed() >= needed_s:
+            return True
+        self.add(dict(model=model, method=method, note=f"skipped: under {needed_s:.0f} s of --budget-s left"))
+        return False
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 BUDGET_COLUMNS = ["budget_mib", "units_resident", "streamed_mib_per_pass", "peak_device_mib",
@@ -183,7 +235,8 @@ def _free_gpu() -> None:
 
 
 # -- methods ----------------------------------------------------------------------------------
-def bench_preset(preset: str, args, pcie_gbps: float, config: dict) -> list[dict]:
+def bench_preset(run: Run, preset: str, args, pcie_gbps: float, config: dict) -> None:
+    """Resident, vzstream at each prefetch depth, then the two baselines: one row each."""
     model = build_model(preset, layers=args.layers)
     ids = prompt(model).cuda()
     prefill_ids = prompt(model, *args.prefill, seed=1).cuda()
@@ -194,22 +247,23 @@ def bench_preset(preset: str, args, pcie_gbps: float, config: dict) -> list[dict
                   lambda: model(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
     model.cpu()
     _free_gpu()
-    ref, rows, bound = res["tokens"], [], None
+    ref, bound = res["tokens"], None
     for k in args.prefetch:
-        with vzstream.session(model, device="cuda", prefetch=k) as s:
-            m = measure(lambda n: generate(s.generate, ids, n),
-                        lambda: s(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
-            stats = s.stats()
-            if bound is None:
-                bound = make_bound(res, stats, s, pcie_gbps, config)
-                rows.append(row(name, "resident", res, args, args.tokens, bound, None))
-        rows.append(row(name, f"vzstream prefetch={k}", m, args, args.tokens, bound, ref,
+        with run.section(name, f"vzstream prefetch={k}"):
+            with vzstream.session(model, device="cuda", prefetch=k) as s:
+                m = measure(lambda n: generate(s.generate, ids, n),
+                            lambda: s(prefill_ids, logits_to_keep=1), args, args.tokens, args.repeat)
+                stats = s.stats()
+                if bound is None:       # the first session that runs gives B and W_dec
+                    bound = make_bound(res, stats, s, pcie_gbps, config)
+                    run.add(row(name, "resident", res, args, args.tokens, bound, None))
+            run.add(row(name, f"vzstream prefetch={k}", m, args, args.tokens, bound, ref,
                         note=f"stall {100 * stats.stall_fraction:.0f}%, ratio {stats.ratio:.3f}"))
-        _free_gpu()
+    if bound is None:
+        run.add(row(name, "resident", res, args, args.tokens, None, None))
     model = None                 # the baselines build their own: one copy in RAM at a time
-    rows.append(baseline(preset, "diffusers group offload", run_diffusers, args, ids, prefill_ids, bound, ref))
-    rows.append(baseline(preset, "accelerate cpu_offload", run_accelerate, args, ids, prefill_ids, bound, ref))
-    return rows
+    baseline(run, preset, "diffusers group offload", run_diffusers, args, ids, prefill_ids, bound, ref)
+    baseline(run, preset, "accelerate cpu_offload", run_accelerate, args, ids, prefill_ids, bound, ref)
 
 
 def make_bound(res: dict, stats, s, pcie_gbps: float, config: dict) -> dict:
@@ -223,21 +277,20 @@ def make_bound(res: dict, stats, s, pcie_gbps: float, config: dict) -> dict:
     return dict(decode_s=max(res["pass_s"], transfer_s), prefill_s=max(res["prefill_s"], transfer_s))
 
 
-def baseline(preset, method, run, args, ids, prefill_ids, bound, ref) -> dict:
+def baseline(run: Run, preset, method, fn, args, ids, prefill_ids, bound, ref) -> None:
     """A baseline on a freshly built (same seed) model, so the process holds one copy of it."""
     name = preset if args.layers is None else f"{preset} ({args.layers} layers)"
     gc.collect()
-    try:
+    with run.section(name, method):
         model = build_model(preset, layers=args.layers)
-        m, tokens, note = run(model, args, ids, prefill_ids)
-    except ImportError as exc:
-        return dict(model=name, method=method, note=f"skipped: {exc}")
-    except Exception as exc:     # a baseline that breaks must not lose the other rows
-        return dict(model=name, method=method, note=f"failed: {type(exc).__name__}: {exc}"[:200])
-    finally:
-        model = None
-        _free_gpu()
-    return row(name, method, m, args, tokens, bound, ref, note)
+        try:
+            m, tokens, note = fn(model, args, ids, prefill_ids)
+        except ImportError as exc:
+            run.add(dict(model=name, method=method, note=f"skipped: {exc}"))
+            return
+        finally:
+            model = None         # before the section frees the GPU, also when it failed
+        run.add(row(name, method, m, args, tokens, bound, ref, note))
 
 
 def run_diffusers(model, args, ids, prefill_ids):
@@ -263,28 +316,31 @@ def run_accelerate(model, args, ids, prefill_ids):
     return m, args.slow_tokens, f"{args.slow_tokens} tokens, 1 run"
 
 
-def bench_8b(args, pcie_gbps: float, config: dict) -> list[dict]:
+def bench_8b(run: Run, args, pcie_gbps: float, config: dict) -> None:
     """llama-3-8b: resident, then streamed under `vram_budget="4GiB"` (16 tokens)."""
-    preset, tokens = "llama-3-8b", 16
+    preset, method, tokens = "llama-3-8b", "vzstream prefetch=2 vram_budget=4GiB", 16
     model = build_model(preset)
     ids, prefill_ids = prompt(model).cuda(), prompt(model, *args.prefill, seed=1).cuda()
-    model.cuda()
-    res = measure(lambda n: generate(model.generate, ids, n),
-                  lambda: model(prefill_ids, logits_to_keep=1), args, tokens, 2)
+    res = None
+    with run.section(preset, "resident"):
+        model.cuda()
+        res = measure(lambda n: generate(model.generate, ids, n),
+                      lambda: model(prefill_ids, logits_to_keep=1), args, tokens, 2)
     model.cpu()
     _free_gpu()
-    sub = {}
-    try:
+    if res is None:
+        return
+    sub, bound = {}, None
+    with run.section(preset, method):
         with vzstream.session(model, device="cuda", prefetch=2, vram_budget="4GiB") as s:
             m = measure(lambda n: generate(s.generate, ids, n),
                         lambda: s(prefill_ids, logits_to_keep=1), args, tokens, 2)
             stats = s.stats()
             bound = make_bound(res, stats, s, pcie_gbps, sub)
-    except vzstream.ConfigError as exc:
-        return [row(preset, "resident", res, args, tokens, None, None),
-                dict(model=preset, method="vzstream vram_budget=4GiB", note=f"ConfigError: {exc}"[:200])]
-    config["llama-3-8b"] = sub
-    note = (f"{stats.units_resident} units resident, {stats.streamed_nbytes_per_pass / GIB:.1f} GiB "
-            f"streamed/pass, stall {100 * stats.stall_fraction:.0f}%")
-    return [row(preset, "resident", res, args, tokens, bound, None),
-            row(preset, "vzstream prefetch=2 vram_budget=4GiB", m, args, tokens, bound, res["tokens"], note)]
+        config["llama-3-8b"] = sub
+        note = (f"{stats.units_resident} units resident, {stats.streamed_nbytes_per_pass / GIB:.1f} GiB "
+                f"streamed/pass, stall {100 * stats.stall_fraction:.0f}%")
+        run.add(row(preset, "resident", res, args, tokens, bound, None))
+        run.add(row(preset, method, m, args, tokens, bound, res["tokens"], note))
+    if bound is None:
+        run.add(row(preset, "resident", res, args, tokens, None, None))
