@@ -3,11 +3,9 @@ fails cleanly, the pure helpers (upload plan, staging layout, plane merge, pinne
 ring gate) are right, and the whole backend runs a real session on CPU against `FakeCuda`, a
 stand-in for `torch.cuda` whose streams and events log and check every operation."""
 
-import contextlib
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -18,97 +16,15 @@ import vzstream
 from vzstream import codec
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
-from vzstream.backends.cuda import (PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, merge_planes,
-                                    plan_upload, stage_into, staging_items)
+from vzstream.backends.cuda import (PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, plan_upload,
+                                    stage_into, staging_items)
 from vzstream.bench import gpu, models
 from vzstream.plan import Unit
 from vzstream.store import pack_unit
+from fake_cuda import FakeCuda, FakeEvent
 from models import Stack, TinyLM, build, build_hf, hf_inputs
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-
-
-# -- a CPU stand-in for torch.cuda ----------------------------------------------------------------
-class FakeEvent:
-    def __init__(self, cuda, blocking=False):
-        self.cuda, self.blocking, self.stream = cuda, blocking, None
-
-    def record(self, stream):
-        self.stream = stream
-        self.cuda.log("record", stream.name, self)
-
-    def query(self):
-        return self.stream is not None        # a CPU "copy" is done once it is issued
-
-    def synchronize(self):
-        assert self.stream is not None, "synchronize() on an event never recorded passes at once"
-        self.cuda.log("event.synchronize", None, self)
-
-
-class FakeStream:
-    def __init__(self, cuda, name):
-        self.cuda, self.name = cuda, name
-
-    def wait_event(self, event):
-        assert event.stream is not None, "wait_event() on an event never recorded passes at once"
-        assert event.stream is not self, "a stream waiting on its own event orders nothing"
-        self.cuda.log("wait_event", self.name, event)
-
-    def record_event(self, event=None):
-        event = event or FakeEvent(self.cuda)
-        event.record(self)
-        return event
-
-    def wait_stream(self, other):
-        self.cuda.log("wait_stream", self.name, None)
-
-    def synchronize(self):
-        self.cuda.log("stream.synchronize", self.name, None)
-
-
-class FakeCuda:
-    """The torch.cuda names CudaBackend uses. `ops`: (thread id, op, stream name, event)."""
-
-    def __init__(self):
-        self.ops, self.pinned, self._lock, self._local = [], {}, threading.Lock(), threading.local()
-        self.compute = FakeStream(self, "compute")
-        self.Stream = lambda device: FakeStream(self, "copy")
-        self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking)
-        self.cudart = lambda: self
-        self.get_device_properties = lambda device: SimpleNamespace(total_memory=16 << 30)
-        self.device = lambda device: contextlib.nullcontext()   # torch.cuda.device(...)
-        self.memory_allocated = self.max_memory_allocated = lambda device=None: 0
-        self.reset_peak_memory_stats = lambda device=None: None
-
-    def log(self, op, stream, event):
-        with self._lock:
-            self.ops.append((threading.get_ident(), op, stream, event))
-
-    def current_stream(self, device=None):
-        return getattr(self._local, "stream", self.compute)
-
-    @contextmanager
-    def stream(self, stream):
-        prev, self._local.stream = self.current_stream(), stream
-        try:
-            yield
-        finally:
-            self._local.stream = prev
-
-    def cudaHostRegister(self, ptr, nbytes, flags):
-        assert ptr % PAGE_NBYTES == 0 and nbytes % PAGE_NBYTES == 0 and flags == 0
-        with self._lock:
-            assert all(ptr + nbytes <= p or p + n <= ptr for p, n in self.pinned.items()), "pages pinned twice"
-            self.pinned[ptr] = nbytes
-        return 0
-
-    def cudaHostUnregister(self, ptr):
-        with self._lock:
-            return 0 if self.pinned.pop(ptr, None) is not None else 712
-
-    def is_pinned(self, t: torch.Tensor) -> bool:
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        return any(p <= start and end <= p + n for p, n in self.pinned.items())
 
 
 # -- import and availability ------------------------------------------------------------------------
@@ -168,7 +84,9 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
     assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
     assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
     split = [p.raw_nbytes for p in store.packed if p.numel and len(p.planes) > 1]
-    assert plan.merge_nbytes == max(split) == CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
+    assert plan.merge_nbytes == max(split)
+    scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
+    assert scratch == cuda_mod.SCRATCH_REGIONS * min(max(split), cuda_mod.MERGE_CHUNK_NBYTES)
     assert plan.last_staged == max(i for i, t in enumerate(plan.tensors) if any(p.staged for p in t.planes))
 
 
@@ -181,29 +99,107 @@ def test_plan_stages_raw_planes_that_live_outside_the_arena():
     assert all(pc.staged for pc in plan.tensors[0].planes)
 
 
-def _run_upload_on_cpu(store, plan) -> torch.Tensor:
-    """Stage and merge exactly as the backend does, with CPU tensors in place of device ones."""
-    staging = torch.full((plan.staging_nbytes,), 0xAB, dtype=torch.uint8)
-    for nbytes, _, source, offset in staging_items(store, plan):
-        stage_into(staging, offset, nbytes, source)
-    slot = torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8)
-    scratch = torch.empty(plan.merge_nbytes, dtype=torch.uint8)
-    for t in plan.tensors:
-        if t.planes:
-            sources = [(staging if p.staged else store.arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
-            merge_planes(slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize], sources, scratch,
-                         t.numel, t.itemsize)
-    return slot
+class _Ticket:
+    """What the backend reads of a pipeline ticket."""
+
+    def __init__(self, store, index: int, tensor: torch.Tensor) -> None:
+        self.store, self.slot, self.ready = store, SimpleNamespace(index=index, tensor=tensor), threading.Event()
 
 
+def _fetch_on_fake_cuda(backend: CudaBackend, store, slot: torch.Tensor, index: int = 0, bind: bool = True) -> None:
+    """One fetch of `store` into `slot` through the backend's own five ops, jobs run inline;
+    `bind=False`: dropped after its upload, never bound (a drained prefetch)."""
+    ticket = _Ticket(store, index, slot)
+    for job in backend.decode_jobs(ticket):
+        for _, work in job:
+            work()
+    backend.upload(ticket)
+    ticket.ready.set()
+    if bind:
+        backend.wait(ticket)
+    backend.release(ticket)
+
+
+@pytest.mark.parametrize("chunk", [cuda_mod.MERGE_CHUNK_NBYTES, 65542, 16384], ids=["whole", "odd", "16k"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed):
+def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, chunk, monkeypatch):
+    """Every dtype, raw and compressed planes, merges split into chunks that wrap the scratch
+    regions many times (65542: not a multiple of 4 or 8), and no race on the way."""
+    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", chunk)
     store, tensors = _packed_unit(_mixed(seed))
-    slot = _run_upload_on_cpu(store, plan_upload(store))
-    views = store.views(SimpleNamespace(index=0, tensor=slot))
-    for (name, expected), got in zip(tensors.items(), views):
-        assert got.dtype == expected.dtype and got.shape == expected.shape
-        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    fake = FakeCuda()
+    backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
+    slots = [torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8) for _ in range(2)]
+    for i in range(3):                             # the second use of slot 0 follows its release
+        _fetch_on_fake_cuda(backend, store, slots[i % 2], i % 2)
+    for slot in slots:
+        views = store.views(SimpleNamespace(index=0, tensor=slot))
+        for (name, expected), got in zip(tensors.items(), views):
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    assert fake.races == []
+    backend.close()
+
+
+def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
+    """Break one ordering rule of `backend` (each is needed on a GPU; a CPU cannot tell)."""
+    if name == "no-used-wait":          # upload overwrites a slot the forward may still read
+        decode_jobs = backend.decode_jobs
+
+        def no_used(ticket):
+            jobs = decode_jobs(ticket)
+            backend._fetches[ticket].used = None
+            return jobs
+
+        backend.decode_jobs = no_used
+    elif name == "no-region-wait":      # the copy stream refills a region a merge still reads
+        merge = backend._merge
+
+        def unordered(*args):
+            backend._region_free = [None] * cuda_mod.SCRATCH_REGIONS
+            merge(*args)
+
+        backend._merge = unordered
+    elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
+        monkeypatch.setattr(StagingRing, "gate", staticmethod(lambda fetch: None))
+    elif name == "no-bind-wait":        # the forward reads the slot before its upload is done
+        backend.wait = lambda ticket: setattr(backend._fetches[ticket], "bound", True)
+    elif name == "drop-records-on-compute":   # a drained fetch's `used` misses its merges
+        release = backend.release
+
+        def as_if_bound(ticket):
+            if ticket in backend._fetches:
+                backend._fetches[ticket].bound = True
+            release(ticket)
+
+        backend.release = as_if_bound
+
+
+MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-bind-wait", "drop-records-on-compute"]
+
+
+@pytest.mark.parametrize("mutant", [None, *MUTANTS])
+def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, monkeypatch):
+    """Fetches through two slots: reuse after a bound use, a drained fetch followed by another
+    unit whose plain copy overwrites every byte the drained merges wrote, one staging slot, many
+    merge chunks. The backend as written has no race; removing any one wait or event makes one."""
+    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
+    monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
+    mixed, _ = _packed_unit(_mixed())
+    flat, _ = _packed_unit({"bytes.int8": torch.randint(-128, 127, (mixed.slot_nbytes,), dtype=torch.int8)})
+    fake = FakeCuda()
+    backend = CudaBackend("cpu", cuda=fake, staging_slots=1)
+    if mutant is not None:
+        _mutant(mutant, backend, monkeypatch)
+    backend = logged_backend(backend, fake, monkeypatch)
+    slots = [torch.zeros(max(mixed.slot_nbytes, flat.slot_nbytes), dtype=torch.uint8) for _ in range(2)]
+    for store, index, bind in [(mixed, 0, True), (mixed, 1, True), (mixed, 0, True), (mixed, 1, False), (flat, 1, True)]:
+        _fetch_on_fake_cuda(backend, store, slots[index], index, bind)
+    backend.close()
+    if mutant is None:
+        assert fake.races == []
+    else:
+        assert fake.races, f"{mutant}: no race reported"
 
 
 def test_pinned_heap_pins_whole_private_pages_and_reclaims_after_a_fence():
@@ -279,9 +275,57 @@ def staging(request, monkeypatch):
     return request.param
 
 
+def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bool = False) -> CudaBackend:
+    """Log every memory access of `backend`'s data operations with `fake`, which reports races
+    (see fake_cuda.py). `pinned`: assert that every host→device copy reads pinned memory."""
+    copy_async, interleave, stage_into = cuda_mod.copy_async, cuda_mod.interleave, cuda_mod.stage_into
+
+    def logged_copy(dst, src):
+        assert not pinned or fake.is_pinned(src), "a copy reads pageable memory"
+        fake.access("copy", reads=[src], writes=[dst])
+        copy_async(dst, src)
+
+    def logged_interleave(dst, planar, numel, itemsize):
+        fake.access("interleave", reads=[planar[: numel * itemsize]], writes=[dst])
+        interleave(dst, planar, numel, itemsize)
+
+    def logged_stage(buffer, offset, nbytes, source, fqn=""):
+        stage_into(buffer, offset, nbytes, source, fqn)
+        fake.access("decode", writes=[buffer[offset : offset + nbytes]], host=True)   # after: it is done
+
+    monkeypatch.setattr(cuda_mod, "copy_async", logged_copy)
+    monkeypatch.setattr(cuda_mod, "interleave", logged_interleave)
+    monkeypatch.setattr(cuda_mod, "stage_into", logged_stage)
+    wait, device_buffer, free_device_buffer = backend.wait, backend.device_buffer, backend.free_device_buffer
+    pinned_block = backend._pinned_block
+
+    def logged_wait(ticket):                  # then the forward reads the unit's bytes in the slot
+        wait(ticket)
+        fake.access("forward", reads=[ticket.slot.tensor[: ticket.store.slot_nbytes]])
+
+    def logged_device_buffer(nbytes):         # the caching allocators order reuse themselves
+        buf = device_buffer(nbytes)
+        fake.forget(buf)
+        return buf
+
+    def logged_free(buf):
+        fake.forget(buf)
+        free_device_buffer(buf)
+
+    def logged_pinned_block(nbytes):
+        buf = pinned_block(nbytes)
+        fake.recycle(buf)
+        return buf
+
+    backend.wait, backend.device_buffer, backend.free_device_buffer = logged_wait, logged_device_buffer, logged_free
+    backend._pinned_block = logged_pinned_block
+    return backend
+
+
 def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> CudaBackend:
-    """A CudaBackend on `fake` whose ops check the event discipline as they run (see below)."""
-    backend = CudaBackend("cpu", cuda=fake, **kwargs)
+    """A CudaBackend on `fake` whose ops check the event discipline as they run (see below),
+    with every memory access logged for the race check."""
+    backend = logged_backend(CudaBackend("cpu", cuda=fake, **kwargs), fake, monkeypatch, pinned=staging == "ring")
     latest, expected = {}, {}                 # slot -> `used` of its latest release; ticket -> it
     decode_jobs, upload, wait, release = backend.decode_jobs, backend.upload, backend.wait, backend.release
 
@@ -292,12 +336,12 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         expected[ticket] = latest.get(ticket.slot.index)
         return decode_jobs(ticket)
 
-    def checked_upload(ticket):               # waits the slot's latest `used`, then records
+    def checked_upload(ticket):               # waits the slot's latest `used`, ends on the merge stream
         start = len(fake.ops)
         upload(ticket)
         ops, want = mine(start), expected.pop(ticket)
         assert want is None or ops[0] == ("wait_event", "copy", want)
-        assert ops[-1][:2] == ("record", "copy")
+        assert ops[-2][:2] == ("wait_event", "merge") and ops[-1][:2] == ("record", "merge")
 
     def checked_wait(ticket):                 # the compute stream waits; nothing else happens
         start = len(fake.ops)
@@ -305,17 +349,16 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         assert [op[:2] for op in mine(start)] == [("wait_event", "compute")]
 
     def checked_release(ticket):              # records `used` on the compute stream, nothing else
+        fetch = backend._fetches.get(ticket)
         start = len(fake.ops)
         release(ticket)
-        (op,) = mine(start)
-        assert op[:2] == ("record", "compute")
-        latest[ticket.slot.index] = op[2]
+        ops, used = mine(start), backend._used[ticket.slot.index]
+        if fetch is not None and not fetch.bound and fetch.uploaded is not None:
+            assert ops == [] and used is fetch.uploaded      # dropped unbound: its upload's end
+        else:
+            assert ops == [("record", "compute", used)]
+        latest[ticket.slot.index] = used
 
-    def pinned_merge(dst, planes, scratch, numel, itemsize):
-        assert staging == "small" or all(fake.is_pinned(p) for p in planes), "a copy reads pageable memory"
-        merge_planes(dst, planes, scratch, numel, itemsize)
-
-    monkeypatch.setattr(cuda_mod, "merge_planes", pinned_merge)
     backend.decode_jobs, backend.upload, backend.wait, backend.release = (
         checked_decode_jobs, checked_upload, checked_wait, checked_release)
     return backend
@@ -339,7 +382,7 @@ def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread
         logits = s(ids).logits
     assert torch.equal(first, ref_tokens) and torch.equal(second, ref_tokens)
     assert torch.equal(logits, ref_logits)
-    assert syncs == []
+    assert syncs == [] and fake.races == []
     if staging == "ring":                            # workers gated on the ring: the log shows it
         assert any(op[1] == "event.synchronize" for op in fake.ops)
     assert not fake.pinned, "pinned host memory left registered after exit"
@@ -363,7 +406,7 @@ def test_toy_lm_on_fake_cuda_with_one_staging_slot(inline, staging, monkeypatch,
     with vzstream.session(model, backend=backend, prefetch=4, units="leaves", workers=3) as s:
         for _ in range(3):
             assert torch.equal(s(ids), ref)
-    assert not fake.pinned
+    assert not fake.pinned and fake.races == []
     snap.check(model)
 
 

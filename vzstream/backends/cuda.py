@@ -7,9 +7,13 @@ Mechanism only: the pipeline decides which unit goes into which device slot, and
            issued, so its `copied` event is recorded by then), then `copied.synchronize()`.
   upload   the worker that ran the last job, on the copy stream: wait the device slot's `used`
            event, copy planes host→device (compressed ones from staging, raw ones from the pinned
-           arena), interleave them into the slot, record `copied` and `uploaded`.
+           arena), record `copied`. A tensor of several planes goes chunk by chunk through a
+           device scratch region in planar layout, which the merge stream interleaves into the
+           slot while the copy stream goes on: the copy engine never idles for a merge kernel.
+           `uploaded` is recorded on the merge stream, after every copy and merge of the fetch.
   bind     forward thread: the compute stream waits `uploaded`. The host does not wait.
-  release  forward thread: record `used` on the compute stream, for the slot's next upload.
+  release  forward thread: record `used` on the compute stream, for the slot's next upload (a
+           fetch dropped unbound: its `uploaded`, which follows every write to the slot).
 
 Invariants: the forward thread never blocks on the GPU (event waits happen on workers; staging
 of at most 1 MiB, which the pipeline may decode on the forward thread, comes from torch's pinned
@@ -40,6 +44,9 @@ log = logging.getLogger("vzstream")
 
 STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
 SMALL_STAGING_NBYTES = 1 << 20    # up to this much staging: a caching-allocator block, no ring
+MERGE_CHUNK_NBYTES = 32 << 20     # planar bytes per merge step: bounds the scratch, and copies of
+                                  # this size still run at full PCIe speed
+SCRATCH_REGIONS = 2               # the copy stream fills one while the merge stream reads the other
 
 
 def _align(n: int, alignment: int) -> int:
@@ -133,18 +140,21 @@ def stage_into(buffer: torch.Tensor, offset: int, nbytes: int, source, fqn: str 
             buffer[offset : offset + nbytes].numpy()[:] = np.frombuffer(source, dtype=np.uint8)
 
 
-def merge_planes(dst: torch.Tensor, planes: list, scratch: torch.Tensor | None, numel: int,
-                 itemsize: int) -> None:
-    """Write byte planes (plane i = byte i of each little-endian element) into `dst`, a uint8
-    view of numel * itemsize bytes. Several planes go through `scratch` in planar layout
-    [itemsize, numel], then one strided copy interleaves them: one kernel on CUDA."""
-    if len(planes) == 1:
-        dst.copy_(planes[0], non_blocking=True)
-        return
-    planar = scratch[: numel * itemsize]
-    for i, src in enumerate(planes):
-        planar[i * numel : (i + 1) * numel].copy_(src, non_blocking=True)
-    dst.view(numel, itemsize).copy_(planar.view(itemsize, numel).t())
+def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """One copy on the current stream; from pinned host memory it does not block the host."""
+    dst.copy_(src, non_blocking=True)
+
+
+def interleave(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: int) -> None:
+    """Write `numel` elements whose byte planes lie in `planar` as [itemsize, numel] (plane i =
+    byte i of each little-endian element) into `dst`, a uint8 view of numel * itemsize bytes:
+    one strided-copy kernel on the current stream."""
+    dst.view(numel, itemsize).copy_(planar[: numel * itemsize].view(itemsize, numel).t())
+
+
+def region_nbytes(merge_nbytes: int) -> int:
+    """Bytes of one scratch region for tensors of up to `merge_nbytes` (0: no merges at all)."""
+    return min(MERGE_CHUNK_NBYTES, merge_nbytes)
 
 
 class CudaBackend(Backend):
@@ -158,13 +168,16 @@ class CudaBackend(Backend):
             # Workers must not fall back to *their* current device, which is always 0.
             self.device = torch.device("cuda", self.cuda.current_device())
         self.copy_stream = self.cuda.Stream(self.device)
+        self.merge_stream = self.cuda.Stream(self.device)
         self.heap = PinnedHeap(lambda ptr, nbytes: self._cudart("cudaHostRegister", ptr, nbytes, 0),
                                lambda ptr: self._cudart("cudaHostUnregister", ptr))
         self.staging = StagingRing(staging_slots, self.heap.alloc)
         self._plans: dict = {}               # UnitStore -> (UploadPlan, staging items)
         self._fetches: dict = {}             # Ticket -> Fetch
         self._used: dict[int, object] = {}   # slot index -> `used` event of its latest release
-        self._scratch: torch.Tensor | None = None
+        self._regions: list[torch.Tensor] = []   # device scratch for merges, SCRATCH_REGIONS of them
+        self._region_free: list = []             # per region: merge-stream event after its last read
+        self._next_region = 0
         self._upload_lock = threading.Lock()
 
     measures_activations = True
@@ -184,8 +197,9 @@ class CudaBackend(Backend):
     def scratch_nbytes(self, units) -> int:
         """Device memory the uploads of `units` need besides the slots: the merge scratch."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        return max((n for u in units for (_, p), n in zip(u.params, u.param_nbytes)
-                    if p.dtype.is_floating_point and p.element_size() > 1), default=0)
+        largest = max((n for u in units for (_, p), n in zip(u.params, u.param_nbytes)
+                       if p.dtype.is_floating_point and p.element_size() > 1), default=0)
+        return SCRATCH_REGIONS * region_nbytes(largest)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
@@ -211,20 +225,27 @@ class CudaBackend(Backend):
         return buf
 
     def free_device_buffer(self, buf: torch.Tensor) -> None:
-        # A drained prefetch may still be writing the slot on the copy stream: keep the block
-        # from being handed out again until that work is done.
+        # A drained prefetch may still be writing the slot (or merging out of a scratch region):
+        # keep the block from being handed out again until that work is done.
         if buf.is_cuda:
             buf.record_stream(self.copy_stream)
+            buf.record_stream(self.merge_stream)
         super().free_device_buffer(buf)
 
-    def _scratch_for(self, nbytes: int) -> torch.Tensor:
-        """Device scratch >= nbytes, allocated on the copy stream: stream order keeps reuse safe."""
-        old = self._scratch.numel() if self._scratch is not None else 0
-        if old < nbytes:
-            self._scratch = None
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            self.account(nbytes - old)
-        return self._scratch
+    def _grow_regions(self, merge_nbytes: int) -> None:
+        """Scratch regions big enough for `merge_nbytes` (on the copy stream; first pass only)."""
+        size = region_nbytes(merge_nbytes)
+        if self._regions and self._regions[0].numel() >= size:
+            return
+        for old in self._regions:
+            self.free_device_buffer(old)
+        self._regions = [self.device_buffer(size) for _ in range(SCRATCH_REGIONS)]
+        self._region_free, self._next_region = [None] * SCRATCH_REGIONS, 0
+
+    def _pinned_block(self, nbytes: int) -> torch.Tensor:
+        """Small staging from torch's pinned caching allocator, which recycles a block only once
+        the copies that read it are done: no gate needed."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
@@ -239,8 +260,7 @@ class CudaBackend(Backend):
             self.staging.acquire(fetch, plan.staging_nbytes)
             gate = [(fqn, partial(self._gate, fetch))]
         elif plan.staging_nbytes:
-            # torch's pinned caching allocator: it recycles a block once its copies are done.
-            fetch.buffer = torch.empty(plan.staging_nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            fetch.buffer = self._pinned_block(plan.staging_nbytes)
         else:
             return [[(fqn, lambda: None)]]   # nothing to decode: one job, so a worker uploads
         work = [(n, name, partial(stage_into, fetch.buffer, off, n, src, fqn)) for n, name, src, off in items]
@@ -260,39 +280,68 @@ class CudaBackend(Backend):
         # on this worker and so create a context on GPU 0.
         with stage_range("upload", ticket.store.unit.fqn), self._upload_lock, \
                 self.cuda.device(self.device), self.cuda.stream(self.copy_stream):
-            if fetch.used is not None:
-                self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
-            copied = self._copy_planes(ticket, fetch)
-            uploaded = self.copy_stream.record_event()
+            try:
+                if fetch.used is not None:
+                    self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
+                fetch.copied = self._copy_planes(ticket, fetch)
+            finally:
+                # Also after a failure: whatever was enqueued must finish before `used` passes.
+                self.merge_stream.wait_event(self.copy_stream.record_event())
+                fetch.uploaded = self.merge_stream.record_event()
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
-        fetch.copied, fetch.uploaded = copied, uploaded
 
     def _copy_planes(self, ticket, fetch: Fetch):
-        """Enqueue every plane copy and merge on the copy stream; return `copied` (or None)."""
+        """Enqueue every copy and merge of the fetch; return `copied` (None: nothing staged)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
-        scratch = self._scratch_for(plan.merge_nbytes) if plan.merge_nbytes else None
+        if plan.merge_nbytes:
+            self._grow_regions(plan.merge_nbytes)
         copied = None
         for i, t in enumerate(plan.tensors):
-            if t.planes:
-                sources = [(fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
-                           for p in t.planes]
-                dst = slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
-                merge_planes(dst, sources, scratch, t.numel, t.itemsize)
+            planes = [(fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
+            dst = slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
+            if len(planes) == 1:
+                copy_async(dst, planes[0])
+            elif planes:
+                self._merge(dst, planes, t.numel, t.itemsize)
             if i == plan.last_staged:
                 # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
                 copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         return copied
 
+    def _merge(self, dst: torch.Tensor, planes: list, numel: int, itemsize: int) -> None:
+        """Chunk by chunk: the copy stream copies each plane's slice into a scratch region, the
+        merge stream interleaves the region into `dst`; a region is refilled only after the merge
+        that read it (its `free` event), so SCRATCH_REGIONS chunks are in flight."""
+        step = self._regions[0].numel() // itemsize
+        for start in range(0, numel, step):
+            n = min(step, numel - start)
+            r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
+            region = self._regions[r]
+            if self._region_free[r] is not None:
+                self.copy_stream.wait_event(self._region_free[r])
+            for i, src in enumerate(planes):
+                copy_async(region[i * n : (i + 1) * n], src[start : start + n])
+            self.merge_stream.wait_event(self.copy_stream.record_event())
+            with self.cuda.stream(self.merge_stream):
+                interleave(dst[start * itemsize : (start + n) * itemsize], region, n, itemsize)
+            self._region_free[r] = self.merge_stream.record_event()
+
     def wait(self, ticket) -> None:
+        fetch = self._fetches[ticket]
+        fetch.bound = True
         with stage_range("bind", ticket.store.unit.fqn):    # the pipeline saw the upload issued
-            self.cuda.current_stream(self.device).wait_event(self._fetches[ticket].uploaded)
+            self.cuda.current_stream(self.device).wait_event(fetch.uploaded)
 
     def release(self, ticket) -> None:
         fetch = self._fetches.pop(ticket, None)
+        with stage_range("release", ticket.store.unit.fqn):
+            if fetch is not None and not fetch.bound and fetch.uploaded is not None:
+                used = fetch.uploaded    # dropped unbound: nothing read it, its writes end here
+            else:
+                used = self.cuda.current_stream(self.device).record_event()
+            self._used[ticket.slot.index] = used
         if fetch is not None:
             fetch.released = True
-        with stage_range("release", ticket.store.unit.fqn):
-            self._used[ticket.slot.index] = self.cuda.current_stream(self.device).record_event()
 
     def clear_caches(self) -> None:
         # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
@@ -303,12 +352,13 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         try:
-            self.copy_stream.synchronize()   # nothing may still read memory unpinned below
+            for stream in (self.copy_stream, self.merge_stream):
+                stream.synchronize()         # nothing may still read memory unpinned or freed below
         finally:
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
-            self.account(-self._scratch.numel() if self._scratch is not None else 0)
-            self._scratch = None
+            for region in self._regions:
+                self.free_device_buffer(region)
+            self._regions, self._region_free = [], []
             for state in (self._fetches, self._plans, self._used):
                 state.clear()
-
