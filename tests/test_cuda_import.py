@@ -16,8 +16,7 @@ import vzstream
 from vzstream import codec
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
-from vzstream.backends.cuda import (PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, plan_upload,
-                                    stage_into, staging_items)
+from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, plan_upload
 from vzstream.bench import gpu, models
 from vzstream.plan import Unit
 from vzstream.store import pack_unit
