@@ -17,7 +17,6 @@ from vzstream import codec
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, plan_upload
-from vzstream.bench import gpu, models
 from vzstream.plan import Unit
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent
@@ -426,41 +425,3 @@ def test_profiler_sees_every_stage(monkeypatch):
     names = {e.name for e in prof.events()}
     for stage in ("decode", "upload", "bind", "release"):
         assert f"vzstream.{stage}:blocks.1" in names, stage
-
-
-# -- the GPU benchmark, as far as it runs without a GPU -------------------------------------------
-@NO_GPU
-def test_bench_gpu_says_it_needs_a_gpu(capsys):
-    assert gpu.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().out
-    assert not torch.cuda.is_initialized()
-
-
-def test_bench_gpu_quick_options_model_build_and_decode_timing_run_on_cpu():
-    args = gpu.parse_args(["--quick", "--out", "results"])
-    assert (args.layers, args.tokens, args.prefill, args.out) == (4, 8, (1, 128), "results")
-    model = models.build_model(args.preset, layers=1)       # the --quick build, 1 layer: fast
-    assert next(model.parameters()).dtype == torch.bfloat16
-    assert models.prompt(model, *args.prefill).shape == args.prefill
-    store, _ = _packed_unit(_mixed())
-    assert gpu.measure_decode_s([store], workers=2, repeat=1) > 0
-
-
-def test_bench_gpu_run_keeps_every_row_as_it_is_measured(tmp_path, capsys):
-    """A GPU run cut short must still leave what it measured: each row is printed and appended to
-    gpu.rows.jsonl at once, a failing section becomes a row, and the run goes on."""
-    import json
-
-    run = gpu.Run(str(tmp_path))
-    run.add({"model": "m", "method": "resident", "decode_tok_s": 12.5})
-    with run.section("m", "vzstream prefetch=2"):
-        raise RuntimeError("CUDA error: an illegal memory access")
-    with run.section("m", "after"):
-        run.add({"model": "m", "method": "after", "note": "ran"})
-    args = gpu.parse_args(["--budget-s", "0"])
-    assert not run.time_left(args, 60, "llama-3-8b", "-")
-    lines = [json.loads(line) for line in (tmp_path / "gpu.rows.jsonl").read_text().splitlines()]
-    assert lines == run.rows and [r["method"] for r in lines] == ["resident", "vzstream prefetch=2", "after", "-"]
-    assert lines[1]["note"] == "failed: RuntimeError: CUDA error: an illegal memory access"
-    assert lines[3]["note"].startswith("skipped: under 60 s")
-    out = capsys.readouterr().out
-    assert "decode_tok_s=12.5" in out and "Traceback" in out

@@ -12,8 +12,9 @@ Bound per pass = max(C, B / min(W_pcie, W_dec)), where C is the resident pass ti
 streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the streamed units, which
 is what crosses PCIe: decoded `hi` planes plus raw `lo` planes), W_pcie the pinned host→device
 bandwidth (256 MiB copies timed with CUDA events) and W_dec the workers' decode rate in the same
-bytes: B / the time a thread pool of `workers` threads takes to decode every compressed frame of
-one pass into staging-sized buffers. The baselines are held to the same bound.
+bytes: the streamed units' raw bytes / the time a thread pool of `workers` threads takes to decode
+every compressed frame of them once, into staging-sized buffers. With nothing streamed the bound
+is C. The baselines are held to the same bound.
 
 Warm-up is excluded, every timer stops after `torch.cuda.synchronize()`, times are medians.
 Nothing is asserted: a benchmark reports. The table is printed, then one JSON line.
@@ -268,10 +269,14 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float, config: dict) ->
 
 def make_bound(res: dict, stats, s, pcie_gbps: float, config: dict) -> dict:
     """DESIGN §9 per pass, for decode (C = resident time per token) and for the prefill."""
-    B = stats.streamed_nbytes_per_pass         # every streamed unit is fetched once per pass
-    streamed = list(s.stores.values())
-    decode_gbps = B / measure_decode_s(streamed, s.config.workers) / 1e9
-    transfer_s = B / (min(pcie_gbps, decode_gbps) * 1e9)
+    B = stats.streamed_nbytes_per_pass         # what crosses PCIe per pass (a unit per fetch)
+    streamed = list(s.stores.values())         # the streamed units only (resident ones are not here)
+    if B:
+        decoded = sum(store.raw_nbytes for store in streamed)   # each decoded once below
+        decode_gbps = decoded / measure_decode_s(streamed, s.config.workers) / 1e9
+        transfer_s = B / (min(pcie_gbps, decode_gbps) * 1e9)
+    else:                                      # nothing streams: the bound is the resident time
+        decode_gbps, transfer_s = None, 0.0
     config.update(streamed_nbytes_per_pass=B, decode_gbps=decode_gbps, transfer_s_per_pass=transfer_s,
                   resident_decode_s_per_pass=res["pass_s"], resident_prefill_s=res["prefill_s"])
     return dict(decode_s=max(res["pass_s"], transfer_s), prefill_s=max(res["prefill_s"], transfer_s))

@@ -1,0 +1,121 @@
+"""`python -m vzstream bench gpu` without a GPU: it says so; and its whole harness (every method,
+the bound, the budget sweep, the 8B rows, the files it writes) runs end to end on a fake GPU, so
+that the one run a lent GPU allows is not lost to a Python error. Nothing here is a number."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import vzstream
+from vzstream.backends import cuda as cuda_mod
+from vzstream.bench import budget, gpu, models
+from fake_cuda import FakeCuda
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+@NO_GPU
+def test_bench_gpu_says_it_needs_a_gpu(capsys):
+    assert gpu.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().out
+    assert not torch.cuda.is_initialized()
+
+
+def test_bench_gpu_quick_options():
+    args = gpu.parse_args(["--quick", "--out", "results"])
+    assert (args.layers, args.tokens, args.prefill, args.out) == (4, 8, (1, 128), "results")
+    model = models.build_model(args.preset, layers=1)       # the --quick build, 1 layer: fast
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert models.prompt(model, *args.prefill).shape == args.prefill
+
+
+def test_bench_gpu_run_keeps_every_row_as_it_is_measured(tmp_path, capsys):
+    """A GPU run cut short must still leave what it measured: each row is printed and appended to
+    gpu.rows.jsonl at once, a failing section becomes a row, and the run goes on."""
+    run = gpu.Run(str(tmp_path))
+    run.add({"model": "m", "method": "resident", "decode_tok_s": 12.5})
+    with run.section("m", "vzstream prefetch=2"):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    with run.section("m", "after"):
+        run.add({"model": "m", "method": "after", "note": "ran"})
+    args = gpu.parse_args(["--budget-s", "0"])
+    assert not run.time_left(args, 60, "llama-3-8b", "-")
+    lines = [json.loads(line) for line in (tmp_path / "gpu.rows.jsonl").read_text().splitlines()]
+    assert lines == run.rows and [r["method"] for r in lines] == ["resident", "vzstream prefetch=2", "after", "-"]
+    assert lines[1]["note"] == "failed: RuntimeError: CUDA error: an illegal memory access"
+    assert lines[3]["note"].startswith("skipped: under 60 s")
+    out = capsys.readouterr().out
+    assert "decode_tok_s=12.5" in out and "Traceback" in out
+
+
+class _TimedEvent:
+    """torch.cuda.Event(enable_timing=True) on CPU: 1 ms between any two records."""
+
+    def __init__(self, enable_timing=False, blocking=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda as the benchmark uses it, on CPU: `.cuda()` is the identity, the allocator
+    statistics are zero, and `device="cuda"` sessions run CudaBackend on a FakeCuda."""
+    fakes, real_backend = [], cuda_mod.CudaBackend
+
+    def fake_backend(device="cuda"):
+        fakes.append(FakeCuda())
+        return real_backend("cpu", cuda=fakes[-1])
+
+    cuda = torch.cuda
+    for name, value in [("is_available", lambda: True), ("synchronize", lambda device=None: None),
+                        ("reset_peak_memory_stats", lambda device=None: None),
+                        ("max_memory_allocated", lambda device=None: 0), ("memory_allocated", lambda device=None: 0),
+                        ("empty_cache", lambda: None), ("get_device_name", lambda device=None: "Fake GPU"),
+                        ("Event", _TimedEvent)]:
+        monkeypatch.setattr(cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(cuda_mod, "CudaBackend", fake_backend)          # what make_backend imports
+    monkeypatch.setattr(gpu, "measure_pcie", lambda nbytes: 25.0)      # pin_memory needs a GPU
+    real_build = models.build_model
+
+    def small_build(name, **kwargs):            # the 8B rows on a model that fits a CI machine
+        return real_build("small", layers=kwargs.get("layers") or 2) if name == "llama-3-8b" else real_build(name, **kwargs)
+
+    monkeypatch.setattr(gpu, "build_model", small_build)
+    return fakes
+
+
+def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(budget, "budget_points", lambda *a: [1 << 30])   # one point: fast
+    args = ["--quick", "--preset", "small", "--prefetch", "1", "2", "--out", str(tmp_path)]
+    assert gpu.main(args) == 0
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == ["resident", "vzstream prefetch=1", "vzstream prefetch=2"]
+    for r in rows[:3]:
+        assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert isinstance(r["decode_bound_frac"], float) and isinstance(r["prefill_bound_frac"], float)
+    # The baselines ran, or say why not (neither package is a dependency): never silently absent.
+    for method in ("diffusers group offload", "accelerate cpu_offload"):
+        (r,) = [r for r in rows if r["method"] == method]
+        assert "decode_tok_s" in r or r["note"].startswith(("skipped: ", "failed: ")), r
+    assert [json.loads(line) for line in (tmp_path / "gpu.rows.jsonl").read_text().splitlines()] == rows
+    sweep = json.loads((tmp_path / "gpu_budget.json").read_text())["rows"]
+    assert len(sweep) == 1 and sweep[0]["tokens_equal"] is True
+    assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
+    assert all(f.races == [] for f in fake_gpu) and len(fake_gpu) >= 3
+
+    run = gpu.Run(None)                              # the 8B section, on a stand-in model
+    gpu.bench_8b(run, gpu.parse_args(["--quick"]), 25.0, {})
+    assert [r["method"] for r in run.rows] == ["resident", "vzstream prefetch=2 vram_budget=4GiB"]
+    assert run.rows[1]["tokens_equal"] is True
