@@ -86,6 +86,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr(cuda_mod, "CudaBackend", fake_backend)          # what make_backend imports
     monkeypatch.setattr(gpu, "measure_pcie", lambda nbytes: 25.0)      # pin_memory needs a GPU
+    monkeypatch.setattr(gpu, "measure_merge", lambda nbytes: 500.0)    # so do device tensors
     real_build = models.build_model
 
     def small_build(name, **kwargs):            # the 8B rows on a model that fits a CI machine
@@ -113,6 +114,8 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     sweep = json.loads((tmp_path / "gpu_budget.json").read_text())["rows"]
     assert len(sweep) == 1 and sweep[0]["tokens_equal"] is True
     assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
+    trace = json.loads((tmp_path / "trace_prefetch1.json").read_text())        # the profiler's trace
+    assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
     assert all(f.races == [] for f in fake_gpu) and len(fake_gpu) >= 3
 
     run = gpu.Run(None)                              # the 8B section, on a stand-in model

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args.out)
     pcie_gbps = measure_pcie(args.pcie_nbytes)
     config = dict(vars(args), pcie_gbps=pcie_gbps, device=torch.cuda.get_device_name(),
-                  workers=vzstream.SessionConfig().workers)
-    print(f"device {config['device']}, pinned host->device {pcie_gbps:.1f} GB/s, "
-          f"{config['workers']} decode workers", flush=True)
+                  workers=vzstream.SessionConfig().workers, merge_gbps=measure_merge(args.pcie_nbytes))
+    print(f"device {config['device']}, pinned host->device {pcie_gbps:.1f} GB/s, plane merge "
+          f"{config['merge_gbps']:.0f} GB/s, {config['workers']} decode workers", flush=True)
     bench_preset(run, args.preset, args, pcie_gbps, config)
     budget_rows = []
     if run.time_left(args, 60, args.preset, "budget sweep"):
@@ -170,6 +170,46 @@ def measure_pcie(nbytes: int, repeat: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def measure_merge(nbytes: int, repeat: int = 5) -> float:
+    """GB/s of the backend's plane-merge kernel (bf16: two planes into one tensor), with events:
+    it runs on its own stream, so this says how much of the device it takes beside compute."""
+    from vzstream.backends.cuda import interleave
+
+    planar = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    interleave(dst, planar, nbytes // 2, 2)             # warm-up
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        interleave(dst, planar, nbytes // 2, 2)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def profile_to(path: str, fn) -> None:
+    """A Chrome trace of `fn()` (the decode workers' ranges too, where this torch can record
+    other threads): where copies, merges and compute overlap, and where they do not."""
+    from torch.profiler import ProfilerActivity, profile, supported_activities
+
+    activities = [a for a in (ProfilerActivity.CPU, ProfilerActivity.CUDA) if a in supported_activities()]
+    kwargs = {}
+    try:
+        kwargs["experimental_config"] = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except (AttributeError, TypeError):
+        pass
+    try:
+        with torch.no_grad(), profile(activities=activities, **kwargs) as prof:
+            fn()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(path)
+        print(f"trace written: {path}", flush=True)
+    except Exception as exc:    # a trace is a bonus: never lose the rows for it
+        print(f"no trace ({type(exc).__name__}: {exc})", flush=True)
+
+
 def measure_decode_s(stores, workers: int, repeat: int = 3) -> float:
     """Seconds for `workers` threads to decode every compressed frame of `stores` once, into
     three rotating staging-sized buffers (as the backend's ring does)."""
@@ -258,6 +298,9 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float, config: dict) ->
                 if bound is None:       # the first session that runs gives B and W_dec
                     bound = make_bound(res, stats, s, pcie_gbps, config)
                     run.add(row(name, "resident", res, args, args.tokens, bound, None))
+                    if args.out:
+                        profile_to(os.path.join(args.out, f"trace_prefetch{k}.json"),
+                                   lambda: generate(s.generate, ids, args.warm_tokens))
             run.add(row(name, f"vzstream prefetch={k}", m, args, args.tokens, bound, ref,
                         note=f"stall {100 * stats.stall_fraction:.0f}%, ratio {stats.ratio:.3f}"))
     if bound is None:
