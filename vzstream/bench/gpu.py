@@ -154,39 +154,35 @@ def bench_budget(args) -> list[dict]:
 
 
 # -- measurements -----------------------------------------------------------------------------
-def measure_pcie(nbytes: int, repeat: int = 5) -> float:
-    """Pinned host→device GB/s: one large copy, timed with CUDA events, median of `repeat`."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)                 # warm-up
+def event_time_s(fn, repeat: int = 5) -> float:
+    """Median seconds of `fn()` on the current stream, timed with CUDA events, after a warm-up."""
+    fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dst.copy_(src, non_blocking=True)
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
-def measure_merge(nbytes: int, repeat: int = 5) -> float:
-    """GB/s of the backend's plane-merge kernel (bf16: two planes into one tensor), with events:
-    it runs on its own stream, so this says how much of the device it takes beside compute."""
+def measure_pcie(nbytes: int) -> float:
+    """Pinned host→device GB/s: one large copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    return nbytes / event_time_s(lambda: dst.copy_(src, non_blocking=True)) / 1e9
+
+
+def measure_merge(nbytes: int) -> float:
+    """GB/s of the backend's plane-merge kernel (bf16: two planes into one tensor). It runs on
+    its own stream, so this says how much of the device it takes beside compute."""
     from vzstream.backends.cuda import interleave
 
     planar = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    interleave(dst, planar, nbytes // 2, 2)             # warm-up
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        interleave(dst, planar, nbytes // 2, 2)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / event_time_s(lambda: interleave(dst, planar, nbytes // 2, 2)) / 1e9
 
 
 def profile_to(path: str, fn) -> None:
