@@ -118,6 +118,9 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
     assert all(f.races == [] for f in fake_gpu) and len(fake_gpu) >= 3
 
+    calls = []
+    assert gpu.event_time_s(lambda: calls.append(1), repeat=3) == 1e-3 and len(calls) == 4   # warm-up + 3
+
     run = gpu.Run(None)                              # the 8B section, on a stand-in model
     gpu.bench_8b(run, gpu.parse_args(["--quick"]), 25.0, {})
     assert [r["method"] for r in run.rows] == ["resident", "vzstream prefetch=2 vram_budget=4GiB"]
