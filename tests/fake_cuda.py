@@ -131,8 +131,9 @@ class FakeCuda:
         self.memory_allocated = self.max_memory_allocated = lambda device=None: 0
         self.reset_peak_memory_stats = lambda device=None: None
 
-    def Stream(self, device=None):  # noqa: N802 (torch.cuda.Stream)
+    def Stream(self, device=None, priority=0):  # noqa: N802 (torch.cuda.Stream)
         stream = FakeStream(self, self.STREAM_NAMES[len(self.streams)])
+        stream.priority = priority
         self.streams.append(stream)
         return stream
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import vzstream
 from vzstream.backends import cuda as cuda_mod
 from vzstream.bench import budget, gpu, models
 from fake_cuda import FakeCuda

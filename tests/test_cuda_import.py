@@ -184,7 +184,7 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, mo
     monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     mixed, _ = _packed_unit(_mixed())
-    flat, _ = _packed_unit({"bytes.int8": torch.randint(-128, 127, (mixed.slot_nbytes,), dtype=torch.int8)})
+    flat = _flat_store_over(mixed)
     fake = FakeCuda()
     backend = CudaBackend("cpu", cuda=fake, staging_slots=1)
     if mutant is not None:
@@ -198,6 +198,90 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, mo
         assert fake.races == []
     else:
         assert fake.races, f"{mutant}: no race reported"
+
+
+def _flat_store_over(store):
+    """A unit of one int8 tensor as large as `store`'s slot: its plain copy overwrites every byte
+    that `store`'s merges wrote."""
+    flat, _ = _packed_unit({"bytes.int8": torch.randint(-128, 127, (store.slot_nbytes,), dtype=torch.int8)})
+    return flat
+
+
+def test_a_drop_that_never_uploaded_keeps_the_slots_last_writer(monkeypatch):
+    """A drained fetch's merges, then a fetch into the same slot dropped before it ever ran
+    (an inline prefetch, or a failed decode): the slot's `used` must still follow those merges."""
+    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
+    mixed, _ = _packed_unit(_mixed())
+    flat = _flat_store_over(mixed)
+    fake = FakeCuda()
+    backend = logged_backend(CudaBackend("cpu", cuda=fake, staging_slots=1), fake, monkeypatch)
+    slot = torch.zeros(max(mixed.slot_nbytes, flat.slot_nbytes), dtype=torch.uint8)
+    _fetch_on_fake_cuda(backend, mixed, slot, 1, bind=False)       # uploaded, drained unbound
+    never_ran = _Ticket(mixed, 1, slot)
+    backend.decode_jobs(never_ran)
+    backend.release(never_ran)
+    _fetch_on_fake_cuda(backend, flat, slot, 1)
+    backend.close()
+    assert fake.races == []
+
+
+def test_a_staging_gate_inherits_the_wait_of_a_fetch_dropped_before_it_ran(monkeypatch):
+    """Ring slot: x (uploaded), y (dropped before its jobs ran), z. z must still wait for x's
+    copies, which y would have waited for."""
+    monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
+    mixed, _ = _packed_unit(_mixed())
+    fake = FakeCuda()
+    backend = logged_backend(CudaBackend("cpu", cuda=fake, staging_slots=1), fake, monkeypatch)
+    slots = [torch.zeros(mixed.slot_nbytes, dtype=torch.uint8) for _ in range(3)]
+    x, y = _Ticket(mixed, 0, slots[0]), _Ticket(mixed, 1, slots[1])
+    x_jobs = backend.decode_jobs(x)
+    backend.decode_jobs(y)                                          # y's jobs never run
+    for job in x_jobs:
+        for _, work in job:
+            work()
+    backend.upload(x)
+    x.ready.set()
+    backend.release(y)
+    _fetch_on_fake_cuda(backend, mixed, slots[2], 2)
+    backend.close()
+    assert fake.races == []
+
+
+def test_every_job_of_a_fetch_waits_at_the_gate_not_only_the_first():
+    """The jobs of one fetch run on several workers: while the first waits for the previous
+    fetch's copies, the others must wait too (the race check above sees only the interleaving
+    that happened to run, so this is checked directly)."""
+    ring = StagingRing(1, lambda n: torch.empty(n, dtype=torch.uint8))
+    prev, fetch = Fetch(None, threading.Event()), Fetch(None, threading.Event())
+    for f in (prev, fetch):
+        ring.acquire(f, 10)
+    passed = []
+    workers = [threading.Thread(target=lambda i=i: (StagingRing.gate(fetch), passed.append(i))) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(0.3)
+    assert passed == [], "a job passed the gate before the previous fetch of its slot was copied"
+    prev.copied = FakeEvent(FakeCuda())
+    prev.copied.record(FakeCuda().compute)
+    prev.ready.set()
+    for w in workers:
+        w.join(5)
+    assert sorted(passed) == [0, 1, 2] and fetch.prev is None
+
+
+def test_prepare_allocates_the_merge_scratch_on_the_calling_thread(monkeypatch):
+    mixed, _ = _packed_unit(_mixed())
+    fake = FakeCuda()
+    backend = CudaBackend("cpu", cuda=fake)
+    backend.prepare(2, [mixed])
+    regions = list(backend._regions)
+    assert len(regions) == cuda_mod.SCRATCH_REGIONS and backend.device_nbytes == backend.scratch_nbytes([mixed.unit])
+    assert fake.streams[1].priority < fake.streams[0].priority == 0    # merges ahead of compute's queue
+    _fetch_on_fake_cuda(backend, mixed, torch.zeros(mixed.slot_nbytes, dtype=torch.uint8))
+    assert [r.data_ptr() for r in backend._regions] == [r.data_ptr() for r in regions]   # no allocation mid-pass
+    backend.close()
+    assert backend.device_nbytes == 0
 
 
 def test_pinned_heap_pins_whole_private_pages_and_reclaims_after_a_fence():
@@ -257,10 +341,14 @@ def test_staging_ring_gate_passes_a_previous_fetch_that_failed_or_was_dropped():
         ring.acquire(f, 10)
     failed.ready.set()                             # ready without an upload: copied stays None
     StagingRing.gate(after_failed)
+    after_failed.copied = FakeEvent(FakeCuda())    # it uploaded; its copy is recorded
+    after_failed.copied.record(FakeCuda().compute)
+    after_failed.ready.set()
     ring.acquire(dropped, 10)
     ring.acquire(after_dropped, 10)
     dropped.released = True                        # settled by the pipeline before it ever ran
-    StagingRing.gate(after_dropped)
+    StagingRing.gate(after_dropped)                # waits what `dropped` would have: after_failed
+    assert after_dropped.prev is None and dropped.prev is None
 
 
 # -- the whole backend in a real session, on CPU ------------------------------------------------------
@@ -346,15 +434,15 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         wait(ticket)
         assert [op[:2] for op in mine(start)] == [("wait_event", "compute")]
 
-    def checked_release(ticket):              # records `used` on the compute stream, nothing else
-        fetch = backend._fetches.get(ticket)
+    def checked_release(ticket):
+        fetch, before = backend._fetches.get(ticket), backend._used.get(ticket.slot.index)
         start = len(fake.ops)
         release(ticket)
-        ops, used = mine(start), backend._used[ticket.slot.index]
-        if fetch is not None and not fetch.bound and fetch.uploaded is not None:
-            assert ops == [] and used is fetch.uploaded      # dropped unbound: its upload's end
-        else:
+        ops, used = mine(start), backend._used.get(ticket.slot.index)
+        if fetch is None or fetch.bound:      # records `used` on the compute stream, nothing else
             assert ops == [("record", "compute", used)]
+        else:                                 # dropped unbound: the slot's last writer stands for it
+            assert ops == [] and used is (fetch.uploaded or fetch.used or before)
         latest[ticket.slot.index] = used
 
     backend.decode_jobs, backend.upload, backend.wait, backend.release = (

@@ -260,13 +260,13 @@ class Session(AsyncGeneration):
         # Unbudgeted, the ring starts with the one slot the traced pass fetches into and grows
         # to the learned schedule's count; budgeted, it is static from here on.
         self.pool.join(self, resident, slot_nbytes, self.memory_plan.num_slots if fixed_ring else int(bool(self.stores)))
+        self.backend.prepare(self.config.prefetch, self.stores.values())
         self._update_stats()
         return fixed_ring
 
     def _start_streaming(self) -> None:
         cfg, stats = self.config, self._stats
         fixed_ring = self._join_pool()
-        self.backend.prepare(cfg.prefetch)
         self._pipeline = Pipeline(self.backend, cfg.workers, stats)
         max_slots = self.pool.ring_slots if fixed_ring else None
         self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots, owner=self,

@@ -4,12 +4,13 @@ thread in the steady state, and pinned host memory registered while open, releas
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
 
 import vzstream
-from models import Routed, build, build_hf, hf_inputs, make_input, seeded
+from models import Routed, Stack, build, build_hf, hf_inputs, make_input, seeded
 
 pytestmark = pytest.mark.cuda
 
@@ -125,6 +126,34 @@ def test_no_host_sync_on_the_forward_thread_in_steady_state(monkeypatch):
         s.generate(ids, **gen_kwargs)
         monkeypatch.undo()
     assert calls == []
+
+
+def test_no_implicit_sync_on_the_forward_thread(monkeypatch):
+    """torch's sync debug mode flags synchronising CUDA calls that no patch above can see (a
+    blocking copy, `.item()`, a stream synchronise inside torch): none may come from the forward
+    thread of a streamed pass. A toy model of plain layers, so the model itself never syncs;
+    blocks of 12 MiB, so decoding runs on workers through the pinned staging ring."""
+    model = build(Stack, dtype=torch.bfloat16, num_blocks=6, dim=1024)
+    x = make_input(4, 1024, dtype=torch.bfloat16).cuda()
+    forward_thread, flagged = threading.get_ident(), []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if threading.get_ident() == forward_thread:
+            flagged.append(f"{filename}:{lineno}: {message}")
+
+    with vzstream.session(model, device="cuda", prefetch=2) as s:
+        ref = s(x)                                    # learns the trace
+        s(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record             # restored by catch_warnings
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outs = [s(x) for _ in range(3)]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert flagged == []
+    assert all(torch.equal(o, ref) for o in outs)
 
 
 def test_arenas_pinned_while_open_and_unpinned_after():

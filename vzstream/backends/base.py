@@ -39,8 +39,9 @@ class Backend:
         """Bytes of activations the pass since `begin_measure` peaked at; None: not measurable."""
         return None
 
-    def prepare(self, prefetch: int) -> None:
-        """Size per-fetch resources (CUDA: staging slots) for `prefetch` fetches in flight."""
+    def prepare(self, prefetch: int, stores=()) -> None:
+        """Size per-fetch resources (CUDA: staging slots, merge scratch) for `prefetch` fetches
+        in flight of the units in `stores`."""
 
     def scratch_nbytes(self, units) -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""

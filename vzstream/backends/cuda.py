@@ -168,7 +168,9 @@ class CudaBackend(Backend):
             # Workers must not fall back to *their* current device, which is always 0.
             self.device = torch.device("cuda", self.cuda.current_device())
         self.copy_stream = self.cuda.Stream(self.device)
-        self.merge_stream = self.cuda.Stream(self.device)
+        # High priority: a merge frees a scratch region the copy engine waits for; queued behind
+        # compute kernels that fill every SM, it would leave PCIe idle.
+        self.merge_stream = self.cuda.Stream(self.device, priority=-1)
         self.heap = PinnedHeap(lambda ptr, nbytes: self._cudart("cudaHostRegister", ptr, nbytes, 0),
                                lambda ptr: self._cudart("cudaHostUnregister", ptr))
         self.staging = StagingRing(staging_slots, self.heap.alloc)
@@ -233,7 +235,7 @@ class CudaBackend(Backend):
         super().free_device_buffer(buf)
 
     def _grow_regions(self, merge_nbytes: int) -> None:
-        """Scratch regions big enough for `merge_nbytes` (on the copy stream; first pass only)."""
+        """Scratch regions big enough for tensors of `merge_nbytes`."""
         size = region_nbytes(merge_nbytes)
         if self._regions and self._regions[0].numel() >= size:
             return
@@ -250,10 +252,7 @@ class CudaBackend(Backend):
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
         store, fqn = ticket.store, ticket.store.unit.fqn
-        if store not in self._plans:
-            plan = plan_upload(store)
-            self._plans[store] = (plan, staging_items(store, plan))
-        plan, items = self._plans[store]
+        plan, items = self._plan(store)
         fetch = self._fetches[ticket] = Fetch(plan, ticket.ready, self._used.get(ticket.slot.index))
         gate = []
         if plan.staging_nbytes > SMALL_STAGING_NBYTES:
@@ -266,13 +265,25 @@ class CudaBackend(Backend):
         work = [(n, name, partial(stage_into, fetch.buffer, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
 
+    def _plan(self, store) -> tuple[UploadPlan, list]:
+        """The store's upload plan and staging items, computed once."""
+        if store not in self._plans:
+            plan = plan_upload(store)
+            self._plans[store] = (plan, staging_items(store, plan))
+        return self._plans[store]
+
     def _gate(self, fetch: Fetch) -> None:
         with self.cuda.device(self.device):            # the event wait runs on a worker thread
             StagingRing.gate(fetch)
 
-    def prepare(self, prefetch: int) -> None:
-        """A staging slot per fetch in flight, plus one, so decoding runs `prefetch` ahead."""
+    def prepare(self, prefetch: int, stores=()) -> None:
+        """A staging slot per fetch in flight, plus one, so decoding runs `prefetch` ahead; the
+        merge scratch for `stores`, allocated here on the forward thread from the compute
+        stream's pool (not on a worker in the middle of a pass)."""
         self.staging.grow(prefetch + 1)
+        merge = max((self._plan(store)[0].merge_nbytes for store in stores), default=0)
+        if merge:
+            self._grow_regions(merge)
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
@@ -285,7 +296,10 @@ class CudaBackend(Backend):
                     self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
                 fetch.copied = self._copy_planes(ticket, fetch)
             finally:
-                # Also after a failure: whatever was enqueued must finish before `used` passes.
+                # Also after a failure: whatever was enqueued must finish before the staging
+                # is decoded into again, and before the slot's `used` passes.
+                if fetch.copied is None and fetch.plan.last_staged >= 0:
+                    fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
                 self.merge_stream.wait_event(self.copy_stream.record_event())
                 fetch.uploaded = self.merge_stream.record_event()
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
@@ -294,7 +308,7 @@ class CudaBackend(Backend):
         """Enqueue every copy and merge of the fetch; return `copied` (None: nothing staged)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
         if plan.merge_nbytes:
-            self._grow_regions(plan.merge_nbytes)
+            self._grow_regions(plan.merge_nbytes)   # a no-op after `prepare` saw this store
         copied = None
         for i, t in enumerate(plan.tensors):
             planes = [(fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
@@ -335,11 +349,14 @@ class CudaBackend(Backend):
     def release(self, ticket) -> None:
         fetch = self._fetches.pop(ticket, None)
         with stage_range("release", ticket.store.unit.fqn):
-            if fetch is not None and not fetch.bound and fetch.uploaded is not None:
-                used = fetch.uploaded    # dropped unbound: nothing read it, its writes end here
-            else:
+            if fetch is None or fetch.bound:
                 used = self.cuda.current_stream(self.device).record_event()
-            self._used[ticket.slot.index] = used
+            else:
+                # Dropped unbound: nothing read the slot. Its last writes end at `uploaded`; with
+                # no upload, the slot's previous `used` (maybe a drained merge) still stands.
+                used = fetch.uploaded if fetch.uploaded is not None else fetch.used
+            if used is not None:
+                self._used[ticket.slot.index] = used
         if fetch is not None:
             fetch.released = True
 

@@ -139,15 +139,19 @@ class StagingRing:
 
     @staticmethod
     def gate(fetch: Fetch) -> None:
-        """Block (a worker) until `fetch` may write its buffer. Every job of a fetch calls it."""
+        """Block (a worker) until `fetch` may write its buffer. Every job of a fetch calls it;
+        the lock keeps the others waiting until the first has passed."""
         with fetch.lock:
-            prev, fetch.prev = fetch.prev, None     # cut the chain: old fetches can be collected
+            prev = fetch.prev
             if prev is None:
                 return
             while not prev.ready.wait(0.05):        # set once its upload is issued, or it failed
-                if prev.released:                   # dropped before its jobs ever ran
-                    return
-            if prev.copied is not None:             # None: it failed before uploading
-                prev.copied.synchronize()
+                if prev.released:                   # dropped before its jobs ever ran: it wrote
+                    StagingRing.gate(prev)          # nothing, but what it waited for still holds
+                    break
+            else:
+                if prev.copied is not None:         # None: it failed before uploading
+                    prev.copied.synchronize()
+            fetch.prev = None                       # passed: cut the chain, old fetches can go
 
 
