@@ -12,9 +12,12 @@ at least one a write, are not ordered by happens-before as CUDA defines it:
 - `e.synchronize()`, a `query()` that returns True, and `stream.synchronize()` order the host's
   later actions after that work.
 
-All host threads share one clock component. That is sound here: the log is kept in real-time
-order under a lock, and an event that has completed has completed for every thread. Host-to-host
-ordering (Python locks and events) is the pipeline's business, not the GPU's, and is not checked.
+Each host thread has its own clock component, so a wait that happened on one thread does not
+order another thread's writes. `instrument` replaces the Python synchronisation the pipeline and
+the backend use (`threading.Event`, `threading.Lock`, the decode pool's `submit`) with versions
+that carry clocks too: `set` → `wait`, `release` → `acquire` and `submit` → the job are the only
+host-to-host edges. A race is then found whatever the timing of the run that showed it: a missing
+wait is reported even when the thread that skipped it happened to run late.
 
 Accesses are logged by the test's wrappers around the backend's data operations (`access`), and
 memory that is freed or recycled drops out of the log (`forget`, `recycle`).
@@ -23,7 +26,9 @@ memory that is freed or recycled drops out of the log (`forget`, `recycle`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -52,22 +57,20 @@ class FakeEvent:
 
     def record(self, stream):
         with self.cuda._lock:
-            stream.clock = _join(stream.clock, self.cuda.host)
+            stream.clock = _join(stream.clock, self.cuda.clock())
             self.stream, self.clock = stream, dict(stream.clock)
             self.cuda._log("record", stream.name, self)
 
     def query(self):
         if self.stream is None:
             return False
-        with self.cuda._lock:                  # a CPU "copy" is done once it is issued
-            self.cuda.host = _join(self.cuda.host, self.clock)
+        self.cuda.observe(self.clock)          # a CPU "copy" is done once it is issued
         return True
 
     def synchronize(self):
         assert self.stream is not None, "synchronize() on an event never recorded passes at once"
-        with self.cuda._lock:
-            self.cuda.host = _join(self.cuda.host, self.clock)
-            self.cuda._log("event.synchronize", None, self)
+        self.cuda.observe(self.clock)
+        self.cuda.log("event.synchronize", None, self)
 
 
 class FakeStream:
@@ -78,7 +81,7 @@ class FakeStream:
         assert event.stream is not None, "wait_event() on an event never recorded passes at once"
         assert event.stream is not self, "a stream waiting on its own event orders nothing"
         with self.cuda._lock:
-            self.clock = _join(self.clock, self.cuda.host, event.clock)
+            self.clock = _join(self.clock, self.cuda.clock(), event.clock)
             self.cuda._log("wait_event", self.name, event)
 
     def record_event(self, event=None):
@@ -88,12 +91,12 @@ class FakeStream:
 
     def wait_stream(self, other):
         with self.cuda._lock:
-            self.clock = _join(self.clock, self.cuda.host, other.clock)
+            self.clock = _join(self.clock, self.cuda.clock(), other.clock)
             self.cuda._log("wait_stream", self.name, None)
 
     def synchronize(self):
         with self.cuda._lock:
-            self.cuda.host = _join(self.cuda.host, self.clock)
+            self.cuda.observe(self.clock)
             self.cuda._log("stream.synchronize", self.name, None)
 
 
@@ -105,8 +108,6 @@ class Access:
 
     def before(self, other: Access) -> bool:
         """Happens-before, for `self` logged earlier than `other`."""
-        if self.where == other.where == "host":
-            return True
         return self.clock[self.where] <= other.clock.get(self.where, 0)
 
     def __repr__(self):
@@ -121,7 +122,7 @@ class FakeCuda:
 
     def __init__(self):
         self.ops, self.pinned, self._lock, self._local = [], {}, threading.RLock(), threading.local()
-        self.host, self.accesses, self.races = {}, [], []
+        self.accesses, self.races, self._names = [], [], itertools.count(1)
         self.compute = FakeStream(self, "compute")
         self.streams = []
         self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking)
@@ -136,6 +137,49 @@ class FakeCuda:
         stream.priority = priority
         self.streams.append(stream)
         return stream
+
+    # -- host clocks ----------------------------------------------------------------------------
+    def clock(self) -> dict:
+        """The calling thread's vector clock."""
+        if not hasattr(self._local, "clock"):
+            self._local.clock, self._local.name = {}, f"host{next(self._names)}"
+        return self._local.clock
+
+    def observe(self, clock: dict) -> None:
+        """The calling thread has seen everything `clock` covers (a sync, a wait, a lock)."""
+        self._local.clock = _join(self.clock(), clock)
+
+    def _tick(self) -> tuple[str, dict]:
+        """A host action of the calling thread: its component and clock."""
+        clock = self.clock()
+        clock[self._local.name] = clock.get(self._local.name, 0) + 1
+        return self._local.name, dict(clock)
+
+    def instrument(self, monkeypatch) -> FakeCuda:
+        """Give the pipeline and the backends clocked `threading.Event`/`Lock` and a decode pool
+        whose `submit` passes the submitter's clock to the job. Before anything is created."""
+        import vzstream.backends.cuda
+        import vzstream.backends.pinned
+        import vzstream.pipeline
+
+        shim = SimpleNamespace(**{k: getattr(threading, k) for k in dir(threading) if not k.startswith("__")})
+        shim.Event, shim.Lock = partial_cls(SyncEvent, self), partial_cls(SyncLock, self)
+        for module in (vzstream.pipeline, vzstream.backends.pinned, vzstream.backends.cuda):
+            monkeypatch.setattr(module, "threading", shim)
+        cuda = self
+
+        class ClockedPool(ThreadPoolExecutor):
+            def submit(self, fn, /, *args, **kwargs):
+                clock = dict(cuda.clock())
+
+                def job():
+                    cuda.observe(clock)
+                    return fn(*args, **kwargs)
+
+                return super().submit(job)
+
+        monkeypatch.setattr(vzstream.pipeline, "ThreadPoolExecutor", ClockedPool)
+        return self
 
     def _log(self, op, stream, event):
         self.ops.append((threading.get_ident(), op, stream, event))
@@ -160,11 +204,10 @@ class FakeCuda:
         """One operation on the current stream (or on the host) reading and writing tensors."""
         with self._lock:
             if host:
-                self.host["host"] = self.host.get("host", 0) + 1
-                where, clock = "host", dict(self.host)
+                where, clock = self._tick()
             else:
                 stream = self.current_stream()
-                stream.clock = _join(stream.clock, self.host)
+                stream.clock = _join(stream.clock, self.clock())
                 stream.clock[stream.name] = stream.clock.get(stream.name, 0) + 1
                 where, clock = stream.name, dict(stream.clock)
             for tensors, write in ((reads, False), (writes, True)):
@@ -197,12 +240,12 @@ class FakeCuda:
 
     def recycle(self, t: torch.Tensor) -> None:
         """`t` comes from torch's pinned caching allocator, which hands a block out again only
-        once the events of the copies that read it have passed: the host is ordered after them."""
+        once the events of the copies that read it have passed: the caller is ordered after them."""
         start, end = _span(t)
         with self._lock:
             for a in self.accesses:
                 if a.start < end and start < a.end:
-                    self.host = _join(self.host, a.clock)
+                    self.observe(a.clock)
             self.accesses = [a for a in self.accesses if a.end <= start or end <= a.start]
 
     # -- pinning (torch.cuda.cudart()) --------------------------------------------------------
@@ -219,11 +262,68 @@ class FakeCuda:
             if nbytes is None:
                 return 712
             # Unpinning (then unmapping) is a host write: every copy that read the pages must be done.
-            self.host["host"] = self.host.get("host", 0) + 1
-            self._check(Access(ptr, ptr + nbytes, True, "host", dict(self.host), "unpin"))
+            self._check(Access(ptr, ptr + nbytes, True, *self._tick(), "unpin"))
             self.accesses = [a for a in self.accesses if a.end <= ptr or ptr + nbytes <= a.start]
         return 0
 
     def is_pinned(self, t: torch.Tensor) -> bool:
         start, end = _span(t)
         return any(p <= start and end <= p + n for p, n in self.pinned.items())
+
+
+def partial_cls(cls, cuda):
+    return lambda *args, **kwargs: cls(cuda, *args, **kwargs)
+
+
+class SyncEvent:
+    """`threading.Event` whose `set` happens-before a `wait` or `is_set` that sees it set."""
+
+    def __init__(self, cuda) -> None:
+        self._cuda, self._event, self._clock = cuda, threading.Event(), {}
+
+    def set(self) -> None:
+        with self._cuda._lock:
+            self._clock = _join(self._clock, self._cuda.clock())
+        self._event.set()
+
+    def is_set(self) -> bool:
+        if self._event.is_set():
+            self._cuda.observe(self._clock)
+            return True
+        return False
+
+    def wait(self, timeout=None) -> bool:
+        if self._event.wait(timeout):
+            self._cuda.observe(self._clock)
+            return True
+        return False
+
+    def clear(self) -> None:
+        self._event.clear()
+
+
+class SyncLock:
+    """`threading.Lock` whose `release` happens-before the next `acquire`."""
+
+    def __init__(self, cuda) -> None:
+        self._cuda, self._lock, self._clock = cuda, threading.Lock(), {}
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            self._cuda.observe(self._clock)
+            return True
+        return False
+
+    def release(self) -> None:
+        self._clock = _join(self._clock, self._cuda.clock())
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

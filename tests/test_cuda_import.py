@@ -104,18 +104,44 @@ class _Ticket:
         self.store, self.slot, self.ready = store, SimpleNamespace(index=index, tensor=tensor), threading.Event()
 
 
-def _fetch_on_fake_cuda(backend: CudaBackend, store, slot: torch.Tensor, index: int = 0, bind: bool = True) -> None:
-    """One fetch of `store` into `slot` through the backend's own five ops, jobs run inline;
-    `bind=False`: dropped after its upload, never bound (a drained prefetch)."""
+def _fetch_on_fake_cuda(backend: CudaBackend, store, slot: torch.Tensor, index: int = 0, bind: bool = True,
+                        threads: bool = False) -> None:
+    """One fetch of `store` into `slot` through the backend's own five ops; `bind=False`: dropped
+    after its upload, never bound (a drained prefetch). Jobs run inline, or with `threads` each
+    on a thread of its own (one after the other), with only the pipeline's happens-before edges
+    between them: submit → job, every job → the upload on the last job's thread."""
     ticket = _Ticket(store, index, slot)
-    for job in backend.decode_jobs(ticket):
-        for _, work in job:
-            work()
-    backend.upload(ticket)
+    jobs = backend.decode_jobs(ticket)
+    if not threads:
+        for job in jobs:
+            for _, work in job:
+                work()
+        backend.upload(ticket)
+    else:
+        _run_on_threads(backend.cuda, jobs, lambda: backend.upload(ticket))
     ticket.ready.set()
     if bind:
         backend.wait(ticket)
     backend.release(ticket)
+
+
+def _run_on_threads(fake: FakeCuda, jobs: list, upload) -> None:
+    submitted, done = dict(fake.clock()), []
+
+    def run(job, last: bool) -> None:
+        fake.observe(submitted)
+        for _, work in job:
+            work()
+        done.append(dict(fake.clock()))         # the pipeline's ticket.lock: each job's end
+        if last:                                # happens before the last job's upload
+            for clock in done:
+                fake.observe(clock)
+            upload()
+
+    for i, job in enumerate(jobs):
+        worker = threading.Thread(target=run, args=(job, i == len(jobs) - 1))
+        worker.start()
+        worker.join()                           # no edge back: the pipeline never joins a worker
 
 
 @pytest.mark.parametrize("chunk", [cuda_mod.MERGE_CHUNK_NBYTES, 65542, 16384], ids=["whole", "odd", "16k"])
@@ -160,6 +186,15 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
         backend._merge = unordered
     elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
         monkeypatch.setattr(StagingRing, "gate", staticmethod(lambda fetch: None))
+    elif name == "no-gate-lock":        # a fetch's later jobs pass once the first took the link
+        def unlocked(fetch):
+            prev, fetch.prev = fetch.prev, None
+            if prev is not None:
+                prev.ready.wait()
+                if prev.copied is not None:
+                    prev.copied.synchronize()
+
+        monkeypatch.setattr(StagingRing, "gate", staticmethod(unlocked))
     elif name == "no-bind-wait":        # the forward reads the slot before its upload is done
         backend.wait = lambda ticket: setattr(backend._fetches[ticket], "bound", True)
     elif name == "drop-records-on-compute":   # a drained fetch's `used` misses its merges
@@ -173,26 +208,29 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
         backend.release = as_if_bound
 
 
-MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-bind-wait", "drop-records-on-compute"]
+MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-gate-lock", "no-bind-wait",
+           "drop-records-on-compute"]
 
 
 @pytest.mark.parametrize("mutant", [None, *MUTANTS])
 def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, monkeypatch):
     """Fetches through two slots: reuse after a bound use, a drained fetch followed by another
     unit whose plain copy overwrites every byte the drained merges wrote, one staging slot, many
-    merge chunks. The backend as written has no race; removing any one wait or event makes one."""
+    merge chunks, each decode job on its own thread. The backend as written has no race; removing
+    any one wait, event or lock makes one, whatever the timing."""
     monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
+    monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame
     mixed, _ = _packed_unit(_mixed())
     flat = _flat_store_over(mixed)
-    fake = FakeCuda()
+    fake = FakeCuda().instrument(monkeypatch)
     backend = CudaBackend("cpu", cuda=fake, staging_slots=1)
     if mutant is not None:
         _mutant(mutant, backend, monkeypatch)
     backend = logged_backend(backend, fake, monkeypatch)
     slots = [torch.zeros(max(mixed.slot_nbytes, flat.slot_nbytes), dtype=torch.uint8) for _ in range(2)]
     for store, index, bind in [(mixed, 0, True), (mixed, 1, True), (mixed, 0, True), (mixed, 1, False), (flat, 1, True)]:
-        _fetch_on_fake_cuda(backend, store, slots[index], index, bind)
+        _fetch_on_fake_cuda(backend, store, slots[index], index, bind, threads=True)
     backend.close()
     if mutant is None:
         assert fake.races == []
@@ -458,9 +496,9 @@ def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread
     ref_logits, ref_tokens = hf_reference(name)
     model = build_hf(name)
     ids, gen_kwargs = hf_inputs()
-    snap, fake = snapshot(model), FakeCuda()
+    snap, fake = snapshot(model), FakeCuda().instrument(monkeypatch)
     backend = checked_backend(fake, staging, monkeypatch, staging_slots=2)
-    with vzstream.session(model, backend=backend, prefetch=prefetch, units=units) as s:
+    with vzstream.session(model, backend=backend, prefetch=prefetch, units=units, workers=3) as s:
         first = s.generate(ids, **gen_kwargs)
         start = len(fake.ops)
         second = s.generate(ids, **gen_kwargs)       # the learned schedule: the steady state
@@ -487,7 +525,7 @@ def test_toy_lm_on_fake_cuda_with_one_staging_slot(inline, staging, monkeypatch,
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(ids)
-    snap, fake = snapshot(model), FakeCuda()
+    snap, fake = snapshot(model), FakeCuda().instrument(monkeypatch)
     backend = checked_backend(fake, staging, monkeypatch, staging_slots=1)
     with vzstream.session(model, backend=backend, prefetch=4, units="leaves", workers=3) as s:
         for _ in range(3):
