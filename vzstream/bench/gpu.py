@@ -42,7 +42,7 @@ from .common import report
 from .models import build_model, prompt
 
 COLUMNS = ["model", "method", "decode_tok_s", "decode_bound_frac", "prefill_tok_s", "prefill_bound_frac",
-           "peak_vram_gib", "host_rss_gib", "tokens_equal", "note"]
+           "peak_vram_gib", "host_rss_gib", "host_above_idle_gib", "tokens_equal", "note"]
 GIB = 2**30
 
 
@@ -60,6 +60,7 @@ def parse_args(argv):
     args.prefill = (1, 128) if args.quick else (4, 1024)       # batch, length
     args.repeat = 1 if args.quick else 3
     args.pcie_nbytes = (64 if args.quick else 256) << 20
+    args.idle_rss = 0                # set by main once CUDA is up
     return args
 
 
@@ -70,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
               "machine (no GPU, or a CPU-only torch build). Run it on a CUDA machine.")
         return 2
     run = Run(args.out)
-    pcie_gbps = measure_pcie(args.pcie_nbytes)
-    config = dict(vars(args), pcie_gbps=pcie_gbps, device=torch.cuda.get_device_name(),
-                  workers=vzstream.SessionConfig().workers, merge_gbps=measure_merge(args.pcie_nbytes))
+    pcie_gbps, merge_gbps = measure_pcie(args.pcie_nbytes), measure_merge(args.pcie_nbytes)
+    _free_gpu()
+    args.idle_rss = psutil.Process().memory_info().rss    # CUDA up, no model built yet
+    config = dict(vars(args), pcie_gbps=pcie_gbps, merge_gbps=merge_gbps, device=torch.cuda.get_device_name(),
+                  workers=vzstream.SessionConfig().workers)
     print(f"device {config['device']}, pinned host->device {pcie_gbps:.1f} GB/s, plane merge "
           f"{config['merge_gbps']:.0f} GB/s, {config['workers']} decode workers", flush=True)
     bench_preset(run, args.preset, args, pcie_gbps, config)
@@ -263,12 +266,22 @@ def row(model: str, method: str, m: dict, args, tokens: int, bound: dict, ref, n
                 decode_bound_frac=bound["decode_s"] / m["pass_s"] if bound else "",
                 prefill_tok_s=batch * length / m["prefill_s"],
                 prefill_bound_frac=bound["prefill_s"] / m["prefill_s"] if bound else "",
-                peak_vram_gib=m["peak"] / GIB, host_rss_gib=m["rss"] / GIB, tokens_equal=equal, note=note)
+                peak_vram_gib=m["peak"] / GIB, host_rss_gib=m["rss"] / GIB,
+                host_above_idle_gib=(m["rss"] - args.idle_rss) / GIB, tokens_equal=equal, note=note)
 
 
 def _free_gpu() -> None:
+    """Between methods only, so each starts from the same state: no cached device blocks, and no
+    cached pinned host blocks (a method's staging, diffusers' pinned copies) in the next one's RSS."""
     gc.collect()
-    torch.cuda.empty_cache()     # between methods only, so each starts from the same cache state
+    torch.cuda.empty_cache()
+    empty_host = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    try:
+        if empty_host is not None:
+            empty_host()
+    except RuntimeError:         # no accelerator (the CPU test of this harness)
+        pass
+
 
 
 # -- methods ----------------------------------------------------------------------------------
