@@ -327,3 +327,59 @@ class SyncLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# -- the whole of torch.cuda, for code that is not a backend (benchmarks, GPU tests) ----------------
+class TimedEvent:
+    """torch.cuda.Event on CPU: 1 ms between any two records, never pending."""
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+def fake_gpu(mp) -> list[FakeCuda]:
+    """Patch torch (with `mp`, a pytest MonkeyPatch) so code written for one CUDA GPU runs on the
+    CPU: `torch.cuda.is_available()` is True, `.cuda()` / `.to("cuda")` leave tensors and modules
+    on the CPU, synchronisation is a no-op, allocator statistics read 0, events time 1 ms, and
+    `device="cuda"` sessions run the real CudaBackend on a fresh FakeCuda each (returned, in
+    order, for their race logs). Numbers measured this way mean nothing; errors do."""
+    import vzstream.backends.cuda as cuda_mod
+    from torch import nn
+
+    fakes, real_backend = [], cuda_mod.CudaBackend
+
+    def fake_backend(device="cuda"):
+        fakes.append(FakeCuda())
+        return real_backend("cpu", cuda=fakes[-1])
+
+    def stays(to):
+        def to_cpu(self, *args, **kwargs):
+            device = kwargs.get("device", args[0] if args else None)
+            if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+                return self
+            return to(self, *args, **kwargs)
+        return to_cpu
+
+    for name, value in [("is_available", lambda: True), ("synchronize", lambda device=None: None),
+                        ("reset_peak_memory_stats", lambda device=None: None),
+                        ("max_memory_allocated", lambda device=None: 0), ("memory_allocated", lambda device=None: 0),
+                        ("empty_cache", lambda: None), ("get_device_name", lambda device=None: "Fake GPU"),
+                        ("set_sync_debug_mode", lambda mode: None), ("Event", TimedEvent)]:
+        mp.setattr(torch.cuda, name, value)
+    mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    mp.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
+    mp.setattr(nn.Module, "to", stays(nn.Module.to))
+    mp.setattr(cuda_mod, "CudaBackend", fake_backend)          # what make_backend imports
+    return fakes

@@ -6,11 +6,9 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
-from vzstream.backends import cuda as cuda_mod
 from vzstream.bench import budget, gpu, models
-from fake_cuda import FakeCuda
+import fake_cuda
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 
@@ -48,42 +46,11 @@ def test_bench_gpu_run_keeps_every_row_as_it_is_measured(tmp_path, capsys):
     assert "decode_tok_s=12.5" in out and "Traceback" in out
 
 
-class _TimedEvent:
-    """torch.cuda.Event(enable_timing=True) on CPU: 1 ms between any two records."""
-
-    def __init__(self, enable_timing=False, blocking=False):
-        pass
-
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def elapsed_time(self, other):
-        return 1.0
-
-
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """torch.cuda as the benchmark uses it, on CPU: `.cuda()` is the identity, the allocator
-    statistics are zero, and `device="cuda"` sessions run CudaBackend on a FakeCuda."""
-    fakes, real_backend = [], cuda_mod.CudaBackend
-
-    def fake_backend(device="cuda"):
-        fakes.append(FakeCuda())
-        return real_backend("cpu", cuda=fakes[-1])
-
-    cuda = torch.cuda
-    for name, value in [("is_available", lambda: True), ("synchronize", lambda device=None: None),
-                        ("reset_peak_memory_stats", lambda device=None: None),
-                        ("max_memory_allocated", lambda device=None: 0), ("memory_allocated", lambda device=None: 0),
-                        ("empty_cache", lambda: None), ("get_device_name", lambda device=None: "Fake GPU"),
-                        ("Event", _TimedEvent)]:
-        monkeypatch.setattr(cuda, name, value)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(cuda_mod, "CudaBackend", fake_backend)          # what make_backend imports
+    """torch.cuda as the benchmark uses it, on CPU (see fake_cuda.fake_gpu); the 8B rows on a
+    small stand-in, and no pinned or device buffers for the bandwidth measurements."""
+    fakes = fake_cuda.fake_gpu(monkeypatch)
     monkeypatch.setattr(gpu, "measure_pcie", lambda nbytes: 25.0)      # pin_memory needs a GPU
     monkeypatch.setattr(gpu, "measure_merge", lambda nbytes: 500.0)    # so do device tensors
     real_build = models.build_model

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vzstream
+from vzstream.bench.budget import minimum_budget
 from models import Routed, Stack, build, build_hf, hf_inputs, make_input, seeded
 
 pytestmark = pytest.mark.cuda
@@ -180,7 +181,8 @@ def test_budget_accounting_matches_the_allocator():
     model_nbytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     del ref
     torch.cuda.empty_cache()
-    budget, reserve = model_nbytes // 2, 64 << 20
+    # The planner's own minimum (ring + merge scratch), plus room for about half the model.
+    budget, reserve = minimum_budget(model, "cuda", prefetch=2) + model_nbytes // 2, 64 << 20
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with vzstream.session(model, device="cuda", prefetch=2, vram_budget=budget + reserve,
