@@ -156,16 +156,24 @@ class FakeCuda:
         return self._local.name, dict(clock)
 
     def instrument(self, monkeypatch) -> FakeCuda:
-        """Give the pipeline and the backends clocked `threading.Event`/`Lock` and a decode pool
-        whose `submit` passes the submitter's clock to the job. Before anything is created."""
-        import vzstream.backends.cuda
+        """Clock the host synchronisation the streaming protocol relies on, and only that: a
+        ticket's `ready` and `lock` (pipeline), a fetch's `lock` (the staging gate), and the
+        decode pool's `submit` (submitter → job). Bookkeeping locks (the pinned heap's, the
+        backend's upload lock) stay plain: as edges they would hide races. Before anything is
+        created."""
         import vzstream.backends.pinned
         import vzstream.pipeline
 
         shim = SimpleNamespace(**{k: getattr(threading, k) for k in dir(threading) if not k.startswith("__")})
         shim.Event, shim.Lock = partial_cls(SyncEvent, self), partial_cls(SyncLock, self)
-        for module in (vzstream.pipeline, vzstream.backends.pinned, vzstream.backends.cuda):
-            monkeypatch.setattr(module, "threading", shim)
+        monkeypatch.setattr(vzstream.pipeline, "threading", shim)
+        fetch_init = vzstream.backends.pinned.Fetch.__init__
+
+        def clocked_fetch(fetch, *args, **kwargs):
+            fetch_init(fetch, *args, **kwargs)
+            fetch.lock = SyncLock(self)
+
+        monkeypatch.setattr(vzstream.backends.pinned.Fetch, "__init__", clocked_fetch)
         cuda = self
 
         class ClockedPool(ThreadPoolExecutor):
@@ -354,7 +362,8 @@ def fake_gpu(mp) -> list[FakeCuda]:
     CPU: `torch.cuda.is_available()` is True, `.cuda()` / `.to("cuda")` leave tensors and modules
     on the CPU, synchronisation is a no-op, allocator statistics read 0, events time 1 ms, and
     `device="cuda"` sessions run the real CudaBackend on a fresh FakeCuda each (returned, in
-    order, for their race logs). Numbers measured this way mean nothing; errors do."""
+    order: their op logs; no memory access is logged here, so no race is checked). Numbers
+    measured this way mean nothing; errors do."""
     import vzstream.backends.cuda as cuda_mod
     from torch import nn
 

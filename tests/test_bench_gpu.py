@@ -2,12 +2,13 @@
 the bound, the budget sweep, the 8B rows, the files it writes) runs end to end on a fake GPU, so
 that the one run a lent GPU allows is not lost to a Python error. Nothing here is a number."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
-from vzstream.bench import budget, gpu, models
+from vzstream.bench import gpu, models
 import fake_cuda
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -55,39 +56,48 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(gpu, "measure_merge", lambda nbytes: 500.0)    # so do device tensors
     real_build = models.build_model
 
-    def small_build(name, **kwargs):            # the 8B rows on a model that fits a CI machine
+    def small_build(name, device=None, **kwargs):    # on the CPU; the 8B rows on a model that fits CI
         return real_build("small", layers=kwargs.get("layers") or 2) if name == "llama-3-8b" else real_build(name, **kwargs)
 
     monkeypatch.setattr(gpu, "build_model", small_build)
     return fakes
 
 
-def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(budget, "budget_points", lambda *a: [1 << 30])   # one point: fast
+def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, capsys):
     args = ["--quick", "--preset", "small", "--prefetch", "1", "2", "--out", str(tmp_path)]
     assert gpu.main(args) == 0
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     methods = [r["method"] for r in rows]
-    assert methods[:3] == ["resident", "vzstream prefetch=1", "vzstream prefetch=2"]
-    for r in rows[:3]:
+    assert methods[:4] == ["resident", "bound (DESIGN §9)", "vzstream prefetch=1", "vzstream prefetch=2"]
+    resident, bound, *streamed = rows[:4]
+    assert resident["tokens_equal"] is True and resident["decode_bound_frac"] == ""   # not held to the bound
+    assert bound["decode_tok_s"] <= resident["decode_tok_s"] * (1 + 1e-9)          # max(C, transfer) >= C
+    for r in streamed:
         assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert isinstance(r["decode_bound_frac"], float) and isinstance(r["prefill_bound_frac"], float)
-    # The baselines ran, or say why not (neither package is a dependency): never silently absent.
-    for method in ("diffusers group offload", "accelerate cpu_offload"):
+    # The baselines ran, or say why not; on the fake GPU an installed one fails for want of CUDA.
+    for method, module in (("diffusers group offload", "diffusers"), ("accelerate cpu_offload", "accelerate")):
         (r,) = [r for r in rows if r["method"] == method]
-        assert "decode_tok_s" in r or r["note"].startswith(("skipped: ", "failed: ")), r
+        if importlib.util.find_spec(module) is None:
+            assert r["note"] == f"skipped: No module named '{module}'", r
+        else:
+            assert "decode_tok_s" in r or "CUDA" in r["note"], r
     assert [json.loads(line) for line in (tmp_path / "gpu.rows.jsonl").read_text().splitlines()] == rows
     sweep = json.loads((tmp_path / "gpu_budget.json").read_text())["rows"]
-    assert len(sweep) == 1 and sweep[0]["tokens_equal"] is True
+    assert [json.loads(line) for line in (tmp_path / "gpu_budget.rows.jsonl").read_text().splitlines()] == sweep
+    assert sweep and all(r["tokens_equal"] is True for r in sweep)
+    assert sweep[-1]["streamed_mib_per_pass"] == 0                     # the last point: all resident
+    config = json.loads((tmp_path / "gpu.config.json").read_text())
+    assert config["small (4 layers)"]["streamed_nbytes_per_pass"] > 0 and config["elapsed_s"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
     trace = json.loads((tmp_path / "trace_prefetch1.json").read_text())        # the profiler's trace
     assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
-    assert all(f.races == [] for f in fake_gpu) and len(fake_gpu) >= 3
 
     calls = []
     assert gpu.event_time_s(lambda: calls.append(1), repeat=3) == 1e-3 and len(calls) == 4   # warm-up + 3
 
     run = gpu.Run(None)                              # the 8B section, on a stand-in model
-    gpu.bench_8b(run, gpu.parse_args(["--quick"]), 25.0, {})
-    assert [r["method"] for r in run.rows] == ["resident", "vzstream prefetch=2 vram_budget=4GiB"]
-    assert run.rows[1]["tokens_equal"] is True
+    gpu.bench_8b(run, gpu.parse_args(["--quick"]), 25.0)
+    assert [r["method"] for r in run.rows] == [
+        "resident", "bound (DESIGN §9)", "vzstream prefetch=2 vram_budget=4GiB activation_reserve=0.00GiB"]
+    assert run.rows[2]["tokens_equal"] is True

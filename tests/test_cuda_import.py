@@ -217,7 +217,8 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, mo
     """Fetches through two slots: reuse after a bound use, a drained fetch followed by another
     unit whose plain copy overwrites every byte the drained merges wrote, one staging slot, many
     merge chunks, each decode job on its own thread. The backend as written has no race; removing
-    any one wait, event or lock makes one, whatever the timing."""
+    any one of these waits or events, or the gate's lock, makes one, whatever the timing. (Not
+    covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)"""
     monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame

@@ -18,7 +18,7 @@ NEEDS_A_REAL_GPU = ["test_peak_device_memory_below_resident", "test_arenas_pinne
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/cuda runs for real")
 def test_gpu_tests_pass_on_the_fake_gpu():
     deselect = [f"--deselect=tests/cuda/test_cuda_backend.py::{name}" for name in NEEDS_A_REAL_GPU]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(TESTS), os.environ.get("PYTHONPATH")] if p))
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests/cuda", "-p", "fake_gpu_plugin", "-q",
                            "-p", "no:cacheprovider", *deselect], cwd=TESTS.parent, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -64,6 +64,19 @@ def test_all_fit_keeps_everything_resident_without_a_ring(sizes, num_slots, act)
         assert tight.ring_nbytes > 0
 
 
+def test_stream_reserve_counts_only_when_something_streams():
+    """The merge scratch is needed only by plans that stream: all resident fits without it."""
+    sizes = [100] * 6
+    everything = plan_memory(sizes, 600, num_slots=2, stream_reserve=64)
+    assert everything.resident == frozenset(range(6)) and everything.device_nbytes == 600
+    streaming = plan_memory(sizes, 599, num_slots=2, stream_reserve=64)
+    assert streaming.stream_reserve == 64 and streaming.ring_nbytes == 200
+    assert streaming.device_nbytes == streaming.resident_nbytes + 200 + 64 <= 599
+    assert streaming.resident_nbytes == 300                       # 599 - 200 - 64 holds three
+    with pytest.raises(ConfigError, match="64 bytes of merge scratch needs at least 264 bytes"):
+        plan_memory(sizes, 263, num_slots=2, stream_reserve=64)
+
+
 # -- forced residents ---------------------------------------------------------------------------
 
 def test_unit_larger_than_the_slot_is_forced_resident():

@@ -231,6 +231,7 @@ class MemoryPlan:
     resident_nbytes: int
     activation_reserve: int
     budget: int | None
+    stream_reserve: int = 0     # what streaming needs besides the ring (merge scratch); 0 if none streams
 
     @property
     def ring_nbytes(self) -> int:
@@ -238,7 +239,7 @@ class MemoryPlan:
 
     @property
     def device_nbytes(self) -> int:
-        return self.resident_nbytes + self.ring_nbytes + self.activation_reserve
+        return self.resident_nbytes + self.ring_nbytes + self.activation_reserve + self.stream_reserve
 
 
 def _evenly_spaced(m: int, n: int) -> list[int]:
@@ -263,7 +264,8 @@ def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
 
 
 def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
-                min_slot_nbytes: int = 0, what: str = "`vram_budget`", committed_nbytes: int = 0) -> MemoryPlan:
+                min_slot_nbytes: int = 0, what: str = "`vram_budget`", committed_nbytes: int = 0,
+                stream_reserve: int = 0) -> MemoryPlan:
     """Keep as many units resident as fit after reserving the ring and the activation margin.
 
     `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
@@ -272,6 +274,8 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
     smallest budget that would work when nothing fits. `min_slot_nbytes`: a shared pool's ring
     is at least that large already, whatever this model needs. `what` names the budget in errors;
     `committed_nbytes` (other sessions' residents in a pool) is added to the numbers it names.
+    `stream_reserve`: what streaming needs besides the ring (the backend's merge scratch), reserved
+    only by plans that stream something.
     """
     total, act = sum(sizes), activation_reserve
     if total + act + num_slots * min_slot_nbytes <= budget:   # a shared ring stays either way
@@ -279,19 +283,21 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
     best, minimum = None, total + act + num_slots * min_slot_nbytes
     for slot in sorted(set(sizes), reverse=True):
         forced = {u for u, n in enumerate(sizes) if n > slot}
-        fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act
+        fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act + stream_reserve
         minimum = min(minimum, fixed)
         if fixed > budget:
             continue
         resident = forced | _fill(sizes, [u for u in range(len(sizes)) if u not in forced], budget - fixed)
         resident_nbytes = sum(sizes[u] for u in resident)
         if best is None or resident_nbytes > best.resident_nbytes:
-            best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget)
+            best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget,
+                              stream_reserve)
     if best is None:
         shown, minimum = budget + committed_nbytes, minimum + committed_nbytes
         raise ConfigError(
             f"{what} of {shown} bytes ({shown / 2**20:.1f} MiB) cannot hold even full streaming: "
-            f"the ring of {num_slots} slots plus {act} bytes of activation reserve needs at least "
+            f"the ring of {num_slots} slots plus {act} bytes of activation reserve"
+            + (f" and {stream_reserve} bytes of merge scratch" if stream_reserve else "") + " needs at least "
             f"{minimum} bytes ({minimum / 2**20:.1f} MiB). Raise the budget to {minimum} or more, "
             f"lower `prefetch`, or use finer `units`."
         )

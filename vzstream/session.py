@@ -134,9 +134,8 @@ class Session(AsyncGeneration):
         # (a unit held for reuse under cache="pass").
         num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
         act = self.config.activation_reserve if activation_nbytes is None else activation_nbytes
-        reserve = (act or 0) + self.backend.scratch_nbytes(self.units)
-        return plan_memory(sizes, budget, num_slots, reserve,
-                           min_slot_nbytes=self.pool.ring.slot_nbytes, what=what, committed_nbytes=committed)
+        return plan_memory(sizes, budget, num_slots, act or 0, min_slot_nbytes=self.pool.ring.slot_nbytes,
+                           what=what, committed_nbytes=committed, stream_reserve=self.backend.scratch_nbytes(self.units))
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""

@@ -14,14 +14,10 @@ import torch
 
 import vzstream
 
-from .common import median_time, report
+from .common import greedy, median_time, report
 from .models import build_model, model_nbytes, prompt
 
 COLUMNS = ["budget_mib", "units_resident", "streamed_mib_per_pass", "peak_device_mib", "tokens_per_s", "tokens_equal"]
-
-
-def _generate(fn, ids, tokens):
-    return fn(ids, max_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
 
 
 def minimum_budget(model, device: str, prefetch: int) -> int:
@@ -34,15 +30,17 @@ def minimum_budget(model, device: str, prefetch: int) -> int:
     return 1
 
 
-def sweep(model, ids, ref, device: str, budgets: list[int], prefetch: int, tokens: int, repeat: int) -> list[dict]:
-    """One row per budget; on CUDA also the allocator's own peak, to cross-check the accounting."""
+def sweep(model, ids, ref, device: str, budgets: list[int], prefetch: int, tokens: int, repeat: int,
+          on_row=None) -> list[dict]:
+    """One row per budget; on CUDA also the allocator's own peak, to cross-check the accounting.
+    `on_row(row)` sees each row as soon as it is measured."""
     rows, mib, cuda = [], 2**20, torch.device(device).type == "cuda"
     for budget in budgets:
         with vzstream.session(model, device=device, prefetch=prefetch, vram_budget=budget) as s:
-            out = _generate(s.generate, ids, tokens)                 # warm-up: learns the trace
+            out = greedy(s.generate, ids, tokens)                 # warm-up: learns the trace
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            t = median_time(lambda: _generate(s.generate, ids, tokens), repeat, device, warmup=0)
+            t = median_time(lambda: greedy(s.generate, ids, tokens), repeat, device, warmup=0)
             st = s.stats()
         row = dict(budget_mib=budget / mib, units_resident=st.units_resident,
                    streamed_mib_per_pass=st.streamed_nbytes_per_pass / mib,
@@ -51,12 +49,17 @@ def sweep(model, ids, ref, device: str, budgets: list[int], prefetch: int, token
         if cuda:
             row["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
 def budget_points(model, device: str, prefetch: int, points: int) -> list[int]:
-    """`points` budgets from the planner's minimum to all resident."""
+    """`points` budgets from the planner's minimum to all resident (+1 MiB: slot alignment);
+    just the latter when streaming cannot fit in less (a ring of the largest unit)."""
     lo, hi = minimum_budget(model, device, prefetch), model_nbytes(model) + (1 << 20)
+    if lo >= hi:
+        return [hi]
     return [lo + (hi - lo) * i // (points - 1) for i in range(points)]
 
 
@@ -76,8 +79,8 @@ def main(argv=None) -> int:
     ids = prompt(model).to(args.device)
     with torch.no_grad():
         model.to(args.device)
-        ref = _generate(model.generate, ids, args.tokens)
-        t_res = median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, args.device)
+        ref = greedy(model.generate, ids, args.tokens)
+        t_res = median_time(lambda: greedy(model.generate, ids, args.tokens), args.repeat, args.device)
         model.to("cpu")
     rows = [dict(budget_mib="resident (no session)", units_resident="all", streamed_mib_per_pass=0,
                  peak_device_mib=model_nbytes(model) / 2**20, tokens_per_s=args.tokens / t_res, tokens_equal=True)]

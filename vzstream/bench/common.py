@@ -33,6 +33,13 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "zstandard": zstandard.__version__}
 
 
+def greedy(generate, ids, tokens: int):
+    """`generate` (a Hugging Face `generate`) for exactly `tokens` new greedy tokens: an early
+    EOS would shorten the work a timer divides by."""
+    return generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                    do_sample=False, pad_token_id=0)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -34,21 +34,24 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(name: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int | None = None):
-    """A preset (random init, seeded) or a local HF causal-LM directory, in eval mode."""
+def build_model(name: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int | None = None,
+                device: str | None = None):
+    """A preset (random init, seeded) or a local HF causal-LM directory, in eval mode. `device`:
+    build (and initialise) there: on a GPU an 8B model takes seconds, not minutes of serial CPU
+    init; the same seed gives the same weights on the same device."""
     try:
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit("this needs transformers: pip install 'vzstream[hf]'") from exc
     if os.path.isdir(name):
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device).eval()
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or a local model directory")
     kwargs = dict(PRESETS[name])
     if layers is not None:
         kwargs["num_hidden_layers"] = layers
     torch.manual_seed(seed)
-    with _default_dtype(dtype):
+    with _default_dtype(dtype), torch.device(device or "cpu"):
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
     return model.eval()
 

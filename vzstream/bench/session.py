@@ -17,14 +17,10 @@ from torch import nn
 
 import vzstream
 
-from .common import median_time, report, sync
+from .common import greedy, median_time, report, sync
 from .models import build_model, prompt
 
 COLUMNS = ["model", "mode", "prefill_ms", "tokens_per_s", "stall_pct", "host_rss_mib", "ratio", "tokens_equal"]
-
-
-def _generate(fn, ids, tokens):
-    return fn(ids, max_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
 
 
 def _bench_preset(name: str, args, device: str) -> list[dict]:
@@ -34,9 +30,9 @@ def _bench_preset(name: str, args, device: str) -> list[dict]:
     rss = psutil.Process().memory_info().rss / 2**20
     model.to(device)
     with torch.no_grad():
-        ref = _generate(model.generate, ids, args.tokens)
+        ref = greedy(model.generate, ids, args.tokens)
         prefill = median_time(lambda: model(long_ids), args.repeat, device)
-        gen = median_time(lambda: _generate(model.generate, ids, args.tokens), args.repeat, device)
+        gen = median_time(lambda: greedy(model.generate, ids, args.tokens), args.repeat, device)
     rows = [dict(model=name, mode="resident", prefill_ms=1e3 * prefill, tokens_per_s=args.tokens / gen,
                  stall_pct=0.0, host_rss_mib=rss, ratio=1.0, tokens_equal=True)]
     model.to("cpu")
@@ -44,10 +40,10 @@ def _bench_preset(name: str, args, device: str) -> list[dict]:
         gc.collect()
         with vzstream.session(model, device=device, prefetch=k) as s:
             rss = psutil.Process().memory_info().rss / 2**20
-            out = _generate(s.generate, ids, args.tokens)            # warm-up: learns the trace
+            out = greedy(s.generate, ids, args.tokens)            # warm-up: learns the trace
             prefill = median_time(lambda: s(long_ids), args.repeat, device)
             before = s.stats()
-            gen = median_time(lambda: _generate(s.generate, ids, args.tokens), args.repeat, device, warmup=0)
+            gen = median_time(lambda: greedy(s.generate, ids, args.tokens), args.repeat, device, warmup=0)
             st = s.stats()
             stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
             rows.append(dict(model=name, mode=f"vzstream prefetch={k}", prefill_ms=1e3 * prefill,
