@@ -318,8 +318,8 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float) -> None:
 def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, args, res: dict, bound,
                    pcie_gbps: float, tokens: int, repeat: int, **options) -> dict:
     """One streamed row, preceded by the bound's row when this is the first session to run (it
-    gives B and W_dec). Returns the bound. The session lives only in here: once it is closed,
-    nothing of it (a restored copy of the model) stays reachable."""
+    gives B and W_dec). Returns the bound. The session lives only in this frame: a closed
+    session still references the model, and must not keep it alive once the caller drops it."""
     with vzstream.session(model, device="cuda", **options) as s:
         m = measure(lambda n: greedy(s.generate, ids, n),
                     lambda: s(prefill_ids, logits_to_keep=1), args, tokens, repeat)
