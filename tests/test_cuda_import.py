@@ -323,6 +323,23 @@ def test_prepare_allocates_the_merge_scratch_on_the_calling_thread(monkeypatch):
     assert backend.device_nbytes == 0
 
 
+def test_a_shared_pool_frees_the_merge_scratch_when_its_last_member_leaves(snapshot):
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    pool = vzstream.DevicePool("cpu", backend=backend)
+    model = build(Stack, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    snap = snapshot(model)
+    with vzstream.session(model, pool=pool, prefetch=1) as s:
+        s(x)
+        assert backend._regions and backend.device_nbytes > 0
+    assert backend._regions == [] and backend.device_nbytes == 0
+    with vzstream.session(model, pool=pool, prefetch=1) as s:     # and the pool streams again
+        s(x)
+        s(x)
+    snap.check(model)
+    backend.close()
+
+
 def test_pinned_heap_pins_whole_private_pages_and_reclaims_after_a_fence():
     fake = FakeCuda()
     heap = PinnedHeap(lambda p, n: fake.cudaHostRegister(p, n, 0), fake.cudaHostUnregister)

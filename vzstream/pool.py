@@ -68,6 +68,7 @@ class DevicePool:
         if not self.members:
             self._rebuild_ring(0)
             self.ring_slots = 0
+            self.backend.free_scratch()
 
     def _rebuild_ring(self, slot_nbytes: int) -> None:
         # Members are parked (no slot in use) whenever the pool lock is free.

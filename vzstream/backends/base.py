@@ -91,6 +91,9 @@ class Backend:
     def clear_caches(self) -> None:
         """Forget anything cached per (unit, slot): the ring was rebuilt or a session left."""
 
+    def free_scratch(self) -> None:
+        """Free device memory kept for streaming besides the ring (nothing streams any more)."""
+
     def close(self) -> None:
         """Free what the backend allocated for itself (not slots: the pool frees those)."""
 

@@ -374,8 +374,12 @@ class CudaBackend(Backend):
         finally:
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
-            for region in self._regions:
-                self.free_device_buffer(region)
-            self._regions, self._region_free = [], []
+            self.free_scratch()
             for state in (self._fetches, self._plans, self._used):
                 state.clear()
+
+    def free_scratch(self) -> None:
+        """Free the merge scratch (nothing streams any more); `prepare` allocates it again."""
+        for region in self._regions:
+            self.free_device_buffer(region)      # record_stream: pending merges finish first
+        self._regions, self._region_free, self._next_region = [], [], 0
