@@ -160,6 +160,15 @@ def build(cls, *args, dtype=torch.float32, seed: int = 0, **kwargs) -> nn.Module
     return model.to(dtype).eval()
 
 
+def stack_with_reference() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A seeded `Stack`, an input batch, and the model's resident output for it."""
+    model = build(Stack)
+    x = make_input(2, DIM)
+    with torch.no_grad():
+        ref = model(x)
+    return model, x, ref
+
+
 def greedy_resident(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """The reference greedy loop, run on the resident model."""
     with torch.no_grad():

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from models import Stack, TinyLM, build, make_input
+from models import Stack, TinyLM, build, stack_with_reference
 
 import vzstream
 from vzstream.config import SessionConfig, build_config, default_workers
@@ -107,10 +107,7 @@ def test_config_rejected_at_open_leaves_model_untouched(options, error, named, s
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks CUDA on this machine")
 def test_auto_device_is_cpu_without_a_gpu():
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     with vzstream.session(model) as s:
         assert s.backend.name == "cpu"
         assert torch.equal(s(x), ref)

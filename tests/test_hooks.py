@@ -3,7 +3,7 @@ trace, placeholders between uses, and units bound outside a pass."""
 
 import pytest
 import torch
-from models import BlockFailure, Stack, TinyLM, build, make_input
+from models import BlockFailure, Stack, TinyLM, build, make_input, stack_with_reference
 
 import vzstream
 from vzstream.hooks import bind_params, install, placeholder, remove, unbind_params
@@ -78,10 +78,7 @@ def test_root_as_a_unit_binds_inside_the_pass():
 
 
 def test_root_as_a_unit_streams_exactly(snapshot):
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     snap = snapshot(model)
     with vzstream.session(model, device="cpu", units=[""], prefetch=1) as s:
         for _ in range(3):

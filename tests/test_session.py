@@ -19,6 +19,7 @@ from models import (
     greedy_resident,
     hf_inputs,
     make_input,
+    stack_with_reference,
 )
 
 import vzstream
@@ -134,10 +135,7 @@ def test_exit_is_idempotent_and_session_refuses_calls_after_exit(snapshot):
 
 @pytest.mark.asyncio
 async def test_async_context_manager(snapshot):
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     snap = snapshot(model)
     async with vzstream.session(model, device="cpu", prefetch=1) as s:
         assert torch.equal(s(x), ref)
@@ -178,10 +176,7 @@ def test_exception_in_forward_then_session_keeps_working(prefetch, fail_at, exc_
 
 def test_exception_in_forward_of_direct_model_call(snapshot, slots_ok):
     """The model called directly (not through `s(...)`) inside the session still recovers."""
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     snap = snapshot(model)
     with vzstream.session(model, device="cpu", prefetch=2) as s:
         s(x)
@@ -255,10 +250,7 @@ def test_exit_preserves_strides_of_noncontiguous_parameter(snapshot):
 # -- one session per model ------------------------------------------------------------------
 
 def test_second_session_on_same_model_is_refused_and_first_keeps_working(snapshot):
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     snap = snapshot(model)
     with vzstream.session(model, device="cpu", prefetch=2) as s:
         assert torch.equal(s(x), ref)
@@ -326,10 +318,7 @@ def test_stats_slot_overflows_stays_zero_on_plan():
 
 
 def test_session_called_inside_except_block_still_streams():
-    model = build(Stack)
-    x = make_input(2, 64)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = stack_with_reference()
     with vzstream.session(model, device="cpu", prefetch=2) as s:
         for _ in range(3):
             try:
