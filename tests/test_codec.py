@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from vzstream.codec import (Frame, Packed, Plane, decode, decode_chunk_into, decode_frame_into,
                             decode_into, pack)
 from vzstream.errors import ConfigError, FormatError
+from vzstream.store import _buffers, _rebased
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 OTHERS = [torch.int8, torch.uint8, torch.bool, torch.int64]
@@ -215,24 +216,16 @@ def test_decode_frame_into_rejects_wrong_dst():
 
 
 def _rebuild_in_arena(packed: Packed) -> Packed:
-    """What a store does: copy every buffer into one arena, point the Packed at views into it."""
-    buffers = [p.raw if p.raw is not None else f.data for p in packed.planes
-               for f in (p.frames or [None])]
+    """What a store does (its own `_buffers`/`_rebased`): copy every buffer into one arena and
+    point the Packed at views into it; here at unaligned offsets."""
+    buffers = _buffers(packed)
     arena = np.zeros(sum(len(b) for b in buffers) + 3, np.uint8)  # +3: unaligned offsets
     offset, placed = 3, []
     for b in buffers:
         arena[offset:offset + len(b)] = np.frombuffer(b, np.uint8)
         placed.append(memoryview(arena)[offset:offset + len(b)])
         offset += len(b)
-    views = iter(placed)
-    planes = []
-    for p in packed.planes:
-        if p.raw is not None:
-            planes.append(dataclasses.replace(p, raw=next(views)))
-        else:
-            frames = tuple(dataclasses.replace(f, data=next(views)) for f in p.frames)
-            planes.append(dataclasses.replace(p, frames=frames))
-    return dataclasses.replace(packed, planes=tuple(planes))
+    return _rebased(packed, placed)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.int64], ids=_id)
