@@ -239,12 +239,15 @@ class FakeCuda:
         kept.append(new)
         self.accesses = kept
 
+    def _drop(self, start: int, end: int) -> None:
+        """Accesses to [start, end) leave the log (the caller holds the lock)."""
+        self.accesses = [a for a in self.accesses if a.end <= start or end <= a.start]
+
     def forget(self, t: torch.Tensor) -> None:
         """`t`'s memory was freed by an allocator that orders reuse itself (the device caching
         allocator with `record_stream`): its accesses leave the log."""
-        start, end = _span(t)
         with self._lock:
-            self.accesses = [a for a in self.accesses if a.end <= start or end <= a.start]
+            self._drop(*_span(t))
 
     def recycle(self, t: torch.Tensor) -> None:
         """`t` comes from torch's pinned caching allocator, which hands a block out again only
@@ -254,7 +257,7 @@ class FakeCuda:
             for a in self.accesses:
                 if a.start < end and start < a.end:
                     self.observe(a.clock)
-            self.accesses = [a for a in self.accesses if a.end <= start or end <= a.start]
+            self._drop(start, end)
 
     # -- pinning (torch.cuda.cudart()) --------------------------------------------------------
     def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802
@@ -271,7 +274,7 @@ class FakeCuda:
                 return 712
             # Unpinning (then unmapping) is a host write: every copy that read the pages must be done.
             self._check(Access(ptr, ptr + nbytes, True, *self._tick(), "unpin"))
-            self.accesses = [a for a in self.accesses if a.end <= ptr or ptr + nbytes <= a.start]
+            self._drop(ptr, ptr + nbytes)
         return 0
 
     def is_pinned(self, t: torch.Tensor) -> bool:

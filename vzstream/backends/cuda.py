@@ -239,10 +239,9 @@ class CudaBackend(Backend):
         size = region_nbytes(merge_nbytes)
         if self._regions and self._regions[0].numel() >= size:
             return
-        for old in self._regions:
-            self.free_device_buffer(old)
+        self.free_scratch()
         self._regions = [self.device_buffer(size) for _ in range(SCRATCH_REGIONS)]
-        self._region_free, self._next_region = [None] * SCRATCH_REGIONS, 0
+        self._region_free = [None] * SCRATCH_REGIONS
 
     def _pinned_block(self, nbytes: int) -> torch.Tensor:
         """Small staging from torch's pinned caching allocator, which recycles a block only once
