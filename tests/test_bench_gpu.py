@@ -2,6 +2,7 @@
 the bound, the budget sweep, the 8B rows, the files it writes) runs end to end on a fake GPU, so
 that the one run a lent GPU allows is not lost to a Python error. Nothing here is a number."""
 
+import gzip
 import importlib.util
 import json
 import re
@@ -73,7 +74,16 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     resident, bound, *streamed = rows[:4]
     assert resident["tokens_equal"] is True and resident["decode_bound_frac"] == ""   # not held to the bound
     assert bound["decode_tok_s"] <= resident["decode_tok_s"] * (1 + 1e-9)          # max(C, transfer) >= C
-    for r in streamed:
+    # The CPU decodes slower than the fake card's PCIe: a balanced run keeps a share of units raw,
+    # with a bound of its own (PCIe and the smaller decode share), at the deepest prefetch.
+    balanced_bound, balanced = rows[4:6]
+    fraction = gpu.balanced_raw_fraction(json.loads((tmp_path / "gpu.config.json").read_text())
+                                         ["small (4 layers), bound (DESIGN §9)"])
+    assert 0 < fraction < 1
+    assert balanced_bound["method"] == f"bound (DESIGN §9) raw_fraction={fraction}"
+    assert balanced["method"] == f"vzstream prefetch=2 raw_fraction={fraction}"
+    assert balanced_bound["decode_tok_s"] > bound["decode_tok_s"] or bound["decode_tok_s"] == resident["decode_tok_s"]
+    for r in streamed + [balanced]:
         assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert isinstance(r["decode_bound_frac"], float) and isinstance(r["prefill_bound_frac"], float)
     # The baselines ran, or say why not; on the fake GPU an installed one fails for want of CUDA.
@@ -91,9 +101,9 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert sweep and all(r["tokens_equal"] is True for r in sweep)
     assert sweep[-1]["streamed_mib_per_pass"] == 0                     # the last point: all resident
     config = json.loads((tmp_path / "gpu.config.json").read_text())
-    assert config["small (4 layers)"]["streamed_nbytes_per_pass"] > 0 and config["elapsed_s"] > 0
+    assert config["small (4 layers), bound (DESIGN §9)"]["streamed_nbytes_per_pass"] > 0 and config["elapsed_s"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
-    trace = json.loads((tmp_path / "trace_prefetch1.json").read_text())        # the profiler's trace
+    trace = json.loads(gzip.decompress((tmp_path / "trace_prefetch1.json.gz").read_bytes()))   # the profiler's
     assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
 
     calls = []

@@ -387,3 +387,12 @@ def test_dataclasses_are_frozen():
     for obj in (packed, packed.planes[0], Plane(0, 0, b"", ()), Frame(0, 0, b"")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             obj.index = 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int32])
+def test_pack_without_compression_keeps_every_plane_raw(dtype):
+    t = random_tensor(dtype, (3000,))
+    packed = pack(t, compress=False)
+    assert all(p.raw is not None and p.frames == () for p in packed.planes)
+    assert packed.nbytes == t.numel() * t.element_size() and len(packed.planes) == (1 if dtype == torch.int32 else dtype.itemsize)
+    assert_bit_equal(decode(packed), t)

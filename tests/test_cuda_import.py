@@ -52,7 +52,7 @@ def _packed_unit(tensors: dict, backend=None):
 def _mixed(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
-        "big.bf16": (torch.randn(1 << 20 | 4097, generator=g) * 0.02).to(torch.bfloat16),  # two frames
+        "big.bf16": (torch.randn(codec.FRAME_NBYTES | 4097, generator=g) * 0.02).to(torch.bfloat16),  # two frames
         "w.fp16": torch.randn(300, 7, generator=g).to(torch.float16),
         "w.fp32": torch.randn(1000, generator=g),
         "ids.int64": torch.arange(-50, 50, dtype=torch.int64),
@@ -506,17 +506,19 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
     return backend
 
 
-@pytest.mark.parametrize("name, units, prefetch", [
-    ("llama", "blocks", 1), ("llama", "leaves", 2), ("gpt2", "blocks", 4), ("gpt2", "leaves", 1)])
+@pytest.mark.parametrize("name, units, prefetch, raw_fraction", [
+    ("llama", "blocks", 1, 0.0), ("llama", "leaves", 2, 0.0), ("gpt2", "blocks", 4, 0.0), ("gpt2", "leaves", 1, 0.0),
+    ("llama", "blocks", 2, 0.5)])     # every other block raw: uploaded from the arena, no staging
 def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread(
-        name, units, prefetch, staging, hf_reference, snapshot, monkeypatch):
+        name, units, prefetch, raw_fraction, staging, hf_reference, snapshot, monkeypatch):
     monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)   # every unit on workers
     ref_logits, ref_tokens = hf_reference(name)
     model = build_hf(name)
     ids, gen_kwargs = hf_inputs()
     snap, fake = snapshot(model), FakeCuda().instrument(monkeypatch)
     backend = checked_backend(fake, staging, monkeypatch, staging_slots=2)
-    with vzstream.session(model, backend=backend, prefetch=prefetch, units=units, workers=3) as s:
+    with vzstream.session(model, backend=backend, prefetch=prefetch, units=units, workers=3,
+                          raw_fraction=raw_fraction) as s:
         first = s.generate(ids, **gen_kwargs)
         start = len(fake.ops)
         second = s.generate(ids, **gen_kwargs)       # the learned schedule: the steady state

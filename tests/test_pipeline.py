@@ -3,6 +3,7 @@ trace misses under random routing, and worker failures surfacing at bind."""
 
 import os
 import re
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -10,10 +11,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
+from models import DIM, NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
 
 import vzstream
-from vzstream.pipeline import SlotPool
+from vzstream.pipeline import SlotPool, gil_switch_interval
 
 FUZZ = os.environ.get("VZSTREAM_FUZZ") == "1"        # longer hypothesis runs, as in test_codec
 FORWARD_OPS = ("request", "bind", "release")   # ops the forward thread performs, in program order
@@ -379,3 +380,39 @@ def test_slot_pool_reserve_acquire_overflow_close():
     assert len(pool.slots) == 3 and len(pool.free) == 3
     pool.close()
     assert backend.device_nbytes == 0 and backend.peak_device_nbytes == 3072
+
+
+# -- the GIL switch interval ------------------------------------------------------------------
+
+
+def _interval_seen_by_forward(model, **options):
+    """sys.getswitchinterval() inside a streamed call, and the output of that call."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda *_: seen.append(sys.getswitchinterval()))
+    try:
+        with vzstream.session(model, device="cpu", **options) as s:
+            out = s(make_input(2, DIM))
+    finally:
+        handle.remove()
+    return seen, out
+
+
+def test_streamed_calls_lower_the_switch_interval_and_restore_it():
+    before = sys.getswitchinterval()
+    seen, _ = _interval_seen_by_forward(build(Stack), gil_switch_interval=2e-4)
+    assert seen == [pytest.approx(2e-4)]
+    assert sys.getswitchinterval() == before
+    seen, _ = _interval_seen_by_forward(build(Stack), gil_switch_interval=None)
+    assert seen == [before]
+
+
+def test_the_switch_interval_is_never_raised_and_comes_back_after_overlapping_calls():
+    before = sys.getswitchinterval()
+    with gil_switch_interval(1e-3):
+        with gil_switch_interval(1.0):                # never above what is already set
+            assert sys.getswitchinterval() == pytest.approx(1e-3)
+        assert sys.getswitchinterval() == pytest.approx(1e-3)   # the outer user still holds it
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), gil_switch_interval(1e-4):
+        raise RuntimeError("a failed call restores it too")
+    assert sys.getswitchinterval() == before

@@ -381,3 +381,27 @@ def test_block_registered_under_two_names_is_one_unit():
         ref = model(x)
     with vzstream.session(model, device="cpu", prefetch=1) as s:
         assert torch.equal(s(x), ref) and torch.equal(s(x), ref)
+
+
+@pytest.mark.parametrize("raw_fraction", [0.5, 1.0])
+def test_raw_fraction_keeps_units_uncompressed_and_outputs_exact(raw_fraction, decode_path, snapshot, slots_ok):
+    """Units kept raw (no decode, more host RAM) stream like the others: the same outputs."""
+    model = build(TinyLM, dtype=torch.bfloat16, tied=True)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    snap = snapshot(model)
+    held = {}
+    for fraction in (0.0, raw_fraction):
+        with vzstream.session(model, device="cpu", prefetch=2, units="leaves", raw_fraction=fraction) as s:
+            for _ in range(2):
+                assert torch.equal(s(ids), ref)
+                slots_ok(s)
+            compressed = [any(p.compressed for pk in st.packed for p in pk.planes) for st in s.stores.values()]
+            held[fraction] = s.stats().packed_nbytes
+        snap.check(model)
+        if fraction == 1.0:
+            assert not any(compressed)
+        elif fraction == 0.5:
+            assert 0 < compressed.count(False) < len(compressed)
+    assert held[raw_fraction] > held[0.0]          # what it costs: host RAM

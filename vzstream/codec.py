@@ -121,11 +121,19 @@ def _describe(packed: Packed) -> str:
 # --- pack ------------------------------------------------------------------------------------
 
 
-def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = 1 << 20) -> Packed:
+# Plane bytes per frame. DESIGN §3 says ~1 MiB; 4 MiB decodes as fast on one thread and hands
+# the GIL back a quarter as often per byte, which is what limits decode threads while the
+# forward thread runs Python (docs/benchmarks.md, "decode threads and the GIL").
+FRAME_NBYTES = 4 << 20
+
+
+def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = FRAME_NBYTES,
+         compress: bool = True) -> Packed:
     """Pack `tensor` (any dtype, shape, strides or device) into compressed byte planes.
 
     `level=None` uses match-finding-off parameters (DESIGN §3); an int uses zstd's `level`.
-    `frame_nbytes` is the plane bytes per frame, i.e. elements per frame.
+    `frame_nbytes` is the plane bytes per frame, i.e. elements per frame. `compress=False`
+    keeps every plane raw: the same layout, nothing to decode.
     """
     _check_pack_args(level, frame_nbytes)
     flat = _flat_cpu(tensor)
@@ -138,7 +146,7 @@ def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = 
             level, write_content_size=True, write_checksum=True)
         cctx = zstd.ZstdCompressor(compression_params=params)
         values = flat.view(_TORCH_UINT[k]).numpy().view(_NUMPY_UINT[k])
-        planes = tuple(_pack_plane(cctx, values, i, frame_nbytes) for i in range(k))
+        planes = tuple(_pack_plane(cctx if compress else None, values, i, frame_nbytes) for i in range(k))
     return Packed(dtype=tensor.dtype, shape=tensor.shape, planes=planes, frame_elems=frame_nbytes)
 
 
@@ -160,11 +168,15 @@ def _check_pack_args(level: int | None, frame_nbytes: int) -> None:
                           f"{zstd.MAX_COMPRESSION_LEVEL}], got {level!r}; use None for the default")
     if not isinstance(frame_nbytes, int) or isinstance(frame_nbytes, bool) or frame_nbytes < 1:
         raise ConfigError(f"`frame_nbytes` must be an int >= 1, got {frame_nbytes!r}; "
-                          f"the default is {1 << 20} (1 MiB)")
+                          f"the default is {FRAME_NBYTES} ({FRAME_NBYTES >> 20} MiB)")
 
 
-def _pack_plane(cctx: zstd.ZstdCompressor, values: np.ndarray, index: int,
+def _pack_plane(cctx: zstd.ZstdCompressor | None, values: np.ndarray, index: int,
                 frame_elems: int) -> Plane:
+    """Plane `index` of `values`: compressed frames, or raw if they would not save enough (or
+    there is no `cctx`)."""
+    if cctx is None:
+        return Plane(index=index, nbytes=values.size, raw=_plane_piece(values, index).tobytes(), frames=())
     pieces, frames = [], []
     for start in range(0, values.size, frame_elems):
         piece = _plane_piece(values[start:start + frame_elems], index)

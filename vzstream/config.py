@@ -31,8 +31,11 @@ def available_cores() -> int:
 
 
 def default_workers() -> int:
-    """One decode thread per core, leaving one core to the forward thread (at most 8)."""
-    return max(1, min(8, available_cores() - 1))
+    """One decode thread per core, leaving one core to the forward thread (at most 32).
+
+    Decode threads scale with cores: on a 16-core Xeon host of an H100 one thread decodes
+    2.5 GB/s of bf16 and 15 decode 26-28 GB/s (docs/benchmarks.md), still under PCIe's ~55."""
+    return max(1, min(32, available_cores() - 1))
 
 
 def parse_nbytes(value: Any, name: str, fraction_ok: bool = False) -> int:
@@ -76,9 +79,11 @@ class SessionConfig:
     device: str = "auto"            # "auto" = "cuda" when available, else "cpu"
     prefetch: int = 2               # fetches in flight ahead of the unit computing; 0 = synchronous
     workers: int | None = None      # decode threads; None = default_workers()
+    gil_switch_interval: Any = 1e-4  # seconds; sys.setswitchinterval during streamed calls; None = leave it
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
+    raw_fraction: float = 0.0       # share of streamed bytes kept uncompressed (no decode, more host RAM)
     vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
     pool: Any = None                # a DevicePool shared by several sessions
@@ -99,6 +104,8 @@ class SessionConfig:
             )
         if self.activation_reserve is not None:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
+        self._check_switch_interval()
+        self._check_raw_fraction()
 
     def _check_device(self) -> None:
         object.__setattr__(self, "device", check_device(self.device))
@@ -122,6 +129,27 @@ class SessionConfig:
             )
         if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int) or not -7 <= self.level <= 22):
             raise ConfigError(f"`level` must be None or a zstd level in [-7, 22]; got {self.level!r}. Leave it None.")
+
+    def _check_switch_interval(self) -> None:
+        value = self.gil_switch_interval
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(
+                f"`gil_switch_interval` must be None or seconds in (0, 1] (the GIL switch interval while a "
+                f"streamed call runs); got {value!r}. Leave it at 1e-4, or None to keep sys.getswitchinterval()."
+            )
+        object.__setattr__(self, "gil_switch_interval", float(value))
+
+    def _check_raw_fraction(self) -> None:
+        value = self.raw_fraction
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(
+                f"`raw_fraction` must be a number in [0, 1] (the share of streamed bytes kept uncompressed); "
+                f"got {value!r}. Use 0 for the least host RAM, or 1 - decode rate / PCIe rate when the CPU "
+                f"decodes slower than PCIe uploads (`python -m vzstream bench gpu` measures both)."
+            )
+        object.__setattr__(self, "raw_fraction", float(value))
 
     def _check_units(self) -> None:
         units = self.units

@@ -27,7 +27,7 @@ from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
-from .pipeline import Pipeline, Streamer
+from .pipeline import Pipeline, Streamer, gil_switch_interval
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
@@ -183,14 +183,18 @@ class Session(AsyncGeneration):
         # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
         threads = max(self.config.workers, min(16, available_cores()))
         largest = max((u.raw_nbytes for u in streamed), default=1)
+        raw = raw_units(streamed, self.config.raw_fraction)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
+            def submit(u):
+                return pool.submit(pack_unit, u, self.backend, level, u.index not in raw)
+
             # A window of units in flight bounds the extra host RAM while packing (~1 GiB).
             window = max(2, min(threads, (1 << 30) // max(largest, 1)))
-            futures = [pool.submit(pack_unit, u, self.backend, level) for u in streamed[:window]]
+            futures = [submit(u) for u in streamed[:window]]
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
                 if i + window < len(streamed):
-                    futures.append(pool.submit(pack_unit, streamed[i + window], self.backend, level))
+                    futures.append(submit(streamed[i + window]))
                 if unit.streamed:
                     self._swap_out(unit, store, device)
                 else:
@@ -312,7 +316,8 @@ class Session(AsyncGeneration):
                 "a vzstream call was made from inside another call on the same pool (a hook, a callback, "
                 "or another session's forward); a pool runs one call at a time. Make the call after the "
                 "outer one returns, or give the two sessions separate `pool`s.")
-        with self.pool.lock, torch.no_grad():
+        interval = self.config.gil_switch_interval if self.stores else None   # no workers: leave it
+        with self.pool.lock, torch.no_grad(), gil_switch_interval(interval):
             if not self.is_open:                  # closed while this call waited for the lock
                 raise closed
             self.pool.owner, self.pool.active = threading.get_ident(), self
@@ -363,6 +368,18 @@ class Session(AsyncGeneration):
         out.peak_device_nbytes = self.backend.peak_device_nbytes if self.backend else 0
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
+
+
+def raw_units(units, fraction: float) -> set[int]:
+    """Indices of the units kept uncompressed: about `fraction` of the bytes, spread evenly along
+    `units` (every other one at 0.5), so that decoding and uploading both run all along a pass."""
+    raw, seen, kept = set(), 0, 0
+    for u in units:
+        seen += u.raw_nbytes
+        if kept + u.raw_nbytes / 2 <= fraction * seen:
+            raw.add(u.index)
+            kept += u.raw_nbytes
+    return raw
 
 
 def _return_freed_memory() -> None:

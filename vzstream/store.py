@@ -106,13 +106,14 @@ def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
     return dataclasses.replace(packed, planes=tuple(planes))
 
 
-def pack_unit(unit: Unit, backend, level: int | None) -> UnitStore:
-    """Pack `unit`'s parameters into one arena. Does not touch the parameters themselves."""
+def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True) -> UnitStore:
+    """Pack `unit`'s parameters into one arena (every plane raw unless `compress`). Does not
+    touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
     packed = []
     for (name, _), (t, _) in zip(unit.params, ordered):
         try:
-            packed.append(codec.pack(t, level=level))
+            packed.append(codec.pack(t, level=level, compress=compress))
         except ConfigError as exc:
             raise ConfigError(f"unit `{unit.fqn}`, parameter `{name}`: {exc}") from exc
     buffers = [_buffers(p) for p in packed]

@@ -139,7 +139,8 @@ def test_no_implicit_sync_on_the_forward_thread(monkeypatch):
     forward_thread, flagged = threading.get_ident(), []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if threading.get_ident() == forward_thread:
+        # set_sync_debug_mode itself warns that the mode is a prototype: not a synchronisation.
+        if threading.get_ident() == forward_thread and "is a prototype" not in str(message):
             flagged.append(f"{filename}:{lineno}: {message}")
 
     with vzstream.session(model, device="cuda", prefetch=2) as s:
@@ -181,8 +182,11 @@ def test_budget_accounting_matches_the_allocator():
     model_nbytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     del ref
     torch.cuda.empty_cache()
-    # The planner's own minimum (ring + merge scratch), plus room for about half the model.
-    budget, reserve = minimum_budget(model, "cuda", prefetch=2) + model_nbytes // 2, 64 << 20
+    # The planner's own minimum (ring + merge scratch), plus half of what remains of the model:
+    # some units resident, some streamed. (Minimum + half the model held all of it.)
+    minimum, reserve = minimum_budget(model, "cuda", prefetch=2), 64 << 20
+    budget = minimum + (model_nbytes - minimum) // 2
+    assert minimum < budget < model_nbytes, (minimum, budget, model_nbytes)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with vzstream.session(model, device="cuda", prefetch=2, vram_budget=budget + reserve,
