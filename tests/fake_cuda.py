@@ -47,8 +47,11 @@ def _join(*clocks: dict) -> dict:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes `t` touches, first to last (a strided view, such as a merge's every other byte,
+    spans its whole extent)."""
     start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) if t.numel() else -1
+    return start, start + (last + 1) * t.element_size()
 
 
 class FakeEvent:

@@ -81,10 +81,10 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
     assert all(off % cuda_mod.STAGING_ALIGNMENT == 0 for off, _ in staged)
     assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
     assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
-    split = [p.raw_nbytes for p in store.packed if p.numel and len(p.planes) > 1]
-    assert plan.merge_nbytes == max(split)
+    split = [cuda_mod._align(p.raw_nbytes, cuda_mod.STAGING_ALIGNMENT) for p in store.packed if p.numel and len(p.planes) > 1]
+    assert plan.merge_nbytes == sum(split)           # one batch holds them all, up to a chunk
     scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
-    assert scratch == cuda_mod.SCRATCH_REGIONS * min(max(split), cuda_mod.MERGE_CHUNK_NBYTES)
+    assert scratch == cuda_mod.SCRATCH_REGIONS * min(sum(split), cuda_mod.MERGE_CHUNK_NBYTES)
     assert plan.last_staged == max(i for i, t in enumerate(plan.tensors) if any(p.staged for p in t.planes))
 
 
@@ -95,6 +95,40 @@ def test_plan_stages_raw_planes_that_live_outside_the_arena():
     store.packed[0] = codec.Packed(packed.dtype, packed.shape, planes, packed.frame_elems)
     plan = plan_upload(store)
     assert all(pc.staged for pc in plan.tensors[0].planes)
+
+
+@pytest.mark.parametrize("region", [1000, 1 << 20])
+def test_merge_batches_cover_every_element_once_within_a_region(region):
+    store, _ = _packed_unit(_mixed())
+    tensors = plan_upload(store).tensors
+    batches = cuda_mod.merge_batches(tensors, region)
+    covered = {i: [] for i, t in enumerate(tensors) if len(t.planes) > 1}
+    for batch in batches:
+        ends = [p.offset + p.numel * tensors[p.tensor].itemsize for p in batch]
+        assert all(e <= region for e in ends) and all(p.numel > 0 for p in batch)
+        assert all(e <= q.offset for e, q in zip(ends, batch[1:])), "pieces of a batch overlap"
+        for p in batch:
+            covered[p.tensor].append((p.start, p.numel))
+    for i, pieces in covered.items():       # in order, back to back, to the tensor's end
+        assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:j]) for j in range(len(pieces))]
+        assert sum(n for _, n in pieces) == tensors[i].numel
+
+
+def test_an_upload_is_a_few_calls_however_many_tensors_the_unit_has(monkeypatch):
+    """Each torch call hands the GIL over and waits to win it back (docs/benchmarks.md): a unit
+    whose multi-plane tensors fit one scratch region is uploaded with one call of copies and one
+    of merges, besides the single-plane tensors' one call."""
+    store, _ = _packed_unit(_mixed())
+    calls = []
+    monkeypatch.setattr(cuda_mod, "_copy_many", lambda pairs: calls.append(len(pairs)))
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    _fetch_on_fake_cuda(backend, store, torch.empty(store.slot_nbytes, dtype=torch.uint8))
+    plan = backend._plan(store)[0]
+    multi = [t for t in plan.tensors if len(t.planes) > 1]
+    assert len(plan.batches) == 1 and len(multi) >= 3
+    single = sum(len(t.planes) == 1 for t in plan.tensors)
+    assert calls == [single, sum(len(t.planes) for t in multi), sum(t.itemsize for t in multi)]
+    backend.close()
 
 
 class _Ticket:
@@ -177,13 +211,13 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
 
         backend.decode_jobs = no_used
     elif name == "no-region-wait":      # the copy stream refills a region a merge still reads
-        merge = backend._merge
+        merge = backend._merge_batch
 
         def unordered(*args):
             backend._region_free = [None] * cuda_mod.SCRATCH_REGIONS
             merge(*args)
 
-        backend._merge = unordered
+        backend._merge_batch = unordered
     elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
         monkeypatch.setattr(StagingRing, "gate", staticmethod(lambda fetch: None))
     elif name == "no-gate-lock":        # a fetch's later jobs pass once the first took the link
@@ -420,23 +454,25 @@ def staging(request, monkeypatch):
 def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bool = False) -> CudaBackend:
     """Log every memory access of `backend`'s data operations with `fake`, which reports races
     (see fake_cuda.py). `pinned`: assert that every host→device copy reads pinned memory."""
-    copy_async, interleave, stage_into = cuda_mod.copy_async, cuda_mod.interleave, cuda_mod.stage_into
+    upload_many, merge_many, stage_into = cuda_mod.upload_many, cuda_mod.merge_many, cuda_mod.stage_into
 
-    def logged_copy(dst, src):
-        assert not pinned or fake.is_pinned(src), "a copy reads pageable memory"
-        fake.access("copy", reads=[src], writes=[dst])
-        copy_async(dst, src)
+    def logged_upload(pairs):
+        for dst, src in pairs:
+            assert not pinned or fake.is_pinned(src), "a copy reads pageable memory"
+            fake.access("copy", reads=[src], writes=[dst])
+        upload_many(pairs)
 
-    def logged_interleave(dst, planar, numel, itemsize):
-        fake.access("interleave", reads=[planar[: numel * itemsize]], writes=[dst])
-        interleave(dst, planar, numel, itemsize)
+    def logged_merge(pairs):
+        for dst, src in pairs:
+            fake.access("interleave", reads=[src], writes=[dst])
+        merge_many(pairs)
 
     def logged_stage(buffer, offset, nbytes, source, fqn=""):
         stage_into(buffer, offset, nbytes, source, fqn)
         fake.access("decode", writes=[buffer[offset : offset + nbytes]], host=True)   # after: it is done
 
-    monkeypatch.setattr(cuda_mod, "copy_async", logged_copy)
-    monkeypatch.setattr(cuda_mod, "interleave", logged_interleave)
+    monkeypatch.setattr(cuda_mod, "upload_many", logged_upload)
+    monkeypatch.setattr(cuda_mod, "merge_many", logged_merge)
     monkeypatch.setattr(cuda_mod, "stage_into", logged_stage)
     wait, device_buffer, free_device_buffer = backend.wait, backend.device_buffer, backend.free_device_buffer
     pinned_block = backend._pinned_block

@@ -79,11 +79,23 @@ class TensorUpload:
 
 
 @dataclasses.dataclass(frozen=True)
+class Piece:
+    """Elements [start, start + numel) of a multi-plane tensor, merged through a scratch region
+    whose bytes [offset, offset + numel * itemsize) hold their planes one after the other."""
+    tensor: int
+    start: int
+    numel: int
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
 class UploadPlan:
     tensors: tuple[TensorUpload, ...]   # one per parameter of the unit, in store order
     staging_nbytes: int                 # staging bytes one fetch of the unit needs
-    merge_nbytes: int                   # device scratch for the largest multi-plane tensor
+    merge_nbytes: int                   # bytes of all the unit's multi-plane tensors together
     last_staged: int                    # index of the last tensor reading staging (-1: none)
+    batches: tuple[tuple[Piece, ...], ...] = ()   # pieces sharing one scratch region, in order
+    last_staged_batch: int = -1         # the last batch reading staging (-1: only direct copies do)
 
 
 def arena_offset(arena: torch.Tensor, buf) -> int | None:
@@ -112,10 +124,34 @@ def plan_upload(store) -> UploadPlan:
                 planes.append(PlaneCopy(i, plane.nbytes, False, offset))
         if len(planes) not in (0, 1, packed.itemsize):
             raise FormatError(f"tensor `{name}`: {len(planes)} planes for itemsize {packed.itemsize}")
-        merge = max(merge, packed.raw_nbytes if len(planes) > 1 else 0)
+        merge += _align(packed.raw_nbytes, STAGING_ALIGNMENT) if len(planes) > 1 else 0   # as batched
         last_staged = len(tensors) if any(p.staged for p in planes) else last_staged
         tensors.append(TensorUpload(name, slot_offset, packed.numel, packed.itemsize, tuple(planes)))
-    return UploadPlan(tuple(tensors), staging, merge, last_staged)
+    batches = merge_batches(tensors, region_nbytes(merge))
+    staged = [b for b, batch in enumerate(batches)
+              if any(p.staged for piece in batch for p in tensors[piece.tensor].planes)]
+    return UploadPlan(tuple(tensors), staging, merge, last_staged, batches, max(staged, default=-1))
+
+
+def merge_batches(tensors: list[TensorUpload], region: int) -> tuple[tuple[Piece, ...], ...]:
+    """Every multi-plane tensor cut into pieces of at most `region` planar bytes, and the pieces
+    packed in order into batches that each fill one scratch region: a batch is one call of
+    copies and one call of merges, however many tensors it holds."""
+    batches, current, used = [], [], 0
+    for i, t in enumerate(tensors):
+        if len(t.planes) < 2:
+            continue
+        step = region // t.itemsize
+        for start in range(0, t.numel, step):
+            n = min(step, t.numel - start)
+            if current and used + n * t.itemsize > region:
+                batches.append(tuple(current))
+                current, used = [], 0
+            current.append(Piece(i, start, n, used))
+            used = _align(used + n * t.itemsize, STAGING_ALIGNMENT)
+    if current:
+        batches.append(tuple(current))
+    return tuple(batches)
 
 
 def staging_items(store, plan: UploadPlan) -> list[tuple[int, str, object, int]]:
@@ -140,20 +176,45 @@ def stage_into(buffer: torch.Tensor, offset: int, nbytes: int, source, fqn: str 
             buffer[offset : offset + nbytes].numpy()[:] = np.frombuffer(source, dtype=np.uint8)
 
 
-def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """One copy on the current stream; from pinned host memory it does not block the host."""
-    dst.copy_(src, non_blocking=True)
+def _copy_many(pairs: list) -> None:
+    """(dst, src) copies on the current stream in ONE Python call. Each torch call hands the GIL
+    over and must win it back, which, beside a forward thread running model Python and a pool of
+    decode workers, cost the upload ~25 us per call on an H100 host (docs/benchmarks.md): a
+    call per copy made issuing one unit's upload take 7 ms."""
+    foreach = getattr(torch, "_foreach_copy_", None)      # torch >= 2.1's optimizers use it
+    if len(pairs) == 1 or foreach is None:
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+    elif pairs:
+        foreach([d for d, _ in pairs], [s for _, s in pairs], non_blocking=True)
+
+
+def upload_many(pairs: list) -> None:
+    """Host→device copies; from pinned host memory they do not block the host."""
+    _copy_many(pairs)
+
+
+def merge_many(pairs: list) -> None:
+    """Device copies that interleave planes (see `merge_pairs`)."""
+    _copy_many(pairs)
+
+
+def merge_pairs(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: int) -> list:
+    """(dst, src) copies that write `numel` elements whose byte planes lie in `planar` as
+    [itemsize, numel] (plane i = byte i of each little-endian element) into `dst`, a uint8 view
+    of numel * itemsize bytes: plane i goes to every itemsize-th byte from byte i. Slices only,
+    no view ops: a slice takes no GIL hand-over."""
+    return [(dst[i::itemsize], planar[i * numel : (i + 1) * numel]) for i in range(itemsize)]
 
 
 def interleave(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: int) -> None:
-    """Write `numel` elements whose byte planes lie in `planar` as [itemsize, numel] (plane i =
-    byte i of each little-endian element) into `dst`, a uint8 view of numel * itemsize bytes:
-    one strided-copy kernel on the current stream."""
-    dst.view(numel, itemsize).copy_(planar[: numel * itemsize].view(itemsize, numel).t())
+    """`merge_pairs`, run on the current stream."""
+    merge_many(merge_pairs(dst, planar, numel, itemsize))
 
 
 def region_nbytes(merge_nbytes: int) -> int:
-    """Bytes of one scratch region for tensors of up to `merge_nbytes` (0: no merges at all)."""
+    """Bytes of one scratch region for a unit with `merge_nbytes` of multi-plane tensors (0: no
+    merges at all): all of them in one batch, up to MERGE_CHUNK_NBYTES."""
     return min(MERGE_CHUNK_NBYTES, merge_nbytes)
 
 
@@ -199,8 +260,8 @@ class CudaBackend(Backend):
     def scratch_nbytes(self, units) -> int:
         """Device memory the uploads of `units` need besides the slots: the merge scratch."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        largest = max((n for u in units for (_, p), n in zip(u.params, u.param_nbytes)
-                       if p.dtype.is_floating_point and p.element_size() > 1), default=0)
+        largest = max((sum(_align(n, STAGING_ALIGNMENT) for (_, p), n in zip(u.params, u.param_nbytes)
+                           if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
         return SCRATCH_REGIONS * region_nbytes(largest)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
@@ -235,7 +296,7 @@ class CudaBackend(Backend):
         super().free_device_buffer(buf)
 
     def _grow_regions(self, merge_nbytes: int) -> None:
-        """Scratch regions big enough for tensors of `merge_nbytes`."""
+        """Scratch regions big enough for a unit with `merge_nbytes` of multi-plane tensors."""
         size = region_nbytes(merge_nbytes)
         if self._regions and self._regions[0].numel() >= size:
             return
@@ -304,40 +365,51 @@ class CudaBackend(Backend):
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
 
     def _copy_planes(self, ticket, fetch: Fetch):
-        """Enqueue every copy and merge of the fetch; return `copied` (None: nothing staged)."""
+        """Enqueue every copy and merge of the fetch, a few calls per unit: the single-plane
+        tensors' copies in one call, then per batch one call of plane copies into a scratch region
+        and one of merges out of it. Returns `copied` (None: nothing staged)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
-        if plan.merge_nbytes:
+
+        def source(p: PlaneCopy) -> torch.Tensor:
+            return (fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
+
+        def target(t: TensorUpload) -> torch.Tensor:
+            return slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
+
+        if plan.batches:
             self._grow_regions(plan.merge_nbytes)   # a no-op after `prepare` saw this store
+        upload_many([(target(t), source(t.planes[0])) for t in plan.tensors if len(t.planes) == 1])
+        # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
         copied = None
-        for i, t in enumerate(plan.tensors):
-            planes = [(fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes] for p in t.planes]
-            dst = slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
-            if len(planes) == 1:
-                copy_async(dst, planes[0])
-            elif planes:
-                self._merge(dst, planes, t.numel, t.itemsize)
-            if i == plan.last_staged:
-                # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
+        if plan.last_staged >= 0 and plan.last_staged_batch < 0:
+            copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
+        for b, batch in enumerate(plan.batches):
+            self._merge_batch(batch, plan.tensors, source, target)
+            if b == plan.last_staged_batch:
                 copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         return copied
 
-    def _merge(self, dst: torch.Tensor, planes: list, numel: int, itemsize: int) -> None:
-        """Chunk by chunk: the copy stream copies each plane's slice into a scratch region, the
-        merge stream interleaves the region into `dst`; a region is refilled only after the merge
-        that read it (its `free` event), so SCRATCH_REGIONS chunks are in flight."""
-        step = self._regions[0].numel() // itemsize
-        for start in range(0, numel, step):
-            n = min(step, numel - start)
-            r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
-            region = self._regions[r]
-            if self._region_free[r] is not None:
-                self.copy_stream.wait_event(self._region_free[r])
-            for i, src in enumerate(planes):
-                copy_async(region[i * n : (i + 1) * n], src[start : start + n])
-            self.merge_stream.wait_event(self.copy_stream.record_event())
-            with self.cuda.stream(self.merge_stream):
-                interleave(dst[start * itemsize : (start + n) * itemsize], region, n, itemsize)
-            self._region_free[r] = self.merge_stream.record_event()
+    def _merge_batch(self, batch: tuple[Piece, ...], tensors, source, target) -> None:
+        """The copy stream copies the batch's planes into a scratch region, the merge stream
+        interleaves them into the slot; a region is refilled only after the merges that read it
+        (its `free` event), so SCRATCH_REGIONS batches are in flight."""
+        r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
+        region = self._regions[r]
+        if self._region_free[r] is not None:
+            self.copy_stream.wait_event(self._region_free[r])
+        copies, merges = [], []
+        for piece in batch:
+            t, n = tensors[piece.tensor], piece.numel
+            planar = region[piece.offset : piece.offset + n * t.itemsize]
+            copies += [(planar[i * n : (i + 1) * n], source(p)[piece.start : piece.start + n])
+                       for i, p in enumerate(t.planes)]
+            merges += merge_pairs(target(t)[piece.start * t.itemsize : (piece.start + n) * t.itemsize],
+                                  planar, n, t.itemsize)
+        upload_many(copies)
+        self.merge_stream.wait_event(self.copy_stream.record_event())
+        with self.cuda.stream(self.merge_stream):
+            merge_many(merges)
+        self._region_free[r] = self.merge_stream.record_event()
 
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
