@@ -1,59 +1,91 @@
-"""Decode scaling probe: threads vs processes, frame sizes, a busy Python thread beside."""
-import os, sys, time, threading, statistics, subprocess, multiprocessing as mp
+"""The decode probe behind `h100-2026-11-26-decode-probe.txt`: how the `hi`-plane decode scales
+with threads and frame size, beside a busy Python thread (the forward thread's stand-in) at two
+GIL switch intervals, and in forked processes. Run from the project root: `python3 docs/gpu-runs/decode_probe.py`.
+Rates are GB/s of bf16 whose `hi` plane is decoded (the `lo` plane needs no decode)."""
+
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-import numpy as np, torch
+
+import numpy as np
+import torch
+
 from vzstream import codec
 
 print(subprocess.run("nproc; lscpu | grep -Ei 'model name|thread|core|socket|mhz|numa'", shell=True,
                      capture_output=True, text=True).stdout, flush=True)
 print("affinity", len(os.sched_getaffinity(0)), "switchinterval", sys.getswitchinterval())
 torch.manual_seed(0)
-t = torch.randn(256 << 20, dtype=torch.bfloat16)       # 512 MiB of bf16
-OUT = np.empty(t.numel(), np.uint8)                     # one hi plane
-P = {}
-for fm in (1, 4, 16):
-    t0 = time.perf_counter(); p = codec.pack(t, frame_nbytes=fm << 20)
-    P[fm] = [pl for pl in p.planes if pl.index == 1][0].frames
-    print(f"pack frame {fm} MiB: {time.perf_counter()-t0:.2f} s, {len(P[fm])} frames", flush=True)
-BF16 = 2 * t.numel()
+WEIGHTS = torch.randn(256 << 20, dtype=torch.bfloat16)      # 512 MiB of bf16
+OUT = np.empty(WEIGHTS.numel(), np.uint8)                   # one hi plane
+BF16 = 2 * WEIGHTS.numel()
+FRAMES = {}
+for mib in (1, 4, 16):
+    t0 = time.perf_counter()
+    packed = codec.pack(WEIGHTS, frame_nbytes=mib << 20)
+    FRAMES[mib] = next(p for p in packed.planes if p.index == 1).frames
+    print(f"pack frame {mib} MiB: {time.perf_counter() - t0:.2f} s, {len(FRAMES[mib])} frames", flush=True)
 
-def dec(f): codec.decode_frame_into(f, OUT[f.start:f.start + f.nbytes])
 
-def threads(frames, n, reps=5):
-    ts = []
+def decode(frame) -> None:
+    codec.decode_frame_into(frame, OUT[frame.start : frame.start + frame.nbytes])
+
+
+def threads(frames, n: int, reps: int = 5) -> float:
+    times = []
     with ThreadPoolExecutor(n) as pool:
-        for _ in range(reps + 1):
-            t0 = time.perf_counter(); list(pool.map(dec, frames)); ts.append(time.perf_counter() - t0)
-    return BF16 / statistics.median(ts[1:]) / 1e9
+        for _ in range(reps + 1):                           # the first is warm-up
+            t0 = time.perf_counter()
+            list(pool.map(decode, frames))
+            times.append(time.perf_counter() - t0)
+    return BF16 / statistics.median(times[1:]) / 1e9
 
-stop = [False]
-def busy():
+
+def busy(stop: threading.Event) -> None:
     x = 0
-    while not stop[0]: x += 1
+    while not stop.is_set():
+        x += 1
 
-def child(args):
-    frames_idx, fm, n = args
-    fr = P[fm]; t0 = time.perf_counter()
-    for i in frames_idx: dec(fr[i])
+
+def child(args) -> float:
+    indices, mib = args
+    t0 = time.perf_counter()
+    for i in indices:
+        decode(FRAMES[mib][i])
     return time.perf_counter() - t0
 
-def procs(fm, n, reps=3):
-    ts = []
+
+def processes(mib: int, n: int, reps: int = 3) -> float:
+    times = []
     with mp.get_context("fork").Pool(n) as pool:
         for _ in range(reps + 1):
-            idx = [list(range(len(P[fm])))[i::n] for i in range(n)]
-            t0 = time.perf_counter(); pool.map(child, [(ix, fm, n) for ix in idx]); ts.append(time.perf_counter() - t0)
-    return BF16 / statistics.median(ts[1:]) / 1e9
+            shares = [list(range(len(FRAMES[mib])))[i::n] for i in range(n)]
+            t0 = time.perf_counter()
+            pool.map(child, [(share, mib) for share in shares])
+            times.append(time.perf_counter() - t0)
+    return BF16 / statistics.median(times[1:]) / 1e9
+
 
 print("GB/s of bf16 whose hi plane is decoded (threads):")
-for fm in (1, 4, 16):
-    print(f"  frame {fm:2d} MiB: " + "  ".join(f"{n}T {threads(P[fm], n):5.1f}" for n in (1, 2, 4, 8, 12, 15)), flush=True)
-for fm in (1, 16):
-    for si in (0.005, 0.0005):
-        sys.setswitchinterval(si); stop[0] = False; th = threading.Thread(target=busy); th.start()
-        r = threads(P[fm], 8, reps=3); stop[0] = True; th.join()
-        print(f"  frame {fm:2d} MiB, 8T + busy python thread, switchinterval {si}: {r:5.1f}", flush=True)
+for mib in (1, 4, 16):
+    print(f"  frame {mib:2d} MiB: " + "  ".join(f"{n}T {threads(FRAMES[mib], n):5.1f}" for n in (1, 2, 4, 8, 12, 15)),
+          flush=True)
+for mib in (1, 16):
+    for interval in (0.005, 0.0005):
+        sys.setswitchinterval(interval)
+        stop = threading.Event()
+        spinner = threading.Thread(target=busy, args=(stop,))
+        spinner.start()
+        rate = threads(FRAMES[mib], 8, reps=3)
+        stop.set()
+        spinner.join()
+        print(f"  frame {mib:2d} MiB, 8T + busy python thread, switchinterval {interval}: {rate:5.1f}", flush=True)
 sys.setswitchinterval(0.005)
 print("processes (fork):")
-for fm in (1, 16):
-    print(f"  frame {fm:2d} MiB: " + "  ".join(f"{n}P {procs(fm, n):5.1f}" for n in (1, 4, 8, 15)), flush=True)
+for mib in (1, 16):
+    print(f"  frame {mib:2d} MiB: " + "  ".join(f"{n}P {processes(mib, n):5.1f}" for n in (1, 4, 8, 15)), flush=True)
