@@ -20,7 +20,7 @@ BAD_OPTIONS = [
     ("vram_budget", "lots"), ("vram_budget", -1), ("vram_budget", 0.0), ("vram_budget", 1.5),
     ("vram_budget", "6 parsecs"), ("vram_budget", True), ("vram_budget", [1]),
     ("activation_reserve", "much"), ("activation_reserve", -5),
-    ("gil_switch_interval", 0), ("gil_switch_interval", -1e-4), ("gil_switch_interval", 2.0),
+    ("gil_switch_interval", 0), ("gil_switch_interval", -1e-4), ("gil_switch_interval", 2.0), ("gil_switch_interval", 5e-7),
     ("gil_switch_interval", "1ms"), ("gil_switch_interval", True),
 ]
 

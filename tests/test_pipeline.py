@@ -416,3 +416,19 @@ def test_the_switch_interval_is_never_raised_and_comes_back_after_overlapping_ca
     with pytest.raises(RuntimeError), gil_switch_interval(1e-4):
         raise RuntimeError("a failed call restores it too")
     assert sys.getswitchinterval() == before
+
+
+def test_the_switch_interval_survives_a_tiny_setting_and_keeps_one_set_meanwhile():
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(5e-7)                # CPython keeps 0 us: asking for that raises
+        for _ in range(2):
+            with gil_switch_interval(1e-4):
+                assert sys.getswitchinterval() == pytest.approx(1e-6)
+        assert sys.getswitchinterval() == 0.0      # what was there before, back
+        sys.setswitchinterval(before)
+        with gil_switch_interval(1e-4):
+            sys.setswitchinterval(2e-3)            # the user's own, set during the call, stays
+        assert sys.getswitchinterval() == pytest.approx(2e-3)
+    finally:
+        sys.setswitchinterval(before)

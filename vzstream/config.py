@@ -134,9 +134,9 @@ class SessionConfig:
         value = self.gil_switch_interval
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-6 <= value <= 1:
             raise ConfigError(
-                f"`gil_switch_interval` must be None or seconds in (0, 1] (the GIL switch interval while a "
+                f"`gil_switch_interval` must be None or seconds in [1e-6, 1] (the GIL switch interval while a "
                 f"streamed call runs); got {value!r}. Leave it at 1e-4, or None to keep sys.getswitchinterval()."
             )
         object.__setattr__(self, "gil_switch_interval", float(value))

@@ -165,7 +165,7 @@ class Pipeline:
         self.executor.shutdown(wait=True)
 
 
-_switch = {"lock": threading.Lock(), "users": 0, "saved": None}
+_switch = {"lock": threading.Lock(), "users": 0, "saved": None, "set": None}
 
 
 @contextlib.contextmanager
@@ -175,24 +175,31 @@ def gil_switch_interval(seconds: float | None):
     A decode worker needs the GIL for a moment after each frame. While the forward thread runs
     model Python, it keeps the GIL until the switch interval (5 ms by default) forces a hand-over,
     so each frame waits up to 5 ms: on an H100's 16-core host, 8 workers beside a busy Python
-    thread decoded 2.1 GB/s instead of 15 (docs/benchmarks.md). The previous interval comes back
-    when the last call that lowered it ends; None leaves the interval alone.
+    thread decoded 2.1 GB/s instead of 15 (docs/benchmarks.md). When the last call that lowered it
+    ends, the previous interval comes back, unless something else set its own meanwhile. None
+    leaves the interval alone.
     """
     if seconds is None:
         yield
         return
     with _switch["lock"]:
+        current = sys.getswitchinterval()
+        # CPython keeps whole microseconds: never ask for less than one (0 raises ValueError).
+        wanted = max(1e-6, min(seconds, current))
+        sys.setswitchinterval(wanted)
         if _switch["users"] == 0:
-            _switch["saved"] = sys.getswitchinterval()
+            _switch["saved"] = current
         _switch["users"] += 1
-        sys.setswitchinterval(min(seconds, sys.getswitchinterval()))
+        _switch["set"] = sys.getswitchinterval()
     try:
         yield
     finally:
         with _switch["lock"]:
             _switch["users"] -= 1
-            if _switch["users"] == 0:
-                sys.setswitchinterval(_switch["saved"])
+            if _switch["users"] == 0 and sys.getswitchinterval() == _switch["set"]:
+                # A sub-microsecond setting reads back as 0.0, which cannot be set; any value
+                # under 1 us gives back that same state.
+                sys.setswitchinterval(_switch["saved"] or 1e-7)
 
 
 def _run_named(name: str, work) -> None:

@@ -183,7 +183,9 @@ class Session(AsyncGeneration):
         # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
         threads = max(self.config.workers, min(16, available_cores()))
         largest = max((u.raw_nbytes for u in streamed), default=1)
-        raw = raw_units(streamed, self.config.raw_fraction)
+        # Of the units planned to stream: a unit kept resident for now (measured, evictable) and
+        # evicted to streaming later stays compressed, so under a budget the share is approximate.
+        raw = raw_units([u for u in streamed if u.streamed], self.config.raw_fraction)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
             def submit(u):
                 return pool.submit(pack_unit, u, self.backend, level, u.index not in raw)
