@@ -110,7 +110,7 @@ def arena_offset(arena: torch.Tensor, buf) -> int | None:
 def plan_upload(store) -> UploadPlan:
     """Where each plane of `store` comes from: staging (compressed, or raw outside the pinned
     arena, which a worker copies in) or the arena itself (raw planes, uploaded in place)."""
-    tensors, staging, merge, last_staged = [], 0, 0, -1
+    tensors, staging, merged, last_staged = [], 0, [], -1
     for (name, _), packed, slot_offset in zip(store.unit.params, store.packed, store.offsets):
         planes = []
         for i, plane in enumerate(packed.planes if packed.numel else ()):
@@ -124,9 +124,11 @@ def plan_upload(store) -> UploadPlan:
                 planes.append(PlaneCopy(i, plane.nbytes, False, offset))
         if len(planes) not in (0, 1, packed.itemsize):
             raise FormatError(f"tensor `{name}`: {len(planes)} planes for itemsize {packed.itemsize}")
-        merge += _align(packed.raw_nbytes, STAGING_ALIGNMENT) if len(planes) > 1 else 0   # as batched
+        if len(planes) > 1:
+            merged.append(packed.raw_nbytes)
         last_staged = len(tensors) if any(p.staged for p in planes) else last_staged
         tensors.append(TensorUpload(name, slot_offset, packed.numel, packed.itemsize, tuple(planes)))
+    merge = merge_nbytes(merged)
     batches = merge_batches(tensors, region_nbytes(merge))
     staged = [b for b, batch in enumerate(batches)
               if any(p.staged for piece in batch for p in tensors[piece.tensor].planes)]
@@ -182,10 +184,10 @@ def _copy_many(pairs: list) -> None:
     decode workers, cost the upload ~25 us per call on an H100 host (docs/benchmarks.md): a
     call per copy made issuing one unit's upload take 7 ms."""
     foreach = getattr(torch, "_foreach_copy_", None)      # torch >= 2.1's optimizers use it
-    if len(pairs) == 1 or foreach is None:
+    if foreach is None or len(pairs) < 2:
         for dst, src in pairs:
             dst.copy_(src, non_blocking=True)
-    elif pairs:
+    else:
         foreach([d for d, _ in pairs], [s for _, s in pairs], non_blocking=True)
 
 
@@ -210,6 +212,12 @@ def merge_pairs(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: i
 def interleave(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: int) -> None:
     """`merge_pairs`, run on the current stream."""
     merge_many(merge_pairs(dst, planar, numel, itemsize))
+
+
+def merge_nbytes(sizes) -> int:
+    """Scratch bytes for multi-plane tensors of `sizes` bytes merged in one batch: each piece
+    starts aligned, as `merge_batches` lays them out. The planner and the plan both count so."""
+    return sum(_align(n, STAGING_ALIGNMENT) for n in sizes)
 
 
 def region_nbytes(merge_nbytes: int) -> int:
@@ -260,8 +268,8 @@ class CudaBackend(Backend):
     def scratch_nbytes(self, units) -> int:
         """Device memory the uploads of `units` need besides the slots: the merge scratch."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        largest = max((sum(_align(n, STAGING_ALIGNMENT) for (_, p), n in zip(u.params, u.param_nbytes)
-                           if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
+        largest = max((merge_nbytes(n for (_, p), n in zip(u.params, u.param_nbytes)
+                                    if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
         return SCRATCH_REGIONS * region_nbytes(largest)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:

@@ -309,7 +309,8 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float) -> None:
                                    args.tokens, args.repeat, prefetch=k)
     fraction = balanced_raw_fraction(bound)
     if fraction:
-        k, method = max(args.prefetch), f"vzstream prefetch={max(args.prefetch)} raw_fraction={fraction}"
+        k = max(args.prefetch)
+        method = f"vzstream prefetch={k} raw_fraction={fraction}"
         with run.section(name, method):
             bench_vzstream(run, name, method, model, ids, prefill_ids, args, res, None, pcie_gbps,
                            args.tokens, args.repeat, prefetch=k, raw_fraction=fraction)
