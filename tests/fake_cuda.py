@@ -369,7 +369,7 @@ def fake_gpu(mp) -> list[FakeCuda]:
     on the CPU, synchronisation is a no-op, allocator statistics read 0, events time 1 ms, and
     `device="cuda"` sessions run the real CudaBackend on a fresh FakeCuda each (returned, in
     order: their op logs; no memory access is logged here, so no race is checked). Numbers
-    measured this way mean nothing; errors do."""
+    measured this way mean nothing; errors do. The backend's upload probe answers 25 GB/s."""
     import vzstream.backends.cuda as cuda_mod
     from torch import nn
 
@@ -377,7 +377,9 @@ def fake_gpu(mp) -> list[FakeCuda]:
 
     def fake_backend(device="cuda"):
         fakes.append(FakeCuda())
-        return real_backend("cpu", cuda=fakes[-1])
+        backend = real_backend("cpu", cuda=fakes[-1])
+        backend.upload_gbps = lambda: 25.0     # the probe pins memory (needs a GPU); outruns a CPU decode
+        return backend
 
     def stays(to):
         def to_cpu(self, *args, **kwargs):

@@ -74,14 +74,13 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     resident, bound, *streamed = rows[:4]
     assert resident["tokens_equal"] is True and resident["decode_bound_frac"] == ""   # not held to the bound
     assert bound["decode_tok_s"] <= resident["decode_tok_s"] * (1 + 1e-9)          # max(C, transfer) >= C
-    # The CPU decodes slower than the fake card's PCIe: a balanced run keeps a share of units raw,
-    # with a bound of its own (PCIe and the smaller decode share), at the deepest prefetch.
+    # The CPU decodes slower than the fake card's PCIe: a run with raw_fraction="auto" measures
+    # both, keeps a share of units raw, and gets a bound of its own, at the deepest prefetch.
     balanced_bound, balanced = rows[4:6]
-    fraction = gpu.balanced_raw_fraction(json.loads((tmp_path / "gpu.config.json").read_text())
-                                         ["small (4 layers), bound (DESIGN §9)"])
+    fraction = float(re.fullmatch(r"bound \(DESIGN §9\) raw_fraction=(0\.\d\d)", balanced_bound["method"])[1])
     assert 0 < fraction < 1
-    assert balanced_bound["method"] == f"bound (DESIGN §9) raw_fraction={fraction}"
-    assert balanced["method"] == f"vzstream prefetch=2 raw_fraction={fraction}"
+    assert balanced["method"] == "vzstream prefetch=2 raw_fraction=auto"
+    assert re.search(r"auto: decode [\d.]+, upload 25\.0 GB/s -> 0\.\d\d raw$", balanced["note"]), balanced["note"]
     assert balanced_bound["decode_tok_s"] > bound["decode_tok_s"] or bound["decode_tok_s"] == resident["decode_tok_s"]
     for r in streamed + [balanced]:
         assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0

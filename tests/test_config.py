@@ -22,6 +22,8 @@ BAD_OPTIONS = [
     ("activation_reserve", "much"), ("activation_reserve", -5),
     ("gil_switch_interval", 0), ("gil_switch_interval", -1e-4), ("gil_switch_interval", 2.0), ("gil_switch_interval", 5e-7),
     ("gil_switch_interval", "1ms"), ("gil_switch_interval", True),
+    ("raw_fraction", -0.1), ("raw_fraction", 1.5), ("raw_fraction", "fast"), ("raw_fraction", True),
+    ("raw_fraction", None),
 ]
 
 

@@ -544,10 +544,12 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
 
 @pytest.mark.parametrize("name, units, prefetch, raw_fraction", [
     ("llama", "blocks", 1, 0.0), ("llama", "leaves", 2, 0.0), ("gpt2", "blocks", 4, 0.0), ("gpt2", "leaves", 1, 0.0),
-    ("llama", "blocks", 2, 0.5)])     # every other block raw: uploaded from the arena, no staging
+    ("llama", "blocks", 2, 0.5),      # every other block raw: uploaded from the arena, no staging
+    ("llama", "blocks", 2, "auto")])  # a bus far faster than decode: all raw but the measured block
 def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread(
         name, units, prefetch, raw_fraction, staging, hf_reference, snapshot, monkeypatch):
     monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)   # every unit on workers
+    monkeypatch.setattr(CudaBackend, "upload_gbps", lambda self: 1e6)     # its probe needs real pinning
     ref_logits, ref_tokens = hf_reference(name)
     model = build_hf(name)
     ids, gen_kwargs = hf_inputs()
@@ -560,7 +562,9 @@ def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread
         second = s.generate(ids, **gen_kwargs)       # the learned schedule: the steady state
         syncs = [op for op in fake.ops[start:] if op[0] == threading.get_ident() and "synchronize" in op[1]]
         logits = s(ids).logits
+        kept_raw = s.stats().raw_fraction
     assert torch.equal(first, ref_tokens) and torch.equal(second, ref_tokens)
+    assert (0 < kept_raw < 1) if raw_fraction == "auto" else kept_raw == pytest.approx(raw_fraction, abs=0.3)
     assert torch.equal(logits, ref_logits)
     assert syncs == [] and fake.races == []
     if staging == "ring":                            # workers gated on the ring: the log shows it

@@ -83,7 +83,7 @@ class SessionConfig:
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
-    raw_fraction: float = 0.0       # share of streamed bytes kept uncompressed (no decode, more host RAM)
+    raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
     vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
     pool: Any = None                # a DevicePool shared by several sessions
@@ -143,11 +143,13 @@ class SessionConfig:
 
     def _check_raw_fraction(self) -> None:
         value = self.raw_fraction
+        if isinstance(value, str) and value == "auto":
+            return
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(
-                f"`raw_fraction` must be a number in [0, 1] (the share of streamed bytes kept uncompressed); "
-                f"got {value!r}. Use 0 for the least host RAM, or 1 - decode rate / PCIe rate when the CPU "
-                f"decodes slower than PCIe uploads (`python -m vzstream bench gpu` measures both)."
+                f"`raw_fraction` must be a number in [0, 1] (the share of streamed bytes kept uncompressed) "
+                f"or \"auto\"; got {value!r}. Use 0 for the least host RAM, or \"auto\" to measure this "
+                f"machine's decode and upload rates at open and keep raw what the decode cannot keep up with."
             )
         object.__setattr__(self, "raw_fraction", float(value))
 

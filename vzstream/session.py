@@ -23,6 +23,7 @@ import psutil
 import torch
 from torch import nn
 
+from . import calibrate
 from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
@@ -178,31 +179,54 @@ class Session(AsyncGeneration):
 
     def _pack_streamed(self) -> None:
         streamed = [u for u in self.units if u.streamed or self._measure]
+        planned = [u for u in streamed if u.streamed]
         device = self.backend.device
         t0, level = time.perf_counter(), self.config.level
         # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
         threads = max(self.config.workers, min(16, available_cores()))
         largest = max((u.raw_nbytes for u in streamed), default=1)
-        # Of the units planned to stream: a unit kept resident for now (measured, evictable) and
-        # evicted to streaming later stays compressed, so under a budget the share is approximate.
-        raw = raw_units([u for u in streamed if u.streamed], self.config.raw_fraction)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
-            def submit(u):
-                return pool.submit(pack_unit, u, self.backend, level, u.index not in raw)
+            def submit(u, compress=True):
+                return pool.submit(pack_unit, u, self.backend, level, compress)
+
+            # Of the units planned to stream: a unit kept resident for now (measured, evictable)
+            # and evicted to streaming later stays compressed, so under a budget the share is
+            # approximate. "auto" measures on the first planned unit, packed compressed.
+            auto = self.config.raw_fraction == "auto"
+            sample = {planned[0].index: submit(planned[0])} if auto and planned else {}
+            fraction = self._auto_raw_fraction(sample) if sample else 0.0 if auto else self.config.raw_fraction
+            raw = raw_units(planned, fraction, keep=sample)
+
+            def next_store(u):
+                return sample.pop(u.index, None) or submit(u, u.index not in raw)
 
             # A window of units in flight bounds the extra host RAM while packing (~1 GiB).
             window = max(2, min(threads, (1 << 30) // max(largest, 1)))
-            futures = [submit(u) for u in streamed[:window]]
+            futures = [next_store(u) for u in streamed[:window]]
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
                 if i + window < len(streamed):
-                    futures.append(submit(streamed[i + window]))
+                    futures.append(next_store(streamed[i + window]))
                 if unit.streamed:
                     self._swap_out(unit, store, device)
                 else:
                     self._spare[unit.index] = store         # resident for now; evictable
                 _progress("pack", i + 1, len(streamed), t0)
         _return_freed_memory()
+
+    def _auto_raw_fraction(self, sample: dict) -> float:
+        """`raw_fraction="auto"`: the balanced share (`calibrate`) from the device's upload rate
+        and the workers' decode rate on the sample unit (its future in `sample`)."""
+        stats = self._stats
+        stats.upload_gbps_measured = self.backend.upload_gbps() or 0.0
+        if not stats.upload_gbps_measured:
+            return 0.0                              # no bus to keep busy: decode everything
+        store = next(iter(sample.values())).result()
+        stats.decode_gbps_measured = calibrate.decode_gbps([store], self.config.workers) or 0.0
+        fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
+        log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: %.2f kept raw",
+                 self.config.workers, stats.decode_gbps_measured, stats.upload_gbps_measured, fraction)
+        return fraction
 
     def _swap_out(self, unit, store, device, orig_devices=None) -> None:
         """`unit` streams from `store`: free its parameters (remembering how to restore them)."""
@@ -284,6 +308,7 @@ class Session(AsyncGeneration):
         stats.units_resident = len(self.units) - stats.units_streamed
         stats.packed_nbytes = sum(s.packed_nbytes for s in self.stores.values())
         stats.raw_nbytes = sum(s.raw_nbytes for s in self.stores.values())
+        stats.uncompressed_nbytes = sum(s.raw_nbytes for s in self.stores.values() if not s.compressed)
         stats.resident_nbytes = sum(u.raw_nbytes for u in self.units if not u.streamed)
 
     def _restore(self) -> None:
@@ -372,13 +397,14 @@ class Session(AsyncGeneration):
         return out
 
 
-def raw_units(units, fraction: float) -> set[int]:
+def raw_units(units, fraction: float, keep=()) -> set[int]:
     """Indices of the units kept uncompressed: about `fraction` of the bytes, spread evenly along
-    `units` (every other one at 0.5), so that decoding and uploading both run all along a pass."""
+    `units` (every other one at 0.5), so that decoding and uploading both run all along a pass.
+    Units whose index is in `keep` stay compressed; the ones after them make up the share."""
     raw, seen, kept = set(), 0, 0
     for u in units:
         seen += u.raw_nbytes
-        if kept + u.raw_nbytes / 2 <= fraction * seen:
+        if u.index not in keep and kept + u.raw_nbytes / 2 <= fraction * seen:
             raw.add(u.index)
             kept += u.raw_nbytes
     return raw

@@ -23,6 +23,9 @@ class Stats:
     slot_overflows: int = 0          # slots allocated beyond the schedule's count (off-plan only)
     packed_nbytes: int = 0           # compressed size of the streamed units in host RAM
     raw_nbytes: int = 0              # their size uncompressed
+    uncompressed_nbytes: int = 0     # of raw_nbytes, the units kept uncompressed (`raw_fraction`)
+    decode_gbps_measured: float = 0.0   # raw_fraction="auto": the workers' decode rate at open (0: not measured)
+    upload_gbps_measured: float = 0.0   # raw_fraction="auto": the host->device rate at open (0: not measured)
     resident_nbytes: int = 0         # parameters kept on the device
     streamed_nbytes_per_pass: int = 0
     peak_device_nbytes: int = 0      # what the backend held on the device at most (params + slots)
@@ -42,6 +45,11 @@ class Stats:
         return self.raw_nbytes / self.packed_nbytes if self.packed_nbytes else 1.0
 
     @property
+    def raw_fraction(self) -> float:
+        """The share of the streamed units' bytes kept uncompressed (no decode)."""
+        return self.uncompressed_nbytes / self.raw_nbytes if self.raw_nbytes else 0.0
+
+    @property
     def stall_fraction(self) -> float:
         return self.stall_s / self.wall_s if self.wall_s else 0.0
 
@@ -49,6 +57,7 @@ class Stats:
         d = asdict(self)
         d["ratio"] = self.ratio
         d["stall_fraction"] = self.stall_fraction
+        d["raw_fraction"] = self.raw_fraction
         return d
 
     def copy(self) -> "Stats":
@@ -62,6 +71,9 @@ class Stats:
             ("units streamed / resident", f"{self.units_streamed} / {self.units_resident}"),
             ("decodes (prefetched / sync)", f"{self.decodes} ({self.prefetched} / {self.sync_fetches})"),
             ("packed / raw", f"{self.packed_nbytes / mib:.1f} MiB / {self.raw_nbytes / mib:.1f} MiB ({self.ratio:.3f}x)"),
+            ("kept uncompressed", f"{self.uncompressed_nbytes / mib:.1f} MiB ({100 * self.raw_fraction:.0f}% of streamed)"
+                                  + (f"; measured decode {self.decode_gbps_measured:.1f} GB/s, upload "
+                                     f"{self.upload_gbps_measured:.1f} GB/s" if self.upload_gbps_measured else "")),
             ("resident on device", f"{self.resident_nbytes / mib:.1f} MiB"),
             ("streamed per pass", f"{self.streamed_nbytes_per_pass / mib:.1f} MiB"),
             ("peak device memory", f"{self.peak_device_nbytes / mib:.1f} MiB"),

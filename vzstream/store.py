@@ -59,6 +59,11 @@ class UnitStore:
     def raw_nbytes(self) -> int:
         return sum(p.raw_nbytes for p in self.packed)
 
+    @property
+    def compressed(self) -> bool:
+        """Whether fetching the unit decodes anything (False: every plane is stored raw)."""
+        return any(plane.compressed for p in self.packed for plane in p.planes)
+
 
 def slot_views(slot: torch.Tensor, packed: list, offsets: list[int]) -> list[torch.Tensor]:
     """Views of a uint8 `slot` shaped like each packed tensor, at its aligned offset."""

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import vzstream
+from vzstream import calibrate
 from vzstream.bench.budget import minimum_budget
+from vzstream.session import raw_units
 from models import Routed, Stack, build, build_hf, hf_inputs, make_input, seeded
 
 pytestmark = pytest.mark.cuda
@@ -204,3 +206,24 @@ def test_budget_accounting_matches_the_allocator():
     assert counted <= held <= counted + (4 << 20), (counted, held)   # allocator rounding only
     assert stats.peak_device_nbytes <= budget + reserve
     assert peak <= budget + reserve, (peak, budget + reserve)
+
+
+def test_auto_raw_fraction_measures_the_bus_and_stays_exact(snapshot):
+    """raw_fraction="auto" times real pinned uploads and the workers' decode at open; whatever
+    share it then keeps raw, the tokens are the resident ones."""
+    model = build_hf("llama", num_layers=4)
+    ids, gen_kwargs = cuda_inputs()
+    ref_tokens, _ = resident_run(model, ids, gen_kwargs)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cuda", prefetch=2, raw_fraction="auto") as s:
+        tokens = [s.generate(ids, **gen_kwargs) for _ in range(2)]
+        stats = s.stats()
+        again = s.backend.upload_gbps()
+        planned = [u for u in s.units if u.streamed]
+        kept_raw = {i for i, store in s.stores.items() if not store.compressed}
+    assert torch.equal(tokens[0], ref_tokens[0]) and torch.equal(tokens[1], ref_tokens[1])
+    assert stats.upload_gbps_measured > 1.0 and stats.decode_gbps_measured > 0    # any PCIe moves > 1 GB/s
+    assert again == stats.upload_gbps_measured                                     # measured once
+    fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
+    assert kept_raw == raw_units(planned, fraction, keep={planned[0].index})   # the first streamed is the sample
+    snap.check(model)

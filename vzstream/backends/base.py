@@ -47,6 +47,11 @@ class Backend:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0
 
+    def upload_gbps(self) -> float | None:
+        """Host→device GB/s of an upload (`raw_fraction="auto"` balances decoding against it);
+        None: nothing crosses a bus (CPU), so decoding alone sets the pace."""
+        return None
+
     def total_memory(self) -> int:
         """The device's memory in bytes (a fractional `vram_budget` is a share of this)."""
         import psutil

@@ -14,13 +14,17 @@ from .cpu import CpuBackend
 class FakeBackend(CpuBackend):
     name = "fake"
 
-    def __init__(self, activation_nbytes: int | None = None) -> None:
+    def __init__(self, activation_nbytes: int | None = None, upload_gbps: float | None = None) -> None:
         super().__init__()
         self.ops: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
         # Pretend a pass allocates this much for activations (tests of budget fitting on CPU).
         self.activation_nbytes = activation_nbytes
         self.measures_activations = activation_nbytes is not None
+        self._upload_gbps = upload_gbps    # pretend uploads run this fast (`raw_fraction="auto"`)
+
+    def upload_gbps(self) -> float | None:
+        return self._upload_gbps
 
     def end_measure(self) -> int | None:
         return self.activation_nbytes

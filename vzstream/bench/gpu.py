@@ -14,7 +14,8 @@ streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the stream
 is what crosses PCIe: decoded `hi` planes plus raw `lo` planes), W_pcie the pinned host→device
 bandwidth (256 MiB copies timed with CUDA events) and W_dec the workers' decode rate in the same
 bytes: the streamed units' raw bytes / the time a thread pool of `workers` threads takes to decode
-every compressed frame of them once, into staging-sized buffers. With nothing streamed the bound
+every compressed frame of them once (`calibrate.decode_gbps`, which `raw_fraction="auto"` runs on
+one unit at open). With nothing streamed the bound
 is C. The baselines are held to the same bound.
 
 Warm-up is excluded, every timer stops after `torch.cuda.synchronize()`, times are medians.
@@ -35,13 +36,13 @@ import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import psutil
 import torch
 
 import vzstream
+from vzstream import calibrate
 
 from .common import greedy, report
 from .models import build_model, prompt
@@ -91,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {run.config['device']}, pinned host->device {pcie_gbps:.1f} GB/s, plane merge "
           f"{merge_gbps:.0f} GB/s, {run.config['workers']} decode workers", flush=True)
     bench_preset(run, args.preset, args, pcie_gbps)
+    # The 8B rows before the sweep: the issue asks for them, the sweep is a cross-check.
+    if not (args.quick or args.no_8b) and run.time_left(args, 120, "llama-3-8b", "-"):
+        bench_8b(run, args, pcie_gbps)
     if run.time_left(args, 60, args.preset, "budget sweep"):
         with run.section(args.preset, "budget sweep"):
             bench_budget(run, args)
-    if not (args.quick or args.no_8b) and run.time_left(args, 150, "llama-3-8b", "-"):
-        bench_8b(run, args, pcie_gbps)
     run.config["elapsed_s"] = run.elapsed()
     run.save_config()
     if run.tables.get("gpu_budget"):
@@ -214,25 +216,6 @@ def profile_to(path: str, fn) -> None:
         print(f"no trace ({type(exc).__name__}: {exc})", flush=True)
 
 
-def measure_decode_s(stores, workers: int, repeat: int = 3) -> float:
-    """Seconds for `workers` threads to decode every compressed frame of `stores` once, into
-    three rotating staging-sized buffers (as the backend's ring does)."""
-    from vzstream.backends.cuda import plan_upload, stage_into, staging_items
-
-    plans = [(store, plan_upload(store)) for store in stores]
-    size = max((p.staging_nbytes for _, p in plans), default=0)
-    ring = [torch.empty(size, dtype=torch.uint8) for _ in range(3)]
-    tasks = [(ring[i % 3], off, n, src)
-             for i, (store, plan) in enumerate(plans) for n, _, src, off in staging_items(store, plan)]
-    times = []
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in range(repeat + 1):                     # the first run is warm-up
-            t0 = time.perf_counter()
-            list(pool.map(lambda t: stage_into(*t), tasks))
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
-
-
 def timed(fn, repeat: int):
     """(median seconds, last result) of `fn()` over `repeat` runs; the GPU is synchronised
     before each timer starts and before it stops."""
@@ -307,13 +290,12 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float) -> None:
         with run.section(name, method):
             bound = bench_vzstream(run, name, method, model, ids, prefill_ids, args, res, bound, pcie_gbps,
                                    args.tokens, args.repeat, prefetch=k)
-    fraction = balanced_raw_fraction(bound)
-    if fraction:
+    if bound and calibrate.balanced_fraction(bound["decode_gbps"], bound["pcie_gbps"]):   # decode is the limit
         k = max(args.prefetch)
-        method = f"vzstream prefetch={k} raw_fraction={fraction}"
+        method = f"vzstream prefetch={k} raw_fraction=auto"
         with run.section(name, method):
             bench_vzstream(run, name, method, model, ids, prefill_ids, args, res, None, pcie_gbps,
-                           args.tokens, args.repeat, prefetch=k, raw_fraction=fraction)
+                           args.tokens, args.repeat, prefetch=k, raw_fraction="auto")
     if args.out:
         with run.section(name, "trace"):
             trace(model, ids, args, os.path.join(args.out, f"trace_prefetch{args.prefetch[0]}.json.gz"))
@@ -335,22 +317,17 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
         stats = s.stats()
         if bound is None:
             bound = make_bound(res, stats, s, pcie_gbps)
-            label = "bound (DESIGN §9)" + (f" raw_fraction={s.config.raw_fraction}" if s.config.raw_fraction else "")
+            label = "bound (DESIGN §9)" + (f" raw_fraction={stats.raw_fraction:.2f}" if stats.raw_fraction else "")
             run.config[f"{name}, {label}"] = bound
             run.save_config()
             run.add(bound_row(name, bound, args, label))
     note = (f"{stats.units_resident} units resident, stall {100 * stats.stall_fraction:.0f}%, "
             f"ratio {stats.ratio:.3f}")
+    if stats.upload_gbps_measured:      # raw_fraction="auto": what the session measured and chose
+        note += (f", auto: decode {stats.decode_gbps_measured:.1f}, upload {stats.upload_gbps_measured:.1f} GB/s"
+                 f" -> {stats.raw_fraction:.2f} raw")
     run.add(row(name, method, m, args, tokens, bound, res["tokens"], note))
     return bound
-
-
-def balanced_raw_fraction(bound: dict | None) -> float:
-    """The share of units to keep raw so that decoding the rest takes as long as uploading all
-    of it (0 when the CPU decodes at least as fast as PCIe carries): 1 - W_dec / W_pcie."""
-    if not bound or not bound["decode_gbps"] or bound["decode_gbps"] >= bound["pcie_gbps"]:
-        return 0.0
-    return round(1 - bound["decode_gbps"] / bound["pcie_gbps"], 2)
 
 
 def trace(model, ids, args, path: str) -> None:
@@ -365,10 +342,10 @@ def make_bound(res: dict, stats, s, pcie_gbps: float) -> dict:
     streamed = list(s.stores.values())         # the streamed units only (resident ones are not here)
     # Units kept raw (`raw_fraction`) upload without a decode: D, the bytes decoded per pass, is
     # B's share of compressed units. max(B / W_pcie, D / W_dec) is B / min(W_pcie, W_dec) when D = B.
-    compressed = [st for st in streamed if any(p.compressed for pk in st.packed for p in pk.planes)]
+    compressed = [st for st in streamed if st.compressed]
     decoded = sum(store.raw_nbytes for store in compressed)
     if B and decoded:
-        decode_gbps = decoded / measure_decode_s(compressed, s.config.workers) / 1e9   # each decoded once
+        decode_gbps = calibrate.decode_gbps(compressed, s.config.workers)     # what "auto" measures too
         D = B * decoded / sum(store.raw_nbytes for store in streamed)
         transfer_s = max(B / (pcie_gbps * 1e9), D / (decode_gbps * 1e9))
     elif B:                                    # every streamed unit raw: PCIe alone

@@ -1,0 +1,60 @@
+"""`raw_fraction="auto"`: measure how fast this host decodes and the device uploads, and keep raw
+the share of streamed bytes that balances the two (DESIGN §9).
+
+Streaming runs at the slower of PCIe (W_pcie) and the workers' decode rate (W_dec). A unit kept
+uncompressed skips the decode but costs host RAM; keeping a share f raw makes a pass take
+max(B / W_pcie, (1 - f) B / W_dec), which is least, with the least host RAM, at f = 1 - W_dec /
+W_pcie. Both rates are in the same bytes: a unit's raw bytes per second.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import codec
+
+_local = threading.local()
+
+
+def balanced_fraction(decode_gbps: float | None, upload_gbps: float | None) -> float:
+    """The share of streamed bytes to keep raw so decoding the rest takes as long as uploading
+    all of it: 1 - W_dec / W_pcie, rounded to 0.01; 0 when the CPU keeps up or a rate is unknown."""
+    if not decode_gbps or not upload_gbps or decode_gbps >= upload_gbps:
+        return 0.0
+    return round(1 - decode_gbps / upload_gbps, 2)
+
+
+def decode_gbps(stores, workers: int, rounds: int = 3) -> float | None:
+    """Raw GB/s at which `workers` threads decode the compressed frames of `stores` (None: no
+    frame). Each round decodes every frame, repeated until each worker has ~4 of them (so a
+    one-unit sample still loads every thread); the median of `rounds`, after a warm-up round.
+    Measured with the host otherwise idle: in a session the forward thread competes for the GIL."""
+    frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
+    if not frames:
+        return None
+    repeats = math.ceil(4 * workers / len(frames))
+    raw = sum(s.raw_nbytes for s in stores) * repeats    # the bytes a round makes ready to upload
+    tasks = frames * repeats
+    largest = max(f.nbytes for f in frames)
+    times = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="vzstream-calibrate") as pool:
+        for _ in range(rounds + 1):                       # the first round is warm-up
+            t0 = time.perf_counter()
+            for _ in pool.map(lambda f: codec.decode_frame_into(f, _scratch(largest)[: f.nbytes]), tasks):
+                pass
+            times.append(time.perf_counter() - t0)
+    return raw / statistics.median(times[1:]) / 1e9
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """One frame-sized output buffer per thread: what a decode writes, not where, is measured."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _local.buf = np.empty(nbytes, np.uint8)
+    return buf
