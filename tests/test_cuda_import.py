@@ -469,7 +469,7 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
 
     def logged_stage(buffer, offset, nbytes, source, fqn=""):
         stage_into(buffer, offset, nbytes, source, fqn)
-        fake.access("decode", writes=[buffer[offset : offset + nbytes]], host=True)   # after: it is done
+        fake.access("decode", writes=[torch.from_numpy(buffer[offset : offset + nbytes])], host=True)   # after: done
 
     monkeypatch.setattr(cuda_mod, "upload_many", logged_upload)
     monkeypatch.setattr(cuda_mod, "merge_many", logged_merge)

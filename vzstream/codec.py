@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import zstandard as zstd
 from vzstream.errors import ConfigError, FormatError
 
 __all__ = ["Frame", "Plane", "Packed", "pack", "decode", "decode_into", "decode_chunk_into",
-           "decode_frame_into"]
+           "chunk_decoder", "decode_frame_into"]
 
 # A plane must shrink by at least this much to be worth a decode; else it is stored raw.
 _MIN_SAVING = 0.05
@@ -229,10 +229,21 @@ def decode_chunk_into(packed: Packed, j: int, out: torch.Tensor) -> None:
 
     Chunks are independent: threads may decode different chunks into one `out` concurrently.
     """
+    chunk_decoder(packed, out)(j)
+
+
+def chunk_decoder(packed: Packed, out: torch.Tensor) -> Callable[[int], None]:
+    """`decode_chunk_into(packed, j, out)` as a function of `j`, with `out` checked and viewed
+    once: torch's view ops each hand the GIL over (docs/probes/gil_release.py), a cost per chunk
+    that a decode worker beside a busy forward thread pays in waits."""
     view = _out_view(packed, out)
-    if not isinstance(j, int) or not 0 <= j < packed.num_chunks:
-        raise ConfigError(f"`j` must be a chunk index in [0, {packed.num_chunks}), got {j!r}")
-    _decode_chunk(packed, j, view)
+
+    def decode_chunk(j: int) -> None:
+        if not isinstance(j, int) or not 0 <= j < packed.num_chunks:
+            raise ConfigError(f"`j` must be a chunk index in [0, {packed.num_chunks}), got {j!r}")
+        _decode_chunk(packed, j, view)
+
+    return decode_chunk
 
 
 def decode_frame_into(frame: Frame, dst: Any) -> None:

@@ -33,8 +33,9 @@ class CpuBackend(Backend):
         items = []
         for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
             chunk_nbytes = packed.frame_elems * packed.itemsize
+            decode = codec.chunk_decoder(packed, out)     # views `out` once, not per chunk
             for j in range(packed.num_chunks):
-                items.append((chunk_nbytes, name, partial(codec.decode_chunk_into, packed, j, out)))
+                items.append((chunk_nbytes, name, partial(decode, j)))
         return chunk_jobs(items)
 
     def upload(self, ticket) -> None:

@@ -172,13 +172,17 @@ def staging_items(store, plan: UploadPlan) -> list[tuple[int, str, object, int]]
     return items
 
 
-def stage_into(buffer: torch.Tensor, offset: int, nbytes: int, source, fqn: str = "") -> None:
-    """Write one staging item (a frame, or raw bytes) into `buffer[offset : offset + nbytes]`."""
+def stage_into(buffer: np.ndarray, offset: int, nbytes: int, source, fqn: str = "") -> None:
+    """Write one staging item (a frame, or raw bytes) into `buffer[offset : offset + nbytes]`.
+    `buffer` is a numpy view of the staging tensor: torch's view ops (detach, reshape, view) each
+    hand the GIL over, which beside a busy forward thread costs a wait per call; numpy slices
+    do not, so a frame costs one hand-over, inside zstd (docs/benchmarks.md, "GIL hand-overs")."""
     with stage_range("decode", fqn):
+        dst = buffer[offset : offset + nbytes]
         if isinstance(source, codec.Frame):
-            codec.decode_frame_into(source, buffer[offset : offset + nbytes])
+            codec.decode_frame_into(source, dst)
         else:
-            buffer[offset : offset + nbytes].numpy()[:] = np.frombuffer(source, dtype=np.uint8)
+            dst[:] = np.frombuffer(source, dtype=np.uint8)
 
 
 def _copy_many(pairs: list) -> None:
@@ -354,7 +358,8 @@ class CudaBackend(Backend):
             fetch.buffer = self._pinned_block(plan.staging_nbytes)
         else:
             return [[(fqn, lambda: None)]]   # nothing to decode: one job, so a worker uploads
-        work = [(n, name, partial(stage_into, fetch.buffer, off, n, src, fqn)) for n, name, src, off in items]
+        dst = fetch.buffer.numpy()                     # one view per fetch: see stage_into
+        work = [(n, name, partial(stage_into, dst, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
 
     def _plan(self, store) -> tuple[UploadPlan, list]:
