@@ -18,13 +18,16 @@ def main() -> None:
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--raw-fraction", default="0", help='share of layers kept uncompressed, or "auto": measure '
+                    "decode and PCIe rates at open and keep raw what decoding cannot keep up with")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
     inputs = tok(args.prompt, return_tensors="pt")
 
-    with vzstream.session(model, prefetch=args.prefetch) as s:
+    raw_fraction = args.raw_fraction if args.raw_fraction == "auto" else float(args.raw_fraction)
+    with vzstream.session(model, prefetch=args.prefetch, raw_fraction=raw_fraction) as s:
         device = s.backend.device
         out = s.generate(**{k: v.to(device) for k, v in inputs.items()},
                          max_new_tokens=args.tokens, do_sample=False)

@@ -59,7 +59,7 @@ def _tiny_lm_and_reference():
 def test_auto_session_measures_keeps_raw_what_decode_cannot_carry_and_stays_exact(upload_gbps, expect, snapshot,
                                                                                   slots_ok):
     """CPU backend (no bus): nothing raw, nothing measured. A bus far slower than decode: nothing
-    raw. A bus far faster: every unit raw but the one measured on (it stays compressed)."""
+    raw. A bus far faster: every unit raw but the one measured on, the largest (it stays compressed)."""
     model, ids, ref = _tiny_lm_and_reference()
     snap = snapshot(model)
     backend = FakeBackend(upload_gbps=upload_gbps)
@@ -69,6 +69,7 @@ def test_auto_session_measures_keeps_raw_what_decode_cannot_carry_and_stays_exac
             slots_ok(s)
         stats = s.stats()
         compressed = [st.compressed for st in s.stores.values()]
+        largest = max(s.stores.values(), key=lambda st: st.raw_nbytes)
     snap.check(model)
     assert s.config.raw_fraction == "auto"
     assert stats.upload_gbps_measured == (upload_gbps or 0.0)
@@ -76,13 +77,13 @@ def test_auto_session_measures_keeps_raw_what_decode_cannot_carry_and_stays_exac
     if expect == "none":
         assert all(compressed) and stats.raw_fraction == 0.0 and stats.uncompressed_nbytes == 0
     else:
-        assert compressed.count(True) == 1 and compressed[0]       # the sample, the first unit streamed
+        assert compressed.count(True) == 1 and largest.compressed  # the sample
         assert 0.5 < stats.raw_fraction < 1.0
         assert "kept uncompressed" in str(stats) and "measured decode" in str(stats)
 
 
 def test_auto_under_a_budget_measures_on_a_streamed_unit(snapshot):
-    """With a budget, the sample is the first unit planned to stream, not a resident one."""
+    """With a budget, the sample is the largest unit planned to stream, not a resident one."""
     model, ids, ref = _tiny_lm_and_reference()
     snap = snapshot(model)
     backend = FakeBackend(upload_gbps=1e6)
@@ -92,6 +93,16 @@ def test_auto_under_a_budget_measures_on_a_streamed_unit(snapshot):
         assert torch.equal(s(ids), ref)
         streamed = [u for u in s.units if u.streamed]
         assert 0 < len(streamed) < len(s.units)
-        assert s.stores[streamed[0].index].compressed
-        assert not any(s.stores[u.index].compressed for u in streamed[1:])
+        probe = max(streamed, key=lambda u: u.raw_nbytes)
+        assert [s.stores[u.index].compressed for u in streamed] == [u is probe for u in streamed]
     snap.check(model)
+
+
+def test_decode_gbps_caps_the_sample_and_gives_each_worker_four_frames(monkeypatch):
+    stores = _stores(compress=True)
+    frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
+    assert len(frames) > 1
+    decoded = []
+    monkeypatch.setattr(calibrate.codec, "decode_frame_into", lambda f, dst: decoded.append(f))
+    assert calibrate.decode_gbps(stores, workers=3, rounds=2, max_nbytes=1) > 0   # the first frame only
+    assert decoded == [frames[0]] * (12 * 3)          # 4 per worker, a warm-up round and 2 timed

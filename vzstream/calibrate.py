@@ -9,6 +9,7 @@ W_pcie. Both rates are in the same bytes: a unit's raw bytes per second.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import threading
@@ -30,17 +31,21 @@ def balanced_fraction(decode_gbps: float | None, upload_gbps: float | None) -> f
     return round(1 - decode_gbps / upload_gbps, 2)
 
 
-def decode_gbps(stores, workers: int, rounds: int = 3) -> float | None:
+def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int = 256 << 20) -> float | None:
     """Raw GB/s at which `workers` threads decode the compressed frames of `stores` (None: no
-    frame). Each round decodes every frame, repeated until each worker has ~4 of them (so a
-    one-unit sample still loads every thread); the median of `rounds`, after a warm-up round.
-    Measured with the host otherwise idle: in a session the forward thread competes for the GIL."""
+    frame). A round decodes the frames (the first `max_nbytes` of output of them), repeated until
+    each worker has ~4 (so a one-unit sample still loads every thread); the median of `rounds`,
+    after a warm-up round. Raw bytes per decoded byte are the stores' own (2 for bf16 with a raw
+    `lo` plane). Timed with the host otherwise idle: in a session the forward thread competes
+    for the GIL."""
     frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
     if not frames:
         return None
-    repeats = math.ceil(4 * workers / len(frames))
-    raw = sum(s.raw_nbytes for s in stores) * repeats    # the bytes a round makes ready to upload
-    tasks = frames * repeats
+    raw_per_byte = sum(s.raw_nbytes for s in stores) / sum(f.nbytes for f in frames)
+    ends = itertools.accumulate(f.nbytes for f in frames)
+    frames = [f for f, end in zip(frames, ends) if end - f.nbytes < max_nbytes]
+    tasks = frames * math.ceil(4 * workers / len(frames))
+    raw = raw_per_byte * sum(f.nbytes for f in tasks)     # what a round makes ready to upload
     largest = max(f.nbytes for f in frames)
     times = []
     with ThreadPoolExecutor(workers, thread_name_prefix="vzstream-calibrate") as pool:

@@ -191,10 +191,13 @@ class Session(AsyncGeneration):
 
             # Of the units planned to stream: a unit kept resident for now (measured, evictable)
             # and evicted to streaming later stays compressed, so under a budget the share is
-            # approximate. "auto" measures on the first planned unit, packed compressed.
-            auto = self.config.raw_fraction == "auto"
-            sample = {planned[0].index: submit(planned[0])} if auto and planned else {}
-            fraction = self._auto_raw_fraction(sample) if sample else 0.0 if auto else self.config.raw_fraction
+            # approximate. "auto" measures on the largest planned unit (most bytes are in large
+            # frames; a norm's tiny ones would understate the rate), packed compressed.
+            fraction, sample = self.config.raw_fraction, {}
+            if fraction == "auto":
+                probe = max(planned, key=lambda u: u.raw_nbytes, default=None)
+                sample = {probe.index: submit(probe)} if probe is not None else {}
+                fraction = self._auto_raw_fraction(sample) if sample else 0.0
             raw = raw_units(planned, fraction, keep=sample)
 
             def next_store(u):
