@@ -1,0 +1,13 @@
+# The one device-tool command of a GPU session (device time is scarce: 15 minutes, starts included).
+# On this machine first: bash ../shared/gpu/prepare.sh   (fills .gpu/, which is git-ignored)
+# Then, with the device tool:  run(command="source .gpu/env.sh >/dev/null || exit 9; bash docs/gpu-runs/run.sh",
+#                                  carry=[".gpu"], timeout_s=420)
+# The GPU tests first (at most 100 s), then the suite with what is left of ~345 s as its budget,
+# all under $OUT; the per-row .jsonl files go when the final tables were written.
+set -o pipefail
+L=$OUT/log.txt
+timeout 100 python3 -m pytest tests/cuda -q -rf -p no:cacheprovider 2>&1 | tee "$L"; echo "pytest rc=$?" | tee -a "$L"
+B=$((345 - SECONDS)); echo "bench gpu --budget-s $B" | tee -a "$L"
+timeout $((385 - SECONDS)) python3 -m vzstream bench gpu --out "$OUT" --budget-s "$B" 2>&1 | tee -a "$L"; echo "bench rc=$?" | tee -a "$L"
+[ -f "$OUT/gpu.json" ] && rm -f "$OUT/gpu.rows.jsonl" "$OUT/gpu_budget.rows.jsonl"
+ls -la "$OUT"
