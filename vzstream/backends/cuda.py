@@ -254,7 +254,12 @@ class CudaBackend(Backend):
         self._fetches: dict = {}             # Ticket -> Fetch
         self._used: dict[int, object] = {}   # slot index -> `used` event of its latest release
         self._regions: list[torch.Tensor] = []   # device scratch for merges, SCRATCH_REGIONS of them
+        # Events re-recorded rather than made per use: an Event's destructor hands the GIL over
+        # (torch/csrc/cuda/Event.cpp), one more wait per use beside a busy forward thread. Safe
+        # because each is re-recorded only after every wait on its previous record was enqueued
+        # (a wait captures the record current when it is called), all under `_upload_lock`.
         self._region_free: list = []             # per region: merge-stream event after its last read
+        self._handoff = self.cuda.Event()        # copy stream -> merge stream, waited at once
         self._next_region = 0
         self._upload_lock = threading.Lock()
 
@@ -397,7 +402,7 @@ class CudaBackend(Backend):
                 # is decoded into again, and before the slot's `used` passes.
                 if fetch.copied is None and fetch.plan.last_staged >= 0:
                     fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
-                self.merge_stream.wait_event(self.copy_stream.record_event())
+                self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
                 fetch.uploaded = self.merge_stream.record_event()
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
 
@@ -443,10 +448,12 @@ class CudaBackend(Backend):
             merges += merge_pairs(target(t)[piece.start * t.itemsize : (piece.start + n) * t.itemsize],
                                   planar, n, t.itemsize)
         upload_many(copies)
-        self.merge_stream.wait_event(self.copy_stream.record_event())
+        self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
         with self.cuda.stream(self.merge_stream):
             merge_many(merges)
-        self._region_free[r] = self.merge_stream.record_event()
+        if self._region_free[r] is None:
+            self._region_free[r] = self.cuda.Event()
+        self.merge_stream.record_event(self._region_free[r])
 
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
