@@ -45,6 +45,7 @@ def test_raw_units_keeps_the_share_and_makes_up_for_kept_units():
     kept = raw_units(units, 0.8, keep={0})
     assert 0 not in kept and len(kept) == 8          # the units after the sample make up its share
     assert raw_units(units, 1.0, keep={0, 5}) == set(range(10)) - {0, 5}
+    assert len(raw_units(units, 0.8, keep={9})) == 8     # a kept unit at the end is made up for too
 
 
 def _tiny_lm_and_reference():

@@ -31,19 +31,19 @@ def balanced_fraction(decode_gbps: float | None, upload_gbps: float | None) -> f
     return round(1 - decode_gbps / upload_gbps, 2)
 
 
-def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int = 256 << 20) -> float | None:
+def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int | None = 256 << 20) -> float | None:
     """Raw GB/s at which `workers` threads decode the compressed frames of `stores` (None: no
-    frame). A round decodes the frames (the first `max_nbytes` of output of them), repeated until
-    each worker has ~4 (so a one-unit sample still loads every thread); the median of `rounds`,
-    after a warm-up round. Raw bytes per decoded byte are the stores' own (2 for bf16 with a raw
-    `lo` plane). Timed with the host otherwise idle: in a session the forward thread competes
-    for the GIL."""
+    frame), each into a frame-sized buffer of its own. A round decodes the frames (the first
+    `max_nbytes` of output of them; None: all), repeated until each worker has ~4 (so a one-unit
+    sample still loads every thread); the median of `rounds`, after a warm-up round. Raw bytes
+    per decoded byte are the stores' own (2 for bf16 with a raw `lo` plane). Timed with the host
+    otherwise idle: in a session the forward thread competes for the GIL."""
     frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
     if not frames:
         return None
     raw_per_byte = sum(s.raw_nbytes for s in stores) / sum(f.nbytes for f in frames)
     ends = itertools.accumulate(f.nbytes for f in frames)
-    frames = [f for f, end in zip(frames, ends) if end - f.nbytes < max_nbytes]
+    frames = [f for f, end in zip(frames, ends) if max_nbytes is None or end - f.nbytes < max_nbytes]
     tasks = frames * math.ceil(4 * workers / len(frames))
     raw = raw_per_byte * sum(f.nbytes for f in tasks)     # what a round makes ready to upload
     largest = max(f.nbytes for f in frames)

@@ -195,9 +195,7 @@ class Session(AsyncGeneration):
             # frames; a norm's tiny ones would understate the rate), packed compressed.
             fraction, sample = self.config.raw_fraction, {}
             if fraction == "auto":
-                probe = max(planned, key=lambda u: u.raw_nbytes, default=None)
-                sample = {probe.index: submit(probe)} if probe is not None else {}
-                fraction = self._auto_raw_fraction(sample) if sample else 0.0
+                fraction, sample = self._auto_raw_fraction(planned, submit)
             raw = raw_units(planned, fraction, keep=sample)
 
             def next_store(u):
@@ -217,19 +215,28 @@ class Session(AsyncGeneration):
                 _progress("pack", i + 1, len(streamed), t0)
         _return_freed_memory()
 
-    def _auto_raw_fraction(self, sample: dict) -> float:
-        """`raw_fraction="auto"`: the balanced share (`calibrate`) from the device's upload rate
-        and the workers' decode rate on the sample unit (its future in `sample`)."""
+    def _auto_raw_fraction(self, planned: list, submit) -> tuple[float, dict]:
+        """`raw_fraction="auto"`: the balanced share (`calibrate`) of the device's upload rate,
+        timed first, on an idle host, and the workers' decode rate on the largest planned unit
+        (most bytes are in large frames; a norm's tiny ones would understate the rate), packed
+        compressed with `submit`. Returns the share and {unit index: its store's future}."""
         stats = self._stats
         stats.upload_gbps_measured = self.backend.upload_gbps() or 0.0
         if not stats.upload_gbps_measured:
-            return 0.0                              # no bus to keep busy: decode everything
-        store = next(iter(sample.values())).result()
+            return 0.0, {}                          # no bus to keep busy: decode everything
+        if not planned:
+            log.info("vzstream: raw_fraction=auto: no unit is planned to stream, nothing measured "
+                     "(units evicted to streaming after the first pass stay compressed)")
+            return 0.0, {}
+        probe = max(planned, key=lambda u: u.raw_nbytes)
+        sample = {probe.index: submit(probe)}
+        store = sample[probe.index].result()
         stats.decode_gbps_measured = calibrate.decode_gbps([store], self.config.workers) or 0.0
         fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
-        log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: %.2f kept raw",
-                 self.config.workers, stats.decode_gbps_measured, stats.upload_gbps_measured, fraction)
-        return fraction
+        log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: "
+                 "aiming to keep %.2f of the streamed bytes raw", self.config.workers,
+                 stats.decode_gbps_measured, stats.upload_gbps_measured, fraction)
+        return fraction, sample
 
     def _swap_out(self, unit, store, device, orig_devices=None) -> None:
         """`unit` streams from `store`: free its parameters (remembering how to restore them)."""
@@ -403,9 +410,10 @@ class Session(AsyncGeneration):
 def raw_units(units, fraction: float, keep=()) -> set[int]:
     """Indices of the units kept uncompressed: about `fraction` of the bytes, spread evenly along
     `units` (every other one at 0.5), so that decoding and uploading both run all along a pass.
-    Units whose index is in `keep` stay compressed; the ones after them make up the share."""
+    Units whose index is in `keep` stay compressed; they are counted first, so the others make
+    up their share wherever they sit."""
     raw, seen, kept = set(), 0, 0
-    for u in units:
+    for u in sorted(units, key=lambda u: u.index not in keep):     # stable: keeps the order
         seen += u.raw_nbytes
         if u.index not in keep and kept + u.raw_nbytes / 2 <= fraction * seen:
             raw.add(u.index)

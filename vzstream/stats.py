@@ -23,7 +23,8 @@ class Stats:
     slot_overflows: int = 0          # slots allocated beyond the schedule's count (off-plan only)
     packed_nbytes: int = 0           # compressed size of the streamed units in host RAM
     raw_nbytes: int = 0              # their size uncompressed
-    uncompressed_nbytes: int = 0     # of raw_nbytes, the units kept uncompressed (`raw_fraction`)
+    uncompressed_nbytes: int = 0     # of raw_nbytes, units stored with nothing to decode (kept raw by
+                                     # `raw_fraction`, or no plane of them compresses, e.g. int weights)
     decode_gbps_measured: float = 0.0   # raw_fraction="auto": the workers' decode rate at open (0: not measured)
     upload_gbps_measured: float = 0.0   # raw_fraction="auto": the host->device rate at open (0: not measured)
     resident_nbytes: int = 0         # parameters kept on the device
@@ -63,6 +64,13 @@ class Stats:
     def copy(self) -> "Stats":
         return Stats(**asdict(self))
 
+    def _measured(self) -> str:
+        """What raw_fraction="auto" measured at open, for the table."""
+        if not self.upload_gbps_measured:
+            return ""
+        decode = f"decode {self.decode_gbps_measured:.1f} GB/s" if self.decode_gbps_measured else "no decode timed"
+        return f"; measured {decode}, upload {self.upload_gbps_measured:.1f} GB/s"
+
     def __str__(self) -> str:
         mib = 1 << 20
         rows = [
@@ -72,8 +80,7 @@ class Stats:
             ("decodes (prefetched / sync)", f"{self.decodes} ({self.prefetched} / {self.sync_fetches})"),
             ("packed / raw", f"{self.packed_nbytes / mib:.1f} MiB / {self.raw_nbytes / mib:.1f} MiB ({self.ratio:.3f}x)"),
             ("kept uncompressed", f"{self.uncompressed_nbytes / mib:.1f} MiB ({100 * self.raw_fraction:.0f}% of streamed)"
-                                  + (f"; measured decode {self.decode_gbps_measured:.1f} GB/s, upload "
-                                     f"{self.upload_gbps_measured:.1f} GB/s" if self.upload_gbps_measured else "")),
+                                  + self._measured()),
             ("resident on device", f"{self.resident_nbytes / mib:.1f} MiB"),
             ("streamed per pass", f"{self.streamed_nbytes_per_pass / mib:.1f} MiB"),
             ("peak device memory", f"{self.peak_device_nbytes / mib:.1f} MiB"),

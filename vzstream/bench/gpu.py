@@ -14,8 +14,8 @@ streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the stream
 is what crosses PCIe: decoded `hi` planes plus raw `lo` planes), W_pcie the pinned host→device
 bandwidth (256 MiB copies timed with CUDA events) and W_dec the workers' decode rate in the same
 bytes: the streamed units' raw bytes / the time a thread pool of `workers` threads takes to decode
-every compressed frame of them once (`calibrate.decode_gbps`, which `raw_fraction="auto"` runs on
-one unit at open). With nothing streamed the bound
+every compressed frame of them once, each thread into a frame-sized buffer of its own
+(`calibrate.decode_gbps`, which `raw_fraction="auto"` runs on one unit at open). With nothing streamed the bound
 is C. The baselines are held to the same bound.
 
 Warm-up is excluded, every timer stops after `torch.cuda.synchronize()`, times are medians.
@@ -317,7 +317,7 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
         stats = s.stats()
         if bound is None:
             bound = make_bound(res, stats, s, pcie_gbps)
-            label = "bound (DESIGN §9)" + (f" raw_fraction={stats.raw_fraction:.2f}" if stats.raw_fraction else "")
+            label = "bound (DESIGN §9)" + (f" raw_fraction={stats.raw_fraction:.2f}" if s.config.raw_fraction else "")
             run.config[f"{name}, {label}"] = bound
             run.save_config()
             run.add(bound_row(name, bound, args, label))
@@ -345,7 +345,7 @@ def make_bound(res: dict, stats, s, pcie_gbps: float) -> dict:
     compressed = [st for st in streamed if st.compressed]
     decoded = sum(store.raw_nbytes for store in compressed)
     if B and decoded:
-        decode_gbps = calibrate.decode_gbps(compressed, s.config.workers)     # what "auto" measures too
+        decode_gbps = calibrate.decode_gbps(compressed, s.config.workers, max_nbytes=None)  # every frame
         D = B * decoded / sum(store.raw_nbytes for store in streamed)
         transfer_s = max(B / (pcie_gbps * 1e9), D / (decode_gbps * 1e9))
     elif B:                                    # every streamed unit raw: PCIe alone
