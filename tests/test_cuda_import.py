@@ -16,7 +16,9 @@ import vzstream
 from vzstream import codec
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
-from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing, plan_upload
+from vzstream.backends import upload_plan
+from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
+from vzstream.backends.upload_plan import plan_upload
 from vzstream.plan import Unit
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent
@@ -78,13 +80,13 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
                 assert arena[pc.offset : pc.offset + pc.nbytes].tobytes() == bytes(plane.raw)
     assert any(t.name == "big.bf16" and t.planes[1].staged and not t.planes[0].staged for t in plan.tensors)
     staged.sort()
-    assert all(off % cuda_mod.STAGING_ALIGNMENT == 0 for off, _ in staged)
+    assert all(off % upload_plan.STAGING_ALIGNMENT == 0 for off, _ in staged)
     assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
     assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
-    split = [cuda_mod._align(p.raw_nbytes, cuda_mod.STAGING_ALIGNMENT) for p in store.packed if p.numel and len(p.planes) > 1]
+    split = [upload_plan._align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT) for p in store.packed if p.numel and len(p.planes) > 1]
     assert plan.merge_nbytes == sum(split)           # one batch holds them all, up to a chunk
     scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
-    assert scratch == cuda_mod.SCRATCH_REGIONS * min(sum(split), cuda_mod.MERGE_CHUNK_NBYTES)
+    assert scratch == cuda_mod.SCRATCH_REGIONS * min(sum(split), upload_plan.MERGE_CHUNK_NBYTES)
     assert plan.last_staged == max(i for i, t in enumerate(plan.tensors) if any(p.staged for p in t.planes))
 
 
@@ -101,7 +103,7 @@ def test_plan_stages_raw_planes_that_live_outside_the_arena():
 def test_merge_batches_cover_every_element_once_within_a_region(region):
     store, _ = _packed_unit(_mixed())
     tensors = plan_upload(store).tensors
-    batches = cuda_mod.merge_batches(tensors, region)
+    batches = upload_plan.merge_batches(tensors, region)
     covered = {i: [] for i, t in enumerate(tensors) if len(t.planes) > 1}
     for batch in batches:
         ends = [p.offset + p.numel * tensors[p.tensor].itemsize for p in batch]
@@ -178,12 +180,12 @@ def _run_on_threads(fake: FakeCuda, jobs: list, upload) -> None:
         worker.join()                           # no edge back: the pipeline never joins a worker
 
 
-@pytest.mark.parametrize("chunk", [cuda_mod.MERGE_CHUNK_NBYTES, 65542, 16384], ids=["whole", "odd", "16k"])
+@pytest.mark.parametrize("chunk", [upload_plan.MERGE_CHUNK_NBYTES, 65542, 16384], ids=["whole", "odd", "16k"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, chunk, monkeypatch):
     """Every dtype, raw and compressed planes, merges split into chunks that wrap the scratch
     regions many times (65542: not a multiple of 4 or 8), and no race on the way."""
-    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", chunk)
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
     store, tensors = _packed_unit(_mixed(seed))
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
@@ -253,7 +255,7 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, mo
     merge chunks, each decode job on its own thread. The backend as written has no race; removing
     any one of these waits or events, or the gate's lock, makes one, whatever the timing. (Not
     covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)"""
-    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame
     mixed, _ = _packed_unit(_mixed())
@@ -283,7 +285,7 @@ def _flat_store_over(store):
 def test_a_drop_that_never_uploaded_keeps_the_slots_last_writer(monkeypatch):
     """A drained fetch's merges, then a fetch into the same slot dropped before it ever ran
     (an inline prefetch, or a failed decode): the slot's `used` must still follow those merges."""
-    monkeypatch.setattr(cuda_mod, "MERGE_CHUNK_NBYTES", 16384)
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)
     mixed, _ = _packed_unit(_mixed())
     flat = _flat_store_over(mixed)
     fake = FakeCuda()
