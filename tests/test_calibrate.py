@@ -9,7 +9,6 @@ import vzstream
 from vzstream import calibrate
 from vzstream.backends.fake import FakeBackend
 from vzstream.plan import find_units
-from vzstream.session import raw_units
 from vzstream.store import pack_unit
 
 
@@ -40,12 +39,12 @@ def test_raw_units_keeps_the_share_and_makes_up_for_kept_units():
             self.index, self.raw_nbytes = index, nbytes
 
     units = [U(i, 100) for i in range(10)]
-    assert len(raw_units(units, 0.5)) == 5 and raw_units(units, 0.0) == set()
-    assert raw_units(units, 1.0) == set(range(10))
-    kept = raw_units(units, 0.8, keep={0})
+    assert len(calibrate.raw_units(units, 0.5)) == 5 and calibrate.raw_units(units, 0.0) == set()
+    assert calibrate.raw_units(units, 1.0) == set(range(10))
+    kept = calibrate.raw_units(units, 0.8, keep={0})
     assert 0 not in kept and len(kept) == 8          # the units after the sample make up its share
-    assert raw_units(units, 1.0, keep={0, 5}) == set(range(10)) - {0, 5}
-    assert len(raw_units(units, 0.8, keep={9})) == 8     # a kept unit at the end is made up for too
+    assert calibrate.raw_units(units, 1.0, keep={0, 5}) == set(range(10)) - {0, 5}
+    assert len(calibrate.raw_units(units, 0.8, keep={9})) == 8     # a kept unit at the end is made up for too
 
 
 def _tiny_lm_and_reference():

@@ -83,7 +83,8 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
     assert all(off % upload_plan.STAGING_ALIGNMENT == 0 for off, _ in staged)
     assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
     assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
-    split = [upload_plan._align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT) for p in store.packed if p.numel and len(p.planes) > 1]
+    split = [upload_plan._align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT)
+             for p in store.packed if p.numel and len(p.planes) > 1]
     assert plan.merge_nbytes == sum(split)           # one batch holds them all, up to a chunk
     scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
     assert scratch == cuda_mod.SCRATCH_REGIONS * min(sum(split), upload_plan.MERGE_CHUNK_NBYTES)

@@ -1,5 +1,6 @@
-"""`raw_fraction="auto"`: measure how fast this host decodes and the device uploads, and keep raw
-the share of streamed bytes that balances the two (DESIGN §9).
+"""`raw_fraction`: which streamed units stay uncompressed, and for "auto" how large that share
+is: measure how fast this host decodes and the device uploads, and keep raw the share of
+streamed bytes that balances the two (DESIGN §9).
 
 Streaming runs at the slower of PCIe (W_pcie) and the workers' decode rate (W_dec). A unit kept
 uncompressed skips the decode but costs host RAM; keeping a share f raw makes a pass take
@@ -29,6 +30,20 @@ def balanced_fraction(decode_gbps: float | None, upload_gbps: float | None) -> f
     if not decode_gbps or not upload_gbps or decode_gbps >= upload_gbps:
         return 0.0
     return round(1 - decode_gbps / upload_gbps, 2)
+
+
+def raw_units(units, fraction: float, keep=()) -> set[int]:
+    """Indices of the units kept uncompressed: about `fraction` of the bytes, spread evenly along
+    `units` (every other one at 0.5), so that decoding and uploading both run all along a pass.
+    Units whose index is in `keep` stay compressed; they are counted first, so the others make
+    up their share wherever they sit."""
+    raw, seen, kept = set(), 0, 0
+    for u in sorted(units, key=lambda u: u.index not in keep):     # stable: keeps the order
+        seen += u.raw_nbytes
+        if u.index not in keep and kept + u.raw_nbytes / 2 <= fraction * seen:
+            raw.add(u.index)
+            kept += u.raw_nbytes
+    return raw
 
 
 def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int | None = 256 << 20) -> float | None:

@@ -196,7 +196,7 @@ class Session(AsyncGeneration):
             fraction, sample = self.config.raw_fraction, {}
             if fraction == "auto":
                 fraction, sample = self._auto_raw_fraction(planned, submit)
-            raw = raw_units(planned, fraction, keep=sample)
+            raw = calibrate.raw_units(planned, fraction, keep=sample)
 
             def next_store(u):
                 return sample.pop(u.index, None) or submit(u, u.index not in raw)
@@ -405,20 +405,6 @@ class Session(AsyncGeneration):
         out.peak_device_nbytes = self.backend.peak_device_nbytes if self.backend else 0
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
-
-
-def raw_units(units, fraction: float, keep=()) -> set[int]:
-    """Indices of the units kept uncompressed: about `fraction` of the bytes, spread evenly along
-    `units` (every other one at 0.5), so that decoding and uploading both run all along a pass.
-    Units whose index is in `keep` stay compressed; they are counted first, so the others make
-    up their share wherever they sit."""
-    raw, seen, kept = set(), 0, 0
-    for u in sorted(units, key=lambda u: u.index not in keep):     # stable: keeps the order
-        seen += u.raw_nbytes
-        if u.index not in keep and kept + u.raw_nbytes / 2 <= fraction * seen:
-            raw.add(u.index)
-            kept += u.raw_nbytes
-    return raw
 
 
 def _return_freed_memory() -> None:

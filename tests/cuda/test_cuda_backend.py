@@ -12,7 +12,6 @@ import torch
 import vzstream
 from vzstream import calibrate
 from vzstream.bench.budget import minimum_budget
-from vzstream.session import raw_units
 from models import Routed, Stack, build, build_hf, hf_inputs, make_input, seeded
 
 pytestmark = pytest.mark.cuda
@@ -226,5 +225,5 @@ def test_auto_raw_fraction_measures_the_bus_and_stays_exact(snapshot):
     assert again == stats.upload_gbps_measured                                     # measured once
     fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
     probe = max(planned, key=lambda u: u.raw_nbytes)                          # the sample: the largest
-    assert kept_raw == raw_units(planned, fraction, keep={probe.index})
+    assert kept_raw == calibrate.raw_units(planned, fraction, keep={probe.index})
     snap.check(model)
