@@ -134,6 +134,25 @@ def test_an_upload_is_a_few_calls_however_many_tensors_the_unit_has(monkeypatch)
     backend.close()
 
 
+def test_a_steady_state_fetch_makes_three_events_however_many_batches(monkeypatch):
+    """An Event's destructor hands the GIL over too: the copy->merge handoff and the scratch
+    regions' events are re-recorded; only `copied`, `uploaded` and `used` are new per fetch."""
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)     # several batches per unit
+    store, _ = _packed_unit(_mixed())
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    slot = torch.empty(store.slot_nbytes, dtype=torch.uint8)
+    _fetch_on_fake_cuda(backend, store, slot)                        # the first makes the regions' events
+    assert len(backend._plan(store)[0].batches) > 2
+    made = []
+    init = FakeEvent.__init__
+    monkeypatch.setattr(FakeEvent, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    for _ in range(2):
+        made.clear()
+        _fetch_on_fake_cuda(backend, store, slot)
+        assert len(made) == 3
+    backend.close()
+
+
 class _Ticket:
     """What the backend reads of a pipeline ticket."""
 
