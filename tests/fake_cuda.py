@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -183,17 +182,18 @@ class FakeCuda:
         monkeypatch.setattr(vzstream.backends.pinned.Fetch, "__init__", clocked_fetch)
         cuda = self
 
-        class ClockedPool(ThreadPoolExecutor):
-            def submit(self, fn, /, *args, **kwargs):
-                clock = dict(cuda.clock())
+        submit = vzstream.pipeline.Workers.submit
 
-                def job():
-                    cuda.observe(clock)
-                    return fn(*args, **kwargs)
+        def clocked_submit(pool, fn, *args):
+            clock = dict(cuda.clock())
 
-                return super().submit(job)
+            def job(*args):
+                cuda.observe(clock)
+                return fn(*args)
 
-        monkeypatch.setattr(vzstream.pipeline, "ThreadPoolExecutor", ClockedPool)
+            return submit(pool, job, *args)
+
+        monkeypatch.setattr(vzstream.pipeline.Workers, "submit", clocked_submit)
         return self
 
     def _log(self, op, stream, event):
