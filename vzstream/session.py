@@ -191,8 +191,7 @@ class Session(AsyncGeneration):
 
             # Of the units planned to stream: a unit kept resident for now (measured, evictable)
             # and evicted to streaming later stays compressed, so under a budget the share is
-            # approximate. "auto" measures on the largest planned unit (most bytes are in large
-            # frames; a norm's tiny ones would understate the rate), packed compressed.
+            # approximate. "auto" packs its sample unit first, compressed, and measures on it.
             fraction, sample = self.config.raw_fraction, {}
             if fraction == "auto":
                 fraction, sample = self._auto_raw_fraction(planned, submit)

@@ -58,7 +58,7 @@ def stage_into(buffer: np.ndarray, offset: int, nbytes: int, source, fqn: str = 
     """Write one staging item (a frame, or raw bytes) into `buffer[offset : offset + nbytes]`.
     `buffer` is a numpy view of the staging tensor: torch's view ops (detach, reshape, view) each
     hand the GIL over, which beside a busy forward thread costs a wait per call; numpy slices
-    do not, so a frame costs one hand-over, inside zstd (docs/benchmarks.md, "GIL hand-overs")."""
+    do not, so a frame costs one hand-over, inside zstd (docs/probes/gil_release.py)."""
     with stage_range("decode", fqn):
         dst = buffer[offset : offset + nbytes]
         if isinstance(source, codec.Frame):
