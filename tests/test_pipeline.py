@@ -4,6 +4,7 @@ trace misses under random routing, and worker failures surfacing at bind."""
 import os
 import re
 import sys
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from models import DIM, NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
 
 import vzstream
-from vzstream.pipeline import SlotPool, gil_switch_interval
+from vzstream.pipeline import SlotPool, Workers, gil_switch_interval
 
 FUZZ = os.environ.get("VZSTREAM_FUZZ") == "1"        # longer hypothesis runs, as in test_codec
 FORWARD_OPS = ("request", "bind", "release")   # ops the forward thread performs, in program order
@@ -432,3 +433,20 @@ def test_the_switch_interval_survives_a_tiny_setting_and_keeps_one_set_meanwhile
         assert sys.getswitchinterval() == pytest.approx(2e-3)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_workers_run_jobs_in_order_survive_a_raising_job_and_finish_what_was_queued(caplog):
+    workers = Workers(1, "vzstream-test")
+    gate, done = threading.Event(), []
+    workers.submit(gate.wait)                          # holds the thread while more jobs queue
+    workers.submit(lambda: 1 / 0)                       # logged; the thread goes on
+    for i in range(5):
+        workers.submit(done.append, i)
+    gate.set()
+    workers.shutdown()                                  # runs what was queued, then joins
+    assert done == [0, 1, 2, 3, 4]
+    assert "ZeroDivisionError" in caplog.text
+    assert not any(t.name.startswith("vzstream-test") for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="shut down"):
+        workers.submit(done.append, 5)                  # would never run: refused
+    workers.shutdown()                                  # twice is harmless

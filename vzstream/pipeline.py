@@ -98,6 +98,8 @@ class Workers:
             t.start()
 
     def submit(self, fn, *args) -> None:
+        if not self._threads:           # a job queued now would never run: its ticket would hang
+            raise RuntimeError("vzstream: decode workers were shut down")
         self._queue.put((fn, args))
 
     def _loop(self) -> None:
@@ -110,9 +112,10 @@ class Workers:
 
     def shutdown(self) -> None:
         """Run what was submitted, then join every thread."""
-        for _ in self._threads:
+        threads, self._threads = self._threads, []
+        for _ in threads:
             self._queue.put(None)
-        for t in self._threads:
+        for t in threads:
             t.join()
 
 
