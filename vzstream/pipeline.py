@@ -92,14 +92,18 @@ class Workers:
 
     def __init__(self, num_threads: int, name: str) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._loop, name=f"{name}_{i}", daemon=True)
-                         for i in range(num_threads)]
-        for t in self._threads:
-            t.start()
+        self._num_threads, self._name = num_threads, name
+        self._threads: list | None = []     # started by the first submit; None once shut down
 
     def submit(self, fn, *args) -> None:
-        if not self._threads:           # a job queued now would never run: its ticket would hang
+        """Queue `fn(*args)`. Called from one thread at a time (the pool's lock holder)."""
+        if self._threads is None:       # a job queued now would never run: its ticket would hang
             raise RuntimeError("vzstream: decode workers were shut down")
+        if not self._threads:           # a session that streams nothing starts no thread
+            self._threads = [threading.Thread(target=self._loop, name=f"{self._name}_{i}", daemon=True)
+                             for i in range(self._num_threads)]
+            for t in self._threads:
+                t.start()
         self._queue.put((fn, args))
 
     def _loop(self) -> None:
@@ -112,7 +116,7 @@ class Workers:
 
     def shutdown(self) -> None:
         """Run what was submitted, then join every thread."""
-        threads, self._threads = self._threads, []
+        threads, self._threads = self._threads or [], None
         for _ in threads:
             self._queue.put(None)
         for t in threads:
