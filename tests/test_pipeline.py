@@ -1,10 +1,13 @@
 """Pipeline and Streamer: exact op order on the fake backend, slot ownership, per-pass caching,
 trace misses under random routing, and worker failures surfacing at bind."""
 
+import gc
 import os
 import re
+import subprocess
 import sys
 import threading
+import weakref
 from collections import defaultdict
 
 import numpy as np
@@ -450,3 +453,34 @@ def test_workers_run_jobs_in_order_survive_a_raising_job_and_finish_what_was_que
     with pytest.raises(RuntimeError, match="shut down"):
         workers.submit(done.append, 5)                  # would never run: refused
     workers.shutdown()                                  # twice is harmless
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_job_alive():
+    """A ticket holds its slot (and on CUDA pinned staging): an idle worker must not keep it."""
+    class Payload:
+        pass
+
+    workers, ran = Workers(1, "vzstream-test"), threading.Event()
+    payload = Payload()
+    ref = weakref.ref(payload)
+    workers.submit(lambda p: ran.set(), payload)
+    assert ran.wait(5)
+    del payload
+    for _ in range(50):                                 # the worker drops it right after the job
+        gc.collect()
+        if ref() is None:
+            break
+        threading.Event().wait(0.01)
+    assert ref() is None
+    workers.shutdown()
+
+
+def test_workers_left_running_finish_their_jobs_before_the_interpreter_exits():
+    """As with ThreadPoolExecutor: a session left open at exit must not have its workers killed
+    inside a job (a daemon thread inside a torch call aborts the process)."""
+    code = ("import time\nfrom vzstream.pipeline import Workers\n"
+            "w = Workers(2, 'vzstream-exit')\n"
+            "w.submit(lambda: (time.sleep(0.3), print('job done', flush=True)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "job done\n"

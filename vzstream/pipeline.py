@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 
 from .errors import FormatError, TraceError, VzstreamError
 from .hooks import bind_params, unbind_params
@@ -88,9 +89,14 @@ class Ticket:
 class Workers:
     """Threads running `submit`ted calls in FIFO order. A put and a get on a `SimpleQueue` are C
     calls; `ThreadPoolExecutor` spends ~10 us of Python per job (a Future, its condition, a work
-    item), all of it holding the GIL that the forward thread and the uploader wait for."""
+    item), all of it holding the GIL that the forward thread and the uploader wait for.
+
+    Like the executor's, the threads are joined before the interpreter shuts down (a session
+    left open at exit): a daemon thread still inside a torch call then would abort the process."""
 
     def __init__(self, num_threads: int, name: str) -> None:
+        if num_threads < 1:
+            raise ValueError(f"`num_threads` must be >= 1; got {num_threads}")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._num_threads, self._name = num_threads, name
         self._threads: list | None = []     # started by the first submit; None once shut down
@@ -100,8 +106,10 @@ class Workers:
         if self._threads is None:       # a job queued now would never run: its ticket would hang
             raise RuntimeError("vzstream: decode workers were shut down")
         if not self._threads:           # a session that streams nothing starts no thread
-            self._threads = [threading.Thread(target=self._loop, name=f"{self._name}_{i}", daemon=True)
+            self._threads = [threading.Thread(target=self._loop, name=f"{self._name}_{i}",
+                                              daemon=_register_atexit is None)
                              for i in range(self._num_threads)]
+            _live_workers.add(self)
             for t in self._threads:
                 t.start()
         self._queue.put((fn, args))
@@ -113,6 +121,9 @@ class Workers:
                 fn(*args)
             except BaseException:       # a job reports its own errors; never lose the thread
                 log.exception("vzstream: a decode worker's job raised")
+            # An idle worker must not keep its last job alive: the ticket holds a slot and, on
+            # CUDA, pinned staging, which would then outlive a ring rebuild.
+            item = fn = args = None
 
     def shutdown(self) -> None:
         """Run what was submitted, then join every thread."""
@@ -121,6 +132,15 @@ class Workers:
             self._queue.put(None)
         for t in threads:
             t.join()
+        _live_workers.discard(self)
+
+
+_live_workers: "weakref.WeakSet[Workers]" = weakref.WeakSet()
+# What concurrent.futures uses: runs before the interpreter joins non-daemon threads. Where it
+# is missing, the threads are daemons instead (an exit must not wait on idle workers forever).
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(lambda: [w.shutdown() for w in list(_live_workers)])
 
 
 class Pipeline:
