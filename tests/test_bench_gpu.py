@@ -6,6 +6,9 @@ import gzip
 import importlib.util
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +107,12 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
     trace = json.loads(gzip.decompress((tmp_path / "trace_prefetch1.json.gz").read_bytes()))   # the profiler's
     assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
+    script = Path(__file__).parent.parent / "docs" / "probes" / "read_trace.py"
+    reader = subprocess.run([sys.executable, str(script), str(tmp_path / "trace_prefetch1.json.gz")],
+                            capture_output=True, text=True, timeout=60)   # what a GPU session reads it with
+    assert reader.returncode == 0, reader.stderr
+    summary = json.loads(reader.stdout.splitlines()[-1])
+    assert {"decode", "upload", "bind", "release"} <= set(summary["stages"]) and summary["span_ms"] > 0
 
     calls = []
     assert gpu.event_time_s(lambda: calls.append(1), repeat=3) == 1e-3 and len(calls) == 4   # warm-up + 3

@@ -10,4 +10,6 @@ timeout 100 python3 -m pytest tests/cuda -q -rf -p no:cacheprovider 2>&1 | tee "
 B=$((345 - SECONDS)); echo "bench gpu --budget-s $B" | tee -a "$L"
 timeout $((385 - SECONDS)) python3 -m vzstream bench gpu --out "$OUT" --budget-s "$B" 2>&1 | tee -a "$L"; echo "bench rc=$?" | tee -a "$L"
 [ -f "$OUT/gpu.json" ] && rm -f "$OUT/gpu.rows.jsonl" "$OUT/gpu_budget.rows.jsonl"
+# Where each stage's time went (upload issue time per unit, copy-engine GB/s), into the log.
+for t in "$OUT"/trace_*.json.gz; do [ -f "$t" ] && python3 docs/probes/read_trace.py "$t" 2>&1 | tee -a "$L"; done
 ls -la "$OUT"
