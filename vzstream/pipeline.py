@@ -136,11 +136,18 @@ class Workers:
 
 
 _live_workers: "weakref.WeakSet[Workers]" = weakref.WeakSet()
+
+
+def _shutdown_live_workers() -> None:
+    for workers in list(_live_workers):
+        workers.shutdown()
+
+
 # What concurrent.futures uses: runs before the interpreter joins non-daemon threads. Where it
 # is missing, the threads are daemons instead (an exit must not wait on idle workers forever).
 _register_atexit = getattr(threading, "_register_atexit", None)
 if _register_atexit is not None:
-    _register_atexit(lambda: [w.shutdown() for w in list(_live_workers)])
+    _register_atexit(_shutdown_live_workers)
 
 
 class Pipeline:
