@@ -85,7 +85,14 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert balanced["method"] == "vzstream prefetch=2 raw_fraction=auto"
     assert re.search(r"auto: decode [\d.]+, upload 25\.0 GB/s -> 0\.\d\d raw$", balanced["note"]), balanced["note"]
     assert balanced_bound["decode_tok_s"] > bound["decode_tok_s"] or bound["decode_tok_s"] == resident["decode_tok_s"]
-    for r in streamed + [balanced]:
+    # codec="nibble": its own bound, with less over PCIe than B and no host decode in it.
+    nibble_bound, nibble = rows[6:8]
+    assert nibble_bound["method"] == "bound (DESIGN §9) codec=nibble" and nibble["method"] == "vzstream prefetch=2 codec=nibble"
+    assert re.fullmatch(r"B [\d.]+ GiB/pass \([\d.]+ over PCIe\), W_pcie 25\.0, W_dec - GB/s", nibble_bound["note"])
+    inputs = json.loads((tmp_path / "gpu.config.json").read_text())["small (4 layers), bound (DESIGN §9) codec=nibble"]
+    assert 0.6 < inputs["wire_nbytes_per_pass"] / inputs["streamed_nbytes_per_pass"] < 0.8
+    assert nibble["note"].endswith(tuple(f"ratio {r / 1000:.3f}" for r in range(1200, 1400)))
+    for r in streamed + [balanced, nibble]:
         assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert isinstance(r["decode_bound_frac"], float) and isinstance(r["prefill_bound_frac"], float)
     # The baselines ran, or say why not; on the fake GPU an installed one fails for want of CUDA.

@@ -23,7 +23,7 @@ BAD_OPTIONS = [
     ("gil_switch_interval", 0), ("gil_switch_interval", -1e-4), ("gil_switch_interval", 2.0), ("gil_switch_interval", 5e-7),
     ("gil_switch_interval", "1ms"), ("gil_switch_interval", True),
     ("raw_fraction", -0.1), ("raw_fraction", 1.5), ("raw_fraction", "fast"), ("raw_fraction", True),
-    ("raw_fraction", None),
+    ("raw_fraction", None), ("codec", "lz4"), ("codec", None),
 ]
 
 

@@ -45,10 +45,10 @@ def test_session_on_cuda_without_gpu_raises_and_leaves_model_alone(snapshot):
 
 
 # -- pure helpers -------------------------------------------------------------------------------------
-def _packed_unit(tensors: dict, backend=None):
+def _packed_unit(tensors: dict, backend=None, coding: str = "zstd"):
     params = [(name, nn.Parameter(t, requires_grad=False)) for name, t in tensors.items()]
     unit = Unit(0, "unit", [], params)
-    return pack_unit(unit, backend or CpuBackend(), None), tensors
+    return pack_unit(unit, backend or CpuBackend(), None, coding=coding), tensors
 
 
 def _mixed(seed=0):
@@ -200,13 +200,19 @@ def _run_on_threads(fake: FakeCuda, jobs: list, upload) -> None:
         worker.join()                           # no edge back: the pipeline never joins a worker
 
 
-@pytest.mark.parametrize("chunk", [upload_plan.MERGE_CHUNK_NBYTES, 65542, 16384], ids=["whole", "odd", "16k"])
+CHUNKS = [pytest.param("zstd", upload_plan.MERGE_CHUNK_NBYTES, id="whole"), pytest.param("zstd", 65542, id="odd"),
+          pytest.param("zstd", 16384, id="16k"), pytest.param("nibble", upload_plan.MERGE_CHUNK_NBYTES, id="nibble-whole"),
+          pytest.param("nibble", 300002, id="nibble-300k")]
+
+
+@pytest.mark.parametrize("coding, chunk", CHUNKS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, chunk, monkeypatch):
-    """Every dtype, raw and compressed planes, merges split into chunks that wrap the scratch
-    regions many times (65542: not a multiple of 4 or 8), and no race on the way."""
+def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, coding, chunk, monkeypatch):
+    """Every dtype, raw, compressed and nibble-coded planes, merges split into chunks that wrap
+    the scratch regions many times (65542: not a multiple of 4 or 8), and no race on the way."""
     monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
-    store, tensors = _packed_unit(_mixed(seed))
+    store, tensors = _packed_unit(_mixed(seed), coding=coding)
+    assert (coding == "nibble") == any(p.nibbles is not None for pk in store.packed for p in pk.planes)
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
     slots = [torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8) for _ in range(2)]
@@ -233,13 +239,13 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
 
         backend.decode_jobs = no_used
     elif name == "no-region-wait":      # the copy stream refills a region a merge still reads
-        merge = backend._merge_batch
+        next_region = backend._next_free_region
 
-        def unordered(*args):
+        def unordered():
             backend._region_free = [None] * cuda_mod.SCRATCH_REGIONS
-            merge(*args)
+            return next_region()
 
-        backend._merge_batch = unordered
+        backend._next_free_region = unordered
     elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
         monkeypatch.setattr(StagingRing, "gate", staticmethod(lambda fetch: None))
     elif name == "no-gate-lock":        # a fetch's later jobs pass once the first took the link
@@ -268,17 +274,22 @@ MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-gate-lock", 
            "drop-records-on-compute"]
 
 
-@pytest.mark.parametrize("mutant", [None, *MUTANTS])
-def test_race_check_passes_the_backend_and_catches_each_missing_order(mutant, monkeypatch):
+RACE_CASES = [pytest.param("zstd", m, id=f"zstd-{m}") for m in [None, *MUTANTS]]
+RACE_CASES += [pytest.param("nibble", m, id=f"nibble-{m}") for m in [None, *MUTANTS] if "gate" not in str(m)]   # no staging
+
+
+@pytest.mark.parametrize("coding, mutant", RACE_CASES)
+def test_race_check_passes_the_backend_and_catches_each_missing_order(coding, mutant, monkeypatch):
     """Fetches through two slots: reuse after a bound use, a drained fetch followed by another
     unit whose plain copy overwrites every byte the drained merges wrote, one staging slot, many
     merge chunks, each decode job on its own thread. The backend as written has no race; removing
     any one of these waits or events, or the gate's lock, makes one, whatever the timing. (Not
-    covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)"""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)
+    covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)
+    Nibble-coded units stage nothing: their copies, expansions and merges are checked alike."""
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384 if coding == "zstd" else 300002)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame
-    mixed, _ = _packed_unit(_mixed())
+    mixed, _ = _packed_unit(_mixed(), coding=coding)
     flat = _flat_store_over(mixed)
     fake = FakeCuda().instrument(monkeypatch)
     backend = CudaBackend("cpu", cuda=fake, staging_slots=1)
@@ -477,6 +488,7 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
     """Log every memory access of `backend`'s data operations with `fake`, which reports races
     (see fake_cuda.py). `pinned`: assert that every host→device copy reads pinned memory."""
     upload_many, merge_many, stage_into = cuda_mod.upload_many, cuda_mod.merge_many, cuda_mod.stage_into
+    expand_codes = cuda_mod.expand_codes
 
     def logged_upload(pairs):
         for dst, src in pairs:
@@ -489,12 +501,18 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
             fake.access("interleave", reads=[src], writes=[dst])
         merge_many(pairs)
 
+    def logged_expand(views, layout):
+        codes, index, table, out, plane, at, values = views
+        fake.access("expand", reads=[codes, table, at, values, index, out], writes=[index, out])
+        expand_codes(views, layout)
+
     def logged_stage(buffer, offset, nbytes, source, fqn=""):
         stage_into(buffer, offset, nbytes, source, fqn)
         fake.access("decode", writes=[torch.from_numpy(buffer[offset : offset + nbytes])], host=True)   # after: done
 
     monkeypatch.setattr(cuda_mod, "upload_many", logged_upload)
     monkeypatch.setattr(cuda_mod, "merge_many", logged_merge)
+    monkeypatch.setattr(cuda_mod, "expand_codes", logged_expand)
     monkeypatch.setattr(cuda_mod, "stage_into", logged_stage)
     wait, device_buffer, free_device_buffer = backend.wait, backend.device_buffer, backend.free_device_buffer
     pinned_block = backend._pinned_block
@@ -657,3 +675,38 @@ def test_profiler_sees_every_stage(monkeypatch):
     names = {e.name for e in prof.events()}
     for stage in ("decode", "upload", "bind", "release"):
         assert f"vzstream.{stage}:blocks.1" in names, stage
+
+
+@pytest.mark.parametrize("chunk", [upload_plan.MERGE_CHUNK_NBYTES, 300002, 16384])
+def test_nibble_batches_share_a_table_cover_every_element_and_fit_the_planned_scratch(chunk, monkeypatch):
+    """Coded batches: even piece starts (code bytes are not shared), back to back to each tensor's
+    end, one itemsize and pair table per batch, patches inside the coded plane's area; and every
+    region fits in what the planner reserved before packing (`scratch_nbytes(..., "nibble")`),
+    even where patches crowd a piece."""
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
+    tensors = _mixed()
+    crowded = (torch.randn(40000, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    wild = torch.exp(torch.linspace(-80, 80, 2000))      # top bytes over a wide range: patches
+    crowded[:2000] = wild[torch.randperm(2000, generator=torch.Generator().manual_seed(6))].to(torch.bfloat16)
+    tensors["crowded.bf16"] = crowded
+    store, _ = _packed_unit(tensors, coding="nibble")
+    assert store.packed[-1].planes[1].nibbles.num_patches > 1500
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    plan = backend._plan(store)[0]
+    covered = {}
+    for pieces, layout in zip(plan.batches, plan.coded):
+        if layout is None:
+            continue
+        assert len({(plan.tensors[p.tensor].itemsize, bytes(store.packed[p.tensor].planes[1].nibbles.pairs))
+                    for p in pieces}) == 1
+        assert all(p.start % 2 == 0 and p.offset % upload_plan.STAGING_ALIGNMENT == 0 for p in pieces)
+        assert all(0 <= a < layout.span for a in layout.patch_at) and layout.nbytes <= plan.region_nbytes
+        for p in pieces:
+            covered.setdefault(p.tensor, []).append((p.start, p.numel))
+    assert {plan.tensors[i].name for i in covered} == {"big.bf16", "crowded.bf16"}
+    for i, pieces in covered.items():
+        assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:j]) for j in range(len(pieces))]
+        assert sum(n for _, n in pieces) == plan.tensors[i].numel
+    backend.prepare(2, [store])
+    assert 0 < backend.device_nbytes <= backend.scratch_nbytes([store.unit], "nibble")
+    backend.close()

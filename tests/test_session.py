@@ -405,3 +405,23 @@ def test_raw_fraction_keeps_units_uncompressed_and_outputs_exact(raw_fraction, d
         elif fraction == 0.5:
             assert 0 < compressed.count(False) < len(compressed)
     assert held[raw_fraction] > held[0.0]          # what it costs: host RAM
+
+
+@pytest.mark.parametrize("name, units", [("llama", "blocks"), ("gpt2", "leaves")])
+def test_nibble_codec_streams_bit_exact(name, units, hf_reference, decode_path, snapshot, slots_ok):
+    """codec="nibble": top planes as 4-bit codes, which the CPU backend's workers decode (the
+    reference for what the CUDA backend expands on the device): the same tokens and logits."""
+    ref_logits, ref_tokens = hf_reference(name)
+    model = build_hf(name)
+    ids, gen_kwargs = hf_inputs()
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2, units=units, codec="nibble") as s:
+        tokens = [s.generate(ids, **gen_kwargs) for _ in range(2)]
+        logits = s(ids).logits
+        slots_ok(s)
+        coded = [p.nibbles is not None for st in s.stores.values() for pk in st.packed for p in pk.planes]
+        stats = s.stats()
+    assert all(torch.equal(t, ref_tokens) for t in tokens) and torch.equal(logits, ref_logits)
+    assert any(coded)
+    assert stats.raw_nbytes * 0.6 < stats.packed_nbytes < stats.raw_nbytes * 0.9
+    snap.check(model)

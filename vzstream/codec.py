@@ -8,6 +8,9 @@ Layout of a `Packed` (see DESIGN §3):
 - Every other dtype (bool, ints, complex, ...) is *unsplit*: one plane, index 0, holding the
   tensor's raw bytes (`plane.nbytes == numel * itemsize`), always stored raw.
 - A split plane is compressed only if its frames shrink it by >= 5%; otherwise it is raw.
+- `coding="nibble"` codes the top plane of a multi-byte float as 4-bit codes instead of zstd
+  frames (`nibble.py`), by the same 5% rule, and keeps the other planes raw: a device decodes
+  it, the host does not have to.
 - A compressed plane is cut into frames of `frame_elems` elements; frame `j` covers elements
   [j * frame_elems, min((j + 1) * frame_elems, numel)) in every plane, so chunk `j` of all
   planes can be decoded alone, on any thread, into its own slice of `out`.
@@ -27,10 +30,13 @@ import numpy as np
 import torch
 import zstandard as zstd
 
+from vzstream import nibble
 from vzstream.errors import ConfigError, FormatError
 
 __all__ = ["Frame", "Plane", "Packed", "pack", "decode", "decode_into", "decode_chunk_into",
-           "chunk_decoder", "decode_frame_into"]
+           "chunk_decoder", "decode_frame_into", "nibble_tables", "CODINGS"]
+
+CODINGS = ("zstd", "nibble")
 
 # A plane must shrink by at least this much to be worth a decode; else it is stored raw.
 _MIN_SAVING = 0.05
@@ -59,11 +65,18 @@ class Plane:
     index: int  # which byte of each element (0 = least significant)
     nbytes: int  # numel for split dtypes, numel * itemsize for the single unsplit plane
     raw: Any | None  # buffer with the plane's bytes when stored raw, else None
-    frames: tuple[Frame, ...]  # compressed frames when raw is None, else ()
+    frames: tuple[Frame, ...]  # zstd frames when raw is None and not nibble-coded, else ()
+    nibbles: nibble.Nibbles | None = None  # the nibble code instead of frames
 
     @property
     def compressed(self) -> bool:
         return self.raw is None
+
+    def buffers(self) -> list:
+        """Every buffer the plane holds, in a fixed order (a store rebases them into its arena)."""
+        if self.raw is not None:
+            return [self.raw]
+        return self.nibbles.buffers() if self.nibbles is not None else [f.data for f in self.frames]
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,7 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """Bytes held in RAM: raw planes plus compressed frame data."""
-        return sum(_buffer_nbytes(p.raw) if p.raw is not None
-                   else sum(_buffer_nbytes(f.data) for f in p.frames) for p in self.planes)
+        return sum(_buffer_nbytes(b) for p in self.planes for b in p.buffers())
 
     @property
     def raw_nbytes(self) -> int:
@@ -128,14 +140,16 @@ FRAME_NBYTES = 4 << 20
 
 
 def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = FRAME_NBYTES,
-         compress: bool = True) -> Packed:
+         compress: bool = True, coding: str = "zstd", tables: dict | None = None) -> Packed:
     """Pack `tensor` (any dtype, shape, strides or device) into compressed byte planes.
 
     `level=None` uses match-finding-off parameters (DESIGN §3); an int uses zstd's `level`.
-    `frame_nbytes` is the plane bytes per frame, i.e. elements per frame. `compress=False`
-    keeps every plane raw: the same layout, nothing to decode.
+    `frame_nbytes` is the plane bytes per frame, i.e. elements per frame (also the chunk a
+    worker decodes). `compress=False` keeps every plane raw: the same layout, nothing to decode.
+    `coding="nibble"` codes planes with the nibble code; `tables` maps (dtype, plane index) to
+    the 16 values to code with (`nibble_tables`), so a unit's tensors share one table.
     """
-    _check_pack_args(level, frame_nbytes)
+    _check_pack_args(level, frame_nbytes, coding)
     flat = _flat_cpu(tensor)
     k = tensor.dtype.itemsize
     if not _is_split(tensor.dtype):
@@ -146,7 +160,13 @@ def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = 
             level, write_content_size=True, write_checksum=True)
         cctx = zstd.ZstdCompressor(compression_params=params)
         values = flat.view(_TORCH_UINT[k]).numpy().view(_NUMPY_UINT[k])
-        planes = tuple(_pack_plane(cctx if compress else None, values, i, frame_nbytes) for i in range(k))
+        if not compress:
+            planes = tuple(_pack_plane(None, values, i, frame_nbytes) for i in range(k))
+        elif coding == "nibble":    # the top plane only: the others are mantissa noise, kept raw
+            planes = tuple(_nibble_plane(values, i, (tables or {}).get((tensor.dtype, i))) if i == k - 1 > 0
+                           else _pack_plane(None, values, i, frame_nbytes) for i in range(k))
+        else:
+            planes = tuple(_pack_plane(cctx, values, i, frame_nbytes) for i in range(k))
     return Packed(dtype=tensor.dtype, shape=tensor.shape, planes=planes, frame_elems=frame_nbytes)
 
 
@@ -161,7 +181,12 @@ def _flat_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous().reshape(-1)
 
 
-def _check_pack_args(level: int | None, frame_nbytes: int) -> None:
+def _check_pack_args(level: int | None, frame_nbytes: int, coding: str) -> None:
+    if coding not in CODINGS:
+        raise ConfigError(f"`coding` must be one of {CODINGS}, got {coding!r}")
+    if coding == "nibble" and isinstance(frame_nbytes, int) and frame_nbytes % 2:
+        raise ConfigError(f"`frame_nbytes` must be even with coding='nibble' (a code byte holds two "
+                          f"elements), got {frame_nbytes}")
     if level is not None and (not isinstance(level, int) or isinstance(level, bool)
                               or not _MIN_LEVEL <= level <= zstd.MAX_COMPRESSION_LEVEL):
         raise ConfigError(f"`level` must be None or an int in [{_MIN_LEVEL}, "
@@ -186,6 +211,30 @@ def _pack_plane(cctx: zstd.ZstdCompressor | None, values: np.ndarray, index: int
     if values.size and packed_nbytes <= (1 - _MIN_SAVING) * values.size:
         return Plane(index=index, nbytes=values.size, raw=None, frames=tuple(frames))
     return Plane(index=index, nbytes=values.size, raw=b"".join(pieces), frames=())
+
+
+def _nibble_plane(values: np.ndarray, index: int, table: np.ndarray | None) -> Plane:
+    """Plane `index` nibble-coded, or raw if the code would not save enough."""
+    piece = _plane_piece(values, index)
+    nib = nibble.encode(piece, table)
+    if values.size and nibble.nbytes(nib) <= (1 - _MIN_SAVING) * values.size:
+        return Plane(index=index, nbytes=values.size, raw=None, frames=(), nibbles=nib)
+    return Plane(index=index, nbytes=values.size, raw=piece.tobytes(), frames=())
+
+
+def nibble_tables(tensors) -> dict:
+    """(dtype, top plane index) -> its 16 most frequent values over all of `tensors`: the table a
+    unit's tensors share, so the device decodes many of them in one gather. Lower planes (mantissa
+    noise) get no entry; each codes with its own table, which rarely saves enough to be kept."""
+    counts: dict = {}
+    for t in tensors:
+        if not _is_split(t.dtype) or not t.numel():
+            continue
+        k = t.dtype.itemsize
+        values = _flat_cpu(t).view(_TORCH_UINT[k]).numpy().view(_NUMPY_UINT[k])
+        key = (t.dtype, k - 1)
+        counts[key] = counts.get(key, 0) + np.bincount(_plane_piece(values, k - 1), minlength=256)
+    return {key: nibble.table_for(c) for key, c in counts.items()}
 
 
 def _plane_piece(values: np.ndarray, index: int) -> np.ndarray:
@@ -335,6 +384,15 @@ def _plane_chunk(packed: Packed, i: int, j: int, b0: int, b1: int,
                                           f"{len(plane.frames)} frames, expected {plane.nbytes} "
                                           f"bytes and no frames")
         return raw[b0:b1]
+    if plane.nibbles is not None:
+        if plane.frames or not packed.split:
+            raise _plane_error(packed, i, "holds both nibble codes and frames, or is unsplit")
+        dst = scratch[:b1 - b0]
+        try:
+            nibble.decode_range(plane.nibbles, plane.nbytes, b0, b1, dst)
+        except FormatError as e:
+            raise _plane_error(packed, i, str(e), j) from e
+        return dst
     expected = packed.num_chunks if packed.split else 0  # unsplit planes are never compressed
     if len(plane.frames) != expected:
         raise _plane_error(packed, i, f"has {len(plane.frames)} frames, expected {expected} "

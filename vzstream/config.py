@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
 _CACHE_MODES = ("pass", "none")
+_CODECS = ("zstd", "nibble")
 _SIZE_SUFFIXES = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -83,6 +84,7 @@ class SessionConfig:
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
+    codec: str = "zstd"             # "zstd": decoded by host threads; "nibble": 4-bit codes the device expands
     raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
     vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
@@ -93,6 +95,10 @@ class SessionConfig:
         self._check_device()
         self._check_ints()
         self._check_units()
+        if self.codec not in _CODECS:
+            raise ConfigError(
+                f"`codec` must be one of {_CODECS}; got {self.codec!r}. \"zstd\" stores the least host RAM and "
+                f"decodes on host threads; \"nibble\" stores more, and the GPU decodes it (no host decode).")
         if self.cache not in _CACHE_MODES:
             raise ConfigError(f"`cache` must be one of {_CACHE_MODES}; got {self.cache!r}.")
         if self.vram_budget is not None and not isinstance(self.vram_budget, float):

@@ -135,8 +135,9 @@ class Session(AsyncGeneration):
         # (a unit held for reuse under cache="pass").
         num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
         act = self.config.activation_reserve if activation_nbytes is None else activation_nbytes
+        scratch = self.backend.scratch_nbytes(self.units, self.config.codec)
         return plan_memory(sizes, budget, num_slots, act or 0, min_slot_nbytes=self.pool.ring.slot_nbytes,
-                           what=what, committed_nbytes=committed, stream_reserve=self.backend.scratch_nbytes(self.units))
+                           what=what, committed_nbytes=committed, stream_reserve=scratch)
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
@@ -187,7 +188,7 @@ class Session(AsyncGeneration):
         largest = max((u.raw_nbytes for u in streamed), default=1)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
             def submit(u, compress=True):
-                return pool.submit(pack_unit, u, self.backend, level, compress)
+                return pool.submit(pack_unit, u, self.backend, level, compress, self.config.codec)
 
             # Of the units planned to stream: a unit kept resident for now (measured, evictable)
             # and evicted to streaming later stays compressed, so under a budget the share is
@@ -220,6 +221,10 @@ class Session(AsyncGeneration):
         (most bytes are in large frames; a norm's tiny ones would understate the rate), packed
         compressed with `submit`. Returns the share and {unit index: its store's future}."""
         stats = self._stats
+        if self.config.codec == "nibble":
+            log.info("vzstream: raw_fraction=auto with codec=nibble: nothing is decoded on the host, "
+                     "every unit stays coded")
+            return 0.0, {}
         stats.upload_gbps_measured = self.backend.upload_gbps() or 0.0
         if not stats.upload_gbps_measured:
             return 0.0, {}                          # no bus to keep busy: decode everything

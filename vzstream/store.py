@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import codec
+from . import codec, nibble
 from .errors import ConfigError, FormatError
 from .plan import Unit, param_offsets, unit_nbytes
 
@@ -64,6 +64,13 @@ class UnitStore:
         """Whether fetching the unit decodes anything (False: every plane is stored raw)."""
         return any(plane.compressed for p in self.packed for plane in p.planes)
 
+    @property
+    def wire_nbytes(self) -> int:
+        """Bytes one upload of the unit moves host→device on CUDA: nibble-coded planes as stored
+        (the device expands them), every other plane at its decoded size."""
+        return sum(nibble.nbytes(plane.nibbles) if plane.nibbles is not None else plane.nbytes
+                   for p in self.packed for plane in p.planes)
+
 
 def slot_views(slot: torch.Tensor, packed: list, offsets: list[int]) -> list[torch.Tensor]:
     """Views of a uint8 `slot` shaped like each packed tensor, at its aligned offset."""
@@ -92,10 +99,7 @@ def unpermute(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
 
 
 def _buffers(packed: codec.Packed) -> list:
-    out = []
-    for plane in packed.planes:
-        out.extend([plane.raw] if plane.raw is not None else [f.data for f in plane.frames])
-    return out
+    return [b for plane in packed.planes for b in plane.buffers()]
 
 
 def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
@@ -105,20 +109,25 @@ def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
     for plane in packed.planes:
         if plane.raw is not None:
             planes.append(dataclasses.replace(plane, raw=next(it)))
+        elif plane.nibbles is not None:
+            codes, pairs, at, values = (next(it) for _ in plane.nibbles.buffers())
+            planes.append(dataclasses.replace(plane, nibbles=nibble.Nibbles(codes, pairs, at, values)))
         else:
             frames = tuple(dataclasses.replace(f, data=next(it)) for f in plane.frames)
             planes.append(dataclasses.replace(plane, frames=frames))
     return dataclasses.replace(packed, planes=tuple(planes))
 
 
-def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True) -> UnitStore:
-    """Pack `unit`'s parameters into one arena (every plane raw unless `compress`). Does not
+def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, coding: str = "zstd") -> UnitStore:
+    """Pack `unit`'s parameters into one arena (every plane raw unless `compress`), with zstd
+    frames or, for `coding="nibble"`, with nibble codes sharing one table per dtype. Does not
     touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
+    tables = codec.nibble_tables(t for t, _ in ordered) if compress and coding == "nibble" else None
     packed = []
     for (name, _), (t, _) in zip(unit.params, ordered):
         try:
-            packed.append(codec.pack(t, level=level, compress=compress))
+            packed.append(codec.pack(t, level=level, compress=compress, coding=coding, tables=tables))
         except ConfigError as exc:
             raise ConfigError(f"unit `{unit.fqn}`, parameter `{name}`: {exc}") from exc
     buffers = [_buffers(p) for p in packed]

@@ -130,21 +130,25 @@ def test_no_host_sync_on_the_forward_thread_in_steady_state(monkeypatch):
     assert calls == []
 
 
-def test_no_implicit_sync_on_the_forward_thread(monkeypatch):
+@pytest.mark.parametrize("codec", ["zstd", "nibble"])
+def test_no_implicit_sync_on_the_forward_thread(codec, monkeypatch):
     """torch's sync debug mode flags synchronising CUDA calls that no patch above can see (a
     blocking copy, `.item()`, a stream synchronise inside torch): none may come from the forward
     thread of a streamed pass. A toy model of plain layers, so the model itself never syncs;
-    blocks of 12 MiB, so decoding runs on workers through the pinned staging ring."""
+    blocks of 12 MiB, so decoding runs on workers through the pinned staging ring. With
+    codec="nibble" nothing is staged, so no thread may synchronise: not the one issuing the
+    uploads, with their gathers, patches and merges."""
     model = build(Stack, dtype=torch.bfloat16, num_blocks=6, dim=1024)
     x = make_input(4, 1024, dtype=torch.bfloat16).cuda()
     forward_thread, flagged = threading.get_ident(), []
 
     def record(message, category, filename, lineno, file=None, line=None):
         # set_sync_debug_mode itself warns that the mode is a prototype: not a synchronisation.
-        if threading.get_ident() == forward_thread and "is a prototype" not in str(message):
-            flagged.append(f"{filename}:{lineno}: {message}")
+        watched = codec == "nibble" or threading.get_ident() == forward_thread
+        if watched and "is a prototype" not in str(message):
+            flagged.append(f"{threading.current_thread().name} {filename}:{lineno}: {message}")
 
-    with vzstream.session(model, device="cuda", prefetch=2) as s:
+    with vzstream.session(model, device="cuda", prefetch=2, codec=codec) as s:
         ref = s(x)                                    # learns the trace
         s(x)
         with warnings.catch_warnings():
@@ -227,3 +231,25 @@ def test_auto_raw_fraction_measures_the_bus_and_stays_exact(snapshot):
     probe = max(planned, key=lambda u: u.raw_nbytes)                          # the sample: the largest
     assert kept_raw == calibrate.raw_units(planned, fraction, keep={probe.index})
     snap.check(model)
+
+
+@pytest.mark.parametrize("units, prefetch", [("blocks", 2), ("leaves", 4)])
+def test_nibble_codec_equals_resident_on_the_same_gpu(units, prefetch, snapshot):
+    """codec="nibble": the device expands 4-bit codes (a gather, patches, the merge) on the merge
+    stream; "auto" then keeps nothing raw, since nothing is decoded on the host."""
+    model = build_hf("llama")
+    ids, gen_kwargs = cuda_inputs()
+    ref_tokens, ref_logits = resident_run(model, ids, gen_kwargs)
+    snap = snapshot(model)
+    with vzstream.session(model, device="cuda", prefetch=prefetch, units=units, codec="nibble",
+                          raw_fraction="auto") as s:
+        tokens = [s.generate(ids, **gen_kwargs) for _ in range(2)]
+        logits = s(ids).logits
+        stats = s.stats()
+        coded = sum(pl.nibbles is not None for st in s.stores.values() for pk in st.packed for pl in pk.planes)
+        wire = sum(st.wire_nbytes for st in s.stores.values())
+    assert torch.equal(tokens[0], ref_tokens[0]) and torch.equal(tokens[1], ref_tokens[1])
+    assert torch.equal(logits, ref_logits)
+    assert coded > 0 and wire < 0.9 * stats.raw_nbytes and stats.upload_gbps_measured == 0
+    snap.check(model)
+

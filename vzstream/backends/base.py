@@ -43,7 +43,7 @@ class Backend:
         """Size per-fetch resources (CUDA: staging slots, merge scratch) for `prefetch` fetches
         in flight of the units in `stores`."""
 
-    def scratch_nbytes(self, units) -> int:
+    def scratch_nbytes(self, units, codec: str = "zstd") -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0
 

@@ -37,7 +37,8 @@ from torch.autograd import profiler
 from .. import codec
 from .base import Backend, chunk_jobs
 from .pinned import PAGE_NBYTES, Fetch, PinnedHeap, StagingRing  # noqa: F401 (re-exported)
-from .upload_plan import Piece, PlaneCopy, TensorUpload, UploadPlan, merge_nbytes, plan_upload, region_nbytes, staging_items
+from .upload_plan import (Coded, Piece, PlaneCopy, TensorUpload, UploadPlan, coded_region_nbytes, merge_nbytes, plan_upload,
+                          region_nbytes, staging_items)
 
 log = logging.getLogger("vzstream")
 
@@ -98,6 +99,27 @@ def merge_pairs(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: i
     return [(dst[i::itemsize], planar[i * numel : (i + 1) * numel]) for i in range(itemsize)]
 
 
+def expand_codes(views: tuple, layout: Coded) -> None:
+    """On the current stream: a batch's nibble codes into its coded plane area, two plane bytes
+    per code byte through the pair table, then its patches (`coded_views` made the views)."""
+    codes, index, table, out, plane, at, values = views
+    index.copy_(codes)                                   # index_select wants int32 indices
+    torch.index_select(table, 0, index, out=out)
+    if layout.patch_at.size:
+        plane.index_put_((at,), values)
+
+
+def coded_views(region: torch.Tensor, layout: Coded) -> tuple:
+    """The views `expand_codes` works on, made once per (region, batch): a view op hands the
+    GIL over."""
+    half, plane = layout.span // 2, region[layout.plane * layout.span : (layout.plane + 1) * layout.span]
+    count = layout.patch_at.size
+    return (region[layout.codes : layout.codes + half], region[layout.index : layout.index + 4 * half].view(torch.int32),
+            region[layout.table : layout.table + 512].view(torch.int16), plane.view(torch.int16), plane,
+            region[layout.patches : layout.patches + 8 * count].view(torch.int64),
+            region[layout.patches + 8 * count : layout.nbytes])
+
+
 def interleave(dst: torch.Tensor, planar: torch.Tensor, numel: int, itemsize: int) -> None:
     """`merge_pairs`, run on the current stream."""
     merge_many(merge_pairs(dst, planar, numel, itemsize))
@@ -129,6 +151,7 @@ class CudaBackend(Backend):
         # because each is re-recorded only after every wait on its previous record was enqueued
         # (a wait captures the record current when it is called), all under `_upload_lock`.
         self._region_free: list = []             # per region: merge-stream event after its last read
+        self._coded_views: dict = {}             # (region, Coded layout) -> `coded_views`
         self._handoff = self.cuda.Event()        # copy stream -> merge stream, waited at once
         self._next_region = 0
         self._upload_lock = threading.Lock()
@@ -170,12 +193,14 @@ class CudaBackend(Backend):
             _UPLOAD_GBPS[key] = UPLOAD_PROBE_NBYTES / min(times[1:]) / 1e9
         return _UPLOAD_GBPS[key]
 
-    def scratch_nbytes(self, units) -> int:
-        """Device memory the uploads of `units` need besides the slots: the merge scratch."""
+    def scratch_nbytes(self, units, codec: str = "zstd") -> int:
+        """Device memory the uploads of `units` need besides the slots: the merge scratch (for
+        nibble codes also their gather indices and patches: `coded_region_nbytes`)."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
         largest = max((merge_nbytes(n for (_, p), n in zip(u.params, u.param_nbytes)
                                     if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
-        return SCRATCH_REGIONS * region_nbytes(largest)
+        region = region_nbytes(largest)
+        return SCRATCH_REGIONS * (coded_region_nbytes(region) if codec == "nibble" else region)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
@@ -208,9 +233,8 @@ class CudaBackend(Backend):
             buf.record_stream(self.merge_stream)
         super().free_device_buffer(buf)
 
-    def _grow_regions(self, merge_nbytes: int) -> None:
-        """Scratch regions big enough for a unit with `merge_nbytes` of multi-plane tensors."""
-        size = region_nbytes(merge_nbytes)
+    def _grow_regions(self, size: int) -> None:
+        """Scratch regions of at least `size` bytes (an upload plan's `region_nbytes`)."""
         if self._regions and self._regions[0].numel() >= size:
             return
         self.free_scratch()
@@ -225,7 +249,7 @@ class CudaBackend(Backend):
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
         store, fqn = ticket.store, ticket.store.unit.fqn
-        plan, items = self._plan(store)
+        plan, items, _ = self._plan(store)
         fetch = self._fetches[ticket] = Fetch(plan, ticket.ready, self._used.get(ticket.slot.index))
         gate = []
         if plan.staging_nbytes > SMALL_STAGING_NBYTES:
@@ -239,12 +263,27 @@ class CudaBackend(Backend):
         work = [(n, name, partial(stage_into, dst, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
 
-    def _plan(self, store) -> tuple[UploadPlan, list]:
-        """The store's upload plan and staging items, computed once."""
+    def _plan(self, store) -> tuple[UploadPlan, list, list]:
+        """The store's upload plan, staging items and, per batch, its nibble patches in pinned
+        memory (None: no patches), computed once."""
         if store not in self._plans:
             plan = plan_upload(store)
-            self._plans[store] = (plan, staging_items(store, plan))
+            self._plans[store] = (plan, staging_items(store, plan), self._pinned_patches(plan))
         return self._plans[store]
+
+    def _pinned_patches(self, plan: UploadPlan) -> list:
+        """Each coded batch's patches (int64 offsets, then uint8 values) in one pinned buffer."""
+        layouts = [c if c is not None and c.patch_at.size else None for c in plan.coded]
+        sizes = [9 * c.patch_at.size if c is not None else 0 for c in layouts]
+        if not any(sizes):
+            return [None] * len(layouts)
+        buf, out, off = self.host_buffer(sum(sizes)), [], 0
+        for c, n in zip(layouts, sizes):
+            if c is not None:
+                buf[off : off + n].numpy()[:] = np.concatenate([c.patch_at.view(np.uint8), c.patch_values])
+            out.append(buf[off : off + n] if n else None)
+            off += n
+        return out
 
     def _gate(self, fetch: Fetch) -> None:
         with self.cuda.device(self.device):            # the event wait runs on a worker thread
@@ -255,9 +294,9 @@ class CudaBackend(Backend):
         merge scratch for `stores`, allocated here on the forward thread from the compute
         stream's pool (not on a worker in the middle of a pass)."""
         self.staging.grow(prefetch + 1)
-        merge = max((self._plan(store)[0].merge_nbytes for store in stores), default=0)
-        if merge:
-            self._grow_regions(merge)
+        region = max((self._plan(store)[0].region_nbytes for store in stores), default=0)
+        if region:
+            self._grow_regions(region)
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
@@ -283,6 +322,7 @@ class CudaBackend(Backend):
         tensors' copies in one call, then per batch one call of plane copies into a scratch region
         and one of merges out of it. Returns `copied` (None: nothing staged)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
+        patches = self._plan(ticket.store)[2]
 
         def source(p: PlaneCopy) -> torch.Tensor:
             return (fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
@@ -291,26 +331,45 @@ class CudaBackend(Backend):
             return slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
 
         if plan.batches:
-            self._grow_regions(plan.merge_nbytes)   # a no-op after `prepare` saw this store
+            self._grow_regions(plan.region_nbytes)   # a no-op after `prepare` saw this store
         upload_many([(target(t), source(t.planes[0])) for t in plan.tensors if len(t.planes) == 1])
         # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
         copied = None
         if plan.last_staged >= 0 and plan.last_staged_batch < 0:
             copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         for b, batch in enumerate(plan.batches):
-            self._merge_batch(batch, plan.tensors, source, target)
+            if plan.coded[b] is None:
+                self._merge_batch(batch, plan.tensors, source, target)
+            else:
+                self._coded_batch(batch, plan.coded[b], plan.tensors, source, target, arena, patches[b])
             if b == plan.last_staged_batch:
                 copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         return copied
+
+    def _next_free_region(self) -> int:
+        """The next scratch region, once the merges that last read it are done (copy stream)."""
+        r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
+        if self._region_free[r] is not None:
+            self.copy_stream.wait_event(self._region_free[r])
+        return r
+
+    def _merge_then_free(self, r: int, merges: list, expand=None) -> None:
+        """Hand the region over to the merge stream, merge (after `expand`), and record `free`."""
+        self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
+        with self.cuda.stream(self.merge_stream):
+            if expand is not None:
+                expand()
+            merge_many(merges)
+        if self._region_free[r] is None:
+            self._region_free[r] = self.cuda.Event()
+        self.merge_stream.record_event(self._region_free[r])
 
     def _merge_batch(self, batch: tuple[Piece, ...], tensors, source, target) -> None:
         """The copy stream copies the batch's planes into a scratch region, the merge stream
         interleaves them into the slot; a region is refilled only after the merges that read it
         (its `free` event), so SCRATCH_REGIONS batches are in flight."""
-        r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
+        r = self._next_free_region()
         region = self._regions[r]
-        if self._region_free[r] is not None:
-            self.copy_stream.wait_event(self._region_free[r])
         copies, merges = [], []
         for piece in batch:
             t, n = tensors[piece.tensor], piece.numel
@@ -320,12 +379,33 @@ class CudaBackend(Backend):
             merges += merge_pairs(target(t)[piece.start * t.itemsize : (piece.start + n) * t.itemsize],
                                   planar, n, t.itemsize)
         upload_many(copies)
-        self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
-        with self.cuda.stream(self.merge_stream):
-            merge_many(merges)
-        if self._region_free[r] is None:
-            self._region_free[r] = self.cuda.Event()
-        self.merge_stream.record_event(self._region_free[r])
+        self._merge_then_free(r, merges)
+
+    def _coded_batch(self, batch: tuple[Piece, ...], layout: Coded, tensors, source, target, arena, patches) -> None:
+        """A batch of nibble-coded pieces: the copy stream uploads their plain planes, codes,
+        pair table and patches into a region (plane-major, `Coded`); the merge stream expands the
+        codes into the coded plane (`expand_codes`), then interleaves the planes into the slot."""
+        r = self._next_free_region()
+        region, span, k = self._regions[r], layout.span, layout.itemsize
+        copies, merges = [], []
+        for piece in batch:
+            t, n, s = tensors[piece.tensor], piece.numel, piece.start
+            for i, p in enumerate(t.planes):
+                if i == layout.plane:
+                    c = layout.codes + piece.offset // 2
+                    copies.append((region[c : c + (n + 1) // 2], arena[p.offset + s // 2 : p.offset + (s + n + 1) // 2]))
+                else:
+                    copies.append((region[i * span + piece.offset :][:n], source(p)[s : s + n]))
+            dst = target(t)[s * k : (s + n) * k]
+            merges += [(dst[i::k], region[i * span + piece.offset :][:n]) for i in range(k)]
+        copies.append((region[layout.table : layout.table + 512], arena[layout.pairs : layout.pairs + 512]))
+        if patches is not None:
+            copies.append((region[layout.patches : layout.nbytes], patches))
+        upload_many(copies)
+        key = (r, layout)
+        if key not in self._coded_views:
+            self._coded_views[key] = coded_views(region, layout)
+        self._merge_then_free(r, merges, partial(expand_codes, self._coded_views[key], layout))
 
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
@@ -351,6 +431,7 @@ class CudaBackend(Backend):
         # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
         # `_used` stays: the events order the ring's slots for whichever session uses them next.
         self._plans.clear()
+        self._coded_views.clear()
         with self.cuda.device(self.device):
             self.heap.reclaim(self._fence, wait=True)
 
@@ -362,7 +443,7 @@ class CudaBackend(Backend):
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
             self.free_scratch()
-            for state in (self._fetches, self._plans, self._used):
+            for state in (self._fetches, self._plans, self._used, self._coded_views):
                 state.clear()
 
     def free_scratch(self) -> None:
@@ -370,3 +451,4 @@ class CudaBackend(Backend):
         for region in self._regions:
             self.free_device_buffer(region)      # record_stream: pending merges finish first
         self._regions, self._region_free, self._next_region = [], [], 0
+        self._coded_views.clear()

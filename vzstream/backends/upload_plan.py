@@ -1,6 +1,11 @@
 """Upload planning for the CUDA backend: which planes of a unit go through pinned staging and
 where, and how multi-plane tensors are cut into batches for the device scratch regions. Pure
-Python over a unit's store, computed once per unit and tested on CPU (DESIGN §6)."""
+Python over a unit's store, computed once per unit and tested on CPU (DESIGN §6).
+
+A batch of nibble-coded tensors (`codec="nibble"`) is laid out plane-major in its region, so
+that one gather expands every piece's codes at once: [plane 0 of every piece | ... | plane
+k-1 | codes | int32 gather indices | pair table | patch offsets (int64) | patch values].
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from .. import nibble
 from ..errors import FormatError
 
 STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
@@ -25,7 +31,8 @@ class PlaneCopy:
     index: int          # which byte of each element the plane holds (0 = least significant)
     nbytes: int
     staged: bool        # True: a worker writes it into staging; False: raw, in the pinned arena
-    offset: int         # byte offset in the staging slot (staged) or in the store's arena
+    offset: int         # byte offset in the staging slot (staged) or in the store's arena (codes, if coded)
+    pairs: int = -1     # nibble-coded: arena offset of its pair table; -1: plain bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +54,23 @@ class Piece:
     offset: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Coded:
+    """Region layout of a batch of nibble-coded pieces. Plane i of a piece lies at
+    `i * span + piece.offset`; its codes at `codes + piece.offset // 2`."""
+    plane: int              # the coded plane's index (the top one)
+    itemsize: int
+    span: int               # bytes of each plane area
+    pairs: int              # arena offset of the pair table every piece of the batch shares
+    codes: int              # region offsets: code bytes, int32 gather indices (span // 2), table,
+    index: int
+    table: int
+    patches: int            # then the patches: int64 byte offsets into the coded plane's area,
+    patch_at: np.ndarray    # followed by their uint8 values
+    patch_values: np.ndarray
+    nbytes: int             # region bytes the batch uses
+
+
 @dataclasses.dataclass(frozen=True)
 class UploadPlan:
     tensors: tuple[TensorUpload, ...]   # one per parameter of the unit, in store order
@@ -55,6 +79,8 @@ class UploadPlan:
     last_staged: int                    # index of the last tensor reading staging (-1: none)
     batches: tuple[tuple[Piece, ...], ...] = ()   # pieces sharing one scratch region, in order
     last_staged_batch: int = -1         # the last batch reading staging (-1: only direct copies do)
+    coded: tuple = ()                   # per batch: its `Coded` layout, or None (planar pieces)
+    region_nbytes: int = 0              # bytes of a scratch region that every batch fits in
 
 
 def arena_offset(arena: torch.Tensor, buf) -> int | None:
@@ -75,6 +101,9 @@ def plan_upload(store) -> UploadPlan:
         for i, plane in enumerate(packed.planes if packed.numel else ()):
             if plane.index != i:
                 raise FormatError(f"tensor `{name}`: plane {i} claims index {plane.index}")
+            if plane.nibbles is not None:
+                planes.append(_coded_copy(store, name, packed, plane))
+                continue
             offset = None if plane.compressed else arena_offset(store.arena, plane.raw)
             if offset is None:
                 planes.append(PlaneCopy(i, plane.nbytes, True, staging))
@@ -88,10 +117,29 @@ def plan_upload(store) -> UploadPlan:
         last_staged = len(tensors) if any(p.staged for p in planes) else last_staged
         tensors.append(TensorUpload(name, slot_offset, packed.numel, packed.itemsize, tuple(planes)))
     merge = merge_nbytes(merged)
-    batches = merge_batches(tensors, region_nbytes(merge))
+    plain = merge_batches(tensors, region_nbytes(merge))
+    coded = coded_batches(tensors, store.packed, region_nbytes(merge))
+    batches = plain + tuple(pieces for pieces, _ in coded)
+    layouts = (None,) * len(plain) + tuple(layout for _, layout in coded)
     staged = [b for b, batch in enumerate(batches)
               if any(p.staged for piece in batch for p in tensors[piece.tensor].planes)]
-    return UploadPlan(tuple(tensors), staging, merge, last_staged, batches, max(staged, default=-1))
+    region = max([region_nbytes(merge) if plain else 0] + [c.nbytes for _, c in coded])
+    return UploadPlan(tuple(tensors), staging, merge, last_staged, batches, max(staged, default=-1), layouts, region)
+
+
+def _coded_copy(store, name: str, packed, plane) -> PlaneCopy:
+    """A nibble-coded plane: its codes and pair table are uploaded from the arena as they are."""
+    nib = plane.nibbles
+    try:
+        nibble.check(nib, plane.nbytes)
+        nibble.patches_in(nib, plane.nbytes, 0, 0)
+    except FormatError as exc:
+        raise FormatError(f"tensor `{name}`: {exc}") from exc
+    codes, pairs = arena_offset(store.arena, nib.codes), arena_offset(store.arena, nib.pairs)
+    if codes is None or pairs is None or plane.index != packed.itemsize - 1 or packed.itemsize < 2:
+        raise FormatError(f"tensor `{name}`: a nibble-coded plane must be the top plane of a multi-byte "
+                          f"float and live in its store's arena")
+    return PlaneCopy(plane.index, plane.nbytes, False, codes, pairs)
 
 
 def merge_batches(tensors: list[TensorUpload], region: int) -> tuple[tuple[Piece, ...], ...]:
@@ -100,7 +148,7 @@ def merge_batches(tensors: list[TensorUpload], region: int) -> tuple[tuple[Piece
     copies and one call of merges, however many tensors it holds."""
     batches, current, used = [], [], 0
     for i, t in enumerate(tensors):
-        if len(t.planes) < 2:
+        if len(t.planes) < 2 or any(p.pairs >= 0 for p in t.planes):
             continue
         step = region // t.itemsize
         for start in range(0, t.numel, step):
@@ -138,3 +186,65 @@ def region_nbytes(merge_nbytes: int) -> int:
     """Bytes of one scratch region for a unit with `merge_nbytes` of multi-plane tensors (0: no
     merges at all): all of them in one batch, up to MERGE_CHUNK_NBYTES."""
     return min(MERGE_CHUNK_NBYTES, merge_nbytes)
+
+
+def coded_region_nbytes(region: int) -> int:
+    """A region for batches of nibble-coded pieces: as many elements as a planar batch of
+    `region` bytes carries (2.25 bytes per tensor byte at bf16), plus room for patches."""
+    return (5 * region) // 2 + 4 * STAGING_ALIGNMENT + 512 if region else 0
+
+
+def _coded_footprint(itemsize: int, numel: int, patches: int) -> int:
+    span = _align(numel, STAGING_ALIGNMENT)
+    return itemsize * span + span // 2 + 2 * span + 9 * patches
+
+
+def coded_batches(tensors: list[TensorUpload], packed: list, region: int) -> tuple:
+    """The nibble-coded tensors cut into pieces (an even number of elements, so code bytes are
+    not shared) and packed into batches whose `Coded` layout fits `coded_region_nbytes(region)`
+    bytes; a batch holds one itemsize and one pair table. Returns ((pieces, Coded), ...)."""
+    cap = coded_region_nbytes(region) - 4 * STAGING_ALIGNMENT - 512
+    out, current, key, span, patches = [], [], None, 0, 0
+    for i, t in enumerate(tensors):
+        pc = next((p for p in t.planes if p.pairs >= 0), None)
+        if pc is None:
+            continue
+        nib = packed[i].planes[pc.index].nibbles
+        k = (t.itemsize, pc.index, bytes(nib.pairs))
+        start = 0
+        while start < t.numel:
+            n = min(max(2, region // t.itemsize // 2 * 2), t.numel - start)
+            while n > 2 and _coded_footprint(t.itemsize, n, _num_patches(nib, t.numel, start, n)) > cap:
+                n = n // 4 * 2              # a piece dense in patches: halve it (stays even)
+            p = _num_patches(nib, t.numel, start, n)
+            if current and (k != key or _coded_footprint(t.itemsize, span + n, patches + p) > cap):
+                out.append(_close(current, key, span, tensors, packed))
+                current, span, patches = [], 0, 0
+            key = k
+            current.append(Piece(i, start, n, span))
+            span, patches, start = _align(span + n, STAGING_ALIGNMENT), patches + p, start + n
+    if current:
+        out.append(_close(current, key, span, tensors, packed))
+    return tuple(out)
+
+
+def _num_patches(nib, numel: int, start: int, n: int) -> int:
+    return nibble.patches_in(nib, numel, start, start + n)[0].size
+
+
+def _close(pieces: list, key: tuple, span: int, tensors, packed) -> tuple:
+    itemsize, plane, _ = key
+    at, values = [], []
+    for piece in pieces:
+        idx, val = nibble.patches_in(packed[piece.tensor].planes[plane].nibbles, tensors[piece.tensor].numel,
+                                     piece.start, piece.start + piece.numel)
+        at.append(idx - piece.start + piece.offset)
+        values.append(val)
+    codes = itemsize * span
+    index = _align(codes + span // 2, STAGING_ALIGNMENT)
+    table = index + 2 * span
+    patches = _align(table + 512, STAGING_ALIGNMENT)
+    at, values = np.concatenate(at).astype(np.int64), np.concatenate(values).astype(np.uint8)
+    pairs = tensors[pieces[0].tensor].planes[plane].pairs
+    layout = Coded(plane, itemsize, span, pairs, codes, index, table, patches, at, values, patches + 9 * at.size)
+    return tuple(pieces), layout

@@ -296,6 +296,10 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float) -> None:
         with run.section(name, method):
             bench_vzstream(run, name, method, model, ids, prefill_ids, args, res, None, pcie_gbps,
                            args.tokens, args.repeat, prefetch=k, raw_fraction="auto")
+    k = max(args.prefetch)                  # the device expands the codes: no host decode at all
+    with run.section(name, f"vzstream prefetch={k} codec=nibble"):
+        bench_vzstream(run, name, f"vzstream prefetch={k} codec=nibble", model, ids, prefill_ids, args, res, None,
+                       pcie_gbps, args.tokens, args.repeat, prefetch=k, codec="nibble")
     if args.out:
         with run.section(name, "trace"):
             trace(model, ids, args, os.path.join(args.out, f"trace_prefetch{args.prefetch[0]}.json.gz"))
@@ -318,6 +322,7 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
         if bound is None:
             bound = make_bound(res, stats, s, pcie_gbps)
             label = "bound (DESIGN §9)" + (f" raw_fraction={stats.raw_fraction:.2f}" if s.config.raw_fraction else "")
+            label += " codec=nibble" if s.config.codec == "nibble" else ""
             run.config[f"{name}, {label}"] = bound
             run.save_config()
             run.add(bound_row(name, bound, args, label))
@@ -338,22 +343,19 @@ def trace(model, ids, args, path: str) -> None:
 
 def make_bound(res: dict, stats, s, pcie_gbps: float) -> dict:
     """DESIGN §9 per pass, for decode (C = resident time per token) and for the prefill."""
-    B = stats.streamed_nbytes_per_pass         # what crosses PCIe per pass (a unit per fetch)
+    B = stats.streamed_nbytes_per_pass         # the raw bytes of the units fetched per pass
     streamed = list(s.stores.values())         # the streamed units only (resident ones are not here)
-    # Units kept raw (`raw_fraction`) upload without a decode: D, the bytes decoded per pass, is
-    # B's share of compressed units. max(B / W_pcie, D / W_dec) is B / min(W_pcie, W_dec) when D = B.
-    compressed = [st for st in streamed if st.compressed]
-    decoded = sum(store.raw_nbytes for store in compressed)
-    if B and decoded:
-        decode_gbps = calibrate.decode_gbps(compressed, s.config.workers, max_nbytes=None)  # every frame
-        D = B * decoded / sum(store.raw_nbytes for store in streamed)
-        transfer_s = max(B / (pcie_gbps * 1e9), D / (decode_gbps * 1e9))
-    elif B:                                    # every streamed unit raw: PCIe alone
-        decode_gbps, transfer_s = None, B / (pcie_gbps * 1e9)
-    else:                                      # nothing streams: the bound is the resident time
-        decode_gbps, transfer_s = None, 0.0
+    raw = sum(store.raw_nbytes for store in streamed) or 1
+    # What crosses PCIe: B, less what nibble-coded planes save (the device expands them). Units
+    # kept raw (`raw_fraction`) or nibble-coded upload without a host decode: D, the bytes decoded
+    # per pass, is B's share of units with zstd frames. With D = B = wire: B / min(W_pcie, W_dec).
+    wire = B * sum(store.wire_nbytes for store in streamed) / raw
+    decoded = [st for st in streamed if any(pl.frames for pk in st.packed for pl in pk.planes)]
+    D = B * sum(store.raw_nbytes for store in decoded) / raw
+    decode_gbps = calibrate.decode_gbps(decoded, s.config.workers, max_nbytes=None) if B and D else None
+    transfer_s = max(wire / (pcie_gbps * 1e9), D / (decode_gbps * 1e9) if decode_gbps else 0.0)
     return dict(decode_s=max(res["pass_s"], transfer_s), prefill_s=max(res["prefill_s"], transfer_s),
-                streamed_nbytes_per_pass=B, pcie_gbps=pcie_gbps, decode_gbps=decode_gbps,
+                streamed_nbytes_per_pass=B, wire_nbytes_per_pass=wire, pcie_gbps=pcie_gbps, decode_gbps=decode_gbps,
                 transfer_s_per_pass=transfer_s, resident_decode_s_per_pass=res["pass_s"],
                 resident_prefill_s=res["prefill_s"])
 
@@ -364,8 +366,8 @@ def bound_row(name: str, bound: dict, args, label: str = "bound (DESIGN §9)") -
     dec = "-" if bound["decode_gbps"] is None else f"{bound['decode_gbps']:.1f}"
     return dict(model=name, method=label, decode_tok_s=1 / bound["decode_s"], decode_bound_frac=1.0,
                 prefill_tok_s=batch * length / bound["prefill_s"], prefill_bound_frac=1.0,
-                note=(f"B {bound['streamed_nbytes_per_pass'] / GIB:.2f} GiB/pass, W_pcie {bound['pcie_gbps']:.1f}, "
-                      f"W_dec {dec} GB/s"))
+                note=(f"B {bound['streamed_nbytes_per_pass'] / GIB:.2f} GiB/pass ({bound['wire_nbytes_per_pass'] / GIB:.2f} "
+                      f"over PCIe), W_pcie {bound['pcie_gbps']:.1f}, W_dec {dec} GB/s"))
 
 
 def baseline(run: Run, preset, method, module: str, fn, args, ids, prefill_ids, bound, ref) -> None:
