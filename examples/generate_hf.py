@@ -20,6 +20,8 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--raw-fraction", default="0", help='share of layers kept uncompressed, or "auto": measure '
                     "decode and PCIe rates at open and keep raw what decoding cannot keep up with")
+    ap.add_argument("--codec", default="zstd", help='"zstd" (host threads decode, least host RAM) or "nibble" '
+                    "(4-bit codes the GPU expands: no host decode, 0.75x of bf16 over PCIe)")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
@@ -27,7 +29,7 @@ def main() -> None:
     inputs = tok(args.prompt, return_tensors="pt")
 
     raw_fraction = args.raw_fraction if args.raw_fraction == "auto" else float(args.raw_fraction)
-    with vzstream.session(model, prefetch=args.prefetch, raw_fraction=raw_fraction) as s:
+    with vzstream.session(model, prefetch=args.prefetch, raw_fraction=raw_fraction, codec=args.codec) as s:
         device = s.backend.device
         out = s.generate(**{k: v.to(device) for k, v in inputs.items()},
                          max_new_tokens=args.tokens, do_sample=False)

@@ -6,10 +6,11 @@ import pytest
 from vzstream.__main__ import main
 
 
-def test_demo_small_reports_identical_tokens(capsys):
-    assert main(["demo", "--device", "cpu", "--tokens", "4"]) == 0
+@pytest.mark.parametrize("codec", ["zstd", "nibble"])
+def test_demo_small_reports_identical_tokens(codec, capsys):
+    assert main(["demo", "--device", "cpu", "--tokens", "4", "--codec", codec]) == 0
     out = capsys.readouterr().out
-    assert "tokens identical to the resident run: yes" in out
+    assert "tokens identical to the resident run: yes" in out and f"codec={codec}" in out
     assert "weights in host RAM" in out and "tokens/s" in out
 
 

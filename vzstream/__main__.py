@@ -26,6 +26,7 @@ def _demo_args(argv):
     ap.add_argument("--tokens", type=int, default=32, help="new tokens to generate")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--units", default="blocks", help="blocks or leaves")
+    ap.add_argument("--codec", default="zstd", help="zstd (host threads decode) or nibble (the GPU expands 4-bit codes)")
     return ap.parse_args(argv)
 
 
@@ -67,7 +68,7 @@ def demo(argv) -> int:
     model = resident.to("cpu")
     print(f"resident ({device}): {args.tokens / t_res:.1f} tokens/s", flush=True)
 
-    with vzstream.session(model, device=device, prefetch=args.prefetch, units=args.units) as s:
+    with vzstream.session(model, device=device, prefetch=args.prefetch, units=args.units, codec=args.codec) as s:
         rss_packed = proc.memory_info().rss
         _timed_generate(s.generate, ids.to(device), 2)                     # first pass learns the trace
         before = s.stats()
@@ -75,7 +76,8 @@ def demo(argv) -> int:
         st = s.stats()
     stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
     same = torch.equal(out.cpu(), ref.cpu())
-    print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}): {args.tokens / t_str:.1f} tokens/s, "
+    print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}, codec={args.codec}): "
+          f"{args.tokens / t_str:.1f} tokens/s, "
           f"stall {100 * stall:.1f}% of forward time")
     slots = st.peak_device_nbytes - st.resident_nbytes
     on_cpu = " (on the CPU backend the device is host RAM too)" if device == "cpu" else ""

@@ -223,7 +223,8 @@ def _nibble_plane(values: np.ndarray, index: int, table: np.ndarray | None) -> P
 
 
 def nibble_tables(tensors) -> dict:
-    """(dtype, top plane index) -> its 16 most frequent values over all of `tensors`: the table a
+    """(dtype, top plane index) -> its 16 most frequent values over all of `tensors` (a sample of
+    each, weighted by its size): the table a
     unit's tensors share, so the device decodes many of them in one gather. Lower planes (mantissa
     noise) get no entry; each codes with its own table, which rarely saves enough to be kept."""
     counts: dict = {}
@@ -231,9 +232,10 @@ def nibble_tables(tensors) -> dict:
         if not _is_split(t.dtype) or not t.numel():
             continue
         k = t.dtype.itemsize
-        values = _flat_cpu(t).view(_TORCH_UINT[k]).numpy().view(_NUMPY_UINT[k])
+        values = nibble.sample(_flat_cpu(t).view(_TORCH_UINT[k]).numpy().view(_NUMPY_UINT[k]))
         key = (t.dtype, k - 1)
-        counts[key] = counts.get(key, 0) + np.bincount(_plane_piece(values, k - 1), minlength=256)
+        # Weighted by the tensor's size: a sample of a large tensor stands for more elements.
+        counts[key] = counts.get(key, 0) + np.bincount(_plane_piece(values, k - 1), minlength=256) * (t.numel() / values.size)
     return {key: nibble.table_for(c) for key, c in counts.items()}
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import FormatError
 
 NUM_CODES = 16
+SAMPLE_ELEMS = 1 << 20       # values counted to choose a table: the common ones show in any sample
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,21 @@ def pairs_for(table: np.ndarray) -> np.ndarray:
     return (table[b & 15].astype(np.uint16) | table[b >> 4].astype(np.uint16) << 8).astype("<u2")
 
 
+def sample(values: np.ndarray) -> np.ndarray:
+    """About SAMPLE_ELEMS of `values`, evenly strided: enough to rank the common byte values (a
+    rare value left out of the table is only a patch), at a fraction of counting them all."""
+    return values[:: max(1, values.size // SAMPLE_ELEMS)]
+
+
 def encode(plane: np.ndarray, table: np.ndarray | None = None) -> Nibbles:
-    """Code `plane` (uint8) with `table` (default: its own 16 most frequent values)."""
+    """Code `plane` (uint8) with `table` (default: the 16 most frequent values of a sample)."""
     if table is None:
-        table = table_for(np.bincount(plane, minlength=256))
-    code_of = np.zeros(256, np.uint8)
+        table = table_for(np.bincount(sample(plane), minlength=256))
+    code_of = np.full(256, 0xFF, np.uint8)          # 0xFF: not in the table, a patch
     code_of[table[::-1]] = np.arange(NUM_CODES - 1, -1, -1, dtype=np.uint8)  # a repeat keeps its first code
     codes = code_of[plane]
-    patch_at = np.flatnonzero(table[codes] != plane).astype(np.int64)
+    patch_at = np.flatnonzero(codes > NUM_CODES - 1).astype(np.int64)
+    codes &= NUM_CODES - 1                          # a patched element's code: any, it is overwritten
     if codes.size % 2:
         codes = np.append(codes, np.uint8(0))
     packed = codes[0::2] | (codes[1::2] << 4)

