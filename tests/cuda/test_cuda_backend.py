@@ -175,9 +175,11 @@ def test_arenas_pinned_while_open_and_unpinned_after():
     assert heap.nbytes == 0
 
 
-def test_budget_accounting_matches_the_allocator():
+@pytest.mark.parametrize("codec", ["zstd", "nibble"])
+def test_budget_accounting_matches_the_allocator(codec):
     """Under a budget, what vzstream counts on the device matches what the caching allocator
-    holds for it, and the allocator's peak (activations included) stays within the budget."""
+    holds for it, and the allocator's peak (activations included) stays within the budget (with
+    codec="nibble", whose scratch also holds gather indices and patches)."""
     model = mid_llama()
     ids = torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -189,13 +191,13 @@ def test_budget_accounting_matches_the_allocator():
     torch.cuda.empty_cache()
     # The planner's own minimum (ring + merge scratch), plus half of what remains of the model:
     # some units resident, some streamed. (Minimum + half the model held all of it.)
-    minimum, reserve = minimum_budget(model, "cuda", prefetch=2), 64 << 20
+    minimum, reserve = minimum_budget(model, "cuda", prefetch=2, codec=codec), 64 << 20
     budget = minimum + (model_nbytes - minimum) // 2
     assert minimum < budget < model_nbytes, (minimum, budget, model_nbytes)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with vzstream.session(model, device="cuda", prefetch=2, vram_budget=budget + reserve,
-                          activation_reserve=reserve) as s:
+                          activation_reserve=reserve, codec=codec) as s:
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
         counted = s.backend.device_nbytes

@@ -20,10 +20,11 @@ from .models import build_model, model_nbytes, prompt
 COLUMNS = ["budget_mib", "units_resident", "streamed_mib_per_pass", "peak_device_mib", "tokens_per_s", "tokens_equal"]
 
 
-def minimum_budget(model, device: str, prefetch: int) -> int:
-    """The smallest budget the planner accepts, from the number its ConfigError names."""
+def minimum_budget(model, device: str, prefetch: int, **options) -> int:
+    """The smallest budget the planner accepts (with session `options`), from the number its
+    ConfigError names."""
     try:
-        with vzstream.session(model, device=device, prefetch=prefetch, vram_budget=1):
+        with vzstream.session(model, device=device, prefetch=prefetch, vram_budget=1, **options):
             pass
     except vzstream.ConfigError as exc:
         return int(re.search(r"Raise the budget to (\d+)", str(exc)).group(1))
