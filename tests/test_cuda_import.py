@@ -692,24 +692,31 @@ def test_nibble_batches_share_a_table_cover_every_element_and_fit_the_planned_sc
     wild = torch.exp(torch.linspace(-80, 80, 2000))      # top bytes over a wide range: patches
     crowded[:2000] = wild[torch.randperm(2000, generator=torch.Generator().manual_seed(6))].to(torch.bfloat16)
     tensors["crowded.bf16"] = crowded
+    tensors["w2.fp32"] = torch.randn(3001, generator=torch.Generator().manual_seed(7)) * 0.02   # codes plane 3
     store, _ = _packed_unit(tensors, coding="nibble")
-    assert store.packed[-1].planes[1].nibbles.num_patches > 1500
+    assert store.packed[-2].planes[1].nibbles.num_patches > 1500 and store.packed[-1].planes[3].nibbles
     backend = CudaBackend("cpu", cuda=FakeCuda())
     plan = backend._plan(store)[0]
     covered = {}
     for pieces, layout in zip(plan.batches, plan.coded):
         if layout is None:
             continue
-        assert len({(plan.tensors[p.tensor].itemsize, bytes(store.packed[p.tensor].planes[1].nibbles.pairs))
-                    for p in pieces}) == 1
+        assert len({(plan.tensors[p.tensor].itemsize, bytes(store.packed[p.tensor].planes[layout.plane].nibbles.pairs))
+                    for p in pieces}) == 1 and layout.plane == layout.itemsize - 1
         assert all(p.start % 2 == 0 and p.offset % upload_plan.STAGING_ALIGNMENT == 0 for p in pieces)
         assert all(0 <= a < layout.span for a in layout.patch_at) and layout.nbytes <= plan.region_nbytes
         for p in pieces:
             covered.setdefault(p.tensor, []).append((p.start, p.numel))
-    assert {plan.tensors[i].name for i in covered} == {"big.bf16", "crowded.bf16"}
+    assert {plan.tensors[i].name for i in covered} == {"big.bf16", "crowded.bf16", "w2.fp32"}
     for i, pieces in covered.items():
         assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:j]) for j in range(len(pieces))]
         assert sum(n for _, n in pieces) == plan.tensors[i].numel
     backend.prepare(2, [store])
     assert 0 < backend.device_nbytes <= backend.scratch_nbytes([store.unit], "nibble")
+    backend.close()
+    slot = torch.zeros(store.slot_nbytes, dtype=torch.uint8)      # and it reproduces every tensor
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    _fetch_on_fake_cuda(backend, store, slot)
+    for (name, expected), got in zip(tensors.items(), store.views(SimpleNamespace(index=0, tensor=slot))):
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
     backend.close()

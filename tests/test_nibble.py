@@ -118,7 +118,7 @@ def _with_nibbles(packed, **changes):
     return dataclasses.replace(packed, planes=(packed.planes[0], dataclasses.replace(plane, nibbles=nib)))
 
 
-@pytest.mark.parametrize("problem", ["short_codes", "short_pairs", "odd_patches", "patch_outside"])
+@pytest.mark.parametrize("problem", ["short_codes", "short_pairs", "odd_patches", "patch_outside", "patches_unordered"])
 def test_malformed_coded_planes_raise_format_error(problem):
     packed = codec.pack(weights(5000), coding="nibble")
     nib = packed.planes[1].nibbles
@@ -127,6 +127,7 @@ def test_malformed_coded_planes_raise_format_error(problem):
         "short_pairs": {"pairs": bytes(nib.pairs)[:100]},
         "odd_patches": {"patch_values": bytes(nib.patch_values) + b"\0"},
         "patch_outside": {"patch_at": np.array([10**9], np.int64).tobytes(), "patch_values": b"\1"},
+        "patches_unordered": {"patch_at": np.array([9, 3], np.int64).tobytes(), "patch_values": b"\1\2"},
     }[problem]
     with pytest.raises(FormatError, match="plane 1"):
         codec.decode(_with_nibbles(packed, **change))

@@ -106,7 +106,12 @@ def expand_codes(views: tuple, layout: Coded) -> None:
     index.copy_(codes)                                   # index_select wants int32 indices
     torch.index_select(table, 0, index, out=out)
     if layout.patch_at.size:
-        plane.index_put_((at,), values)
+        # unsafe=True: no range check on the device, which under deterministic algorithms reads
+        # `index.max()` back to the host, a sync; the plan checked the offsets (`nibble.check`).
+        _index_put(plane, (at,), values, False, True)
+
+
+_index_put = getattr(torch, "_index_put_impl_", None) or (lambda t, idx, v, acc, unsafe: t.index_put_(idx, v, acc))
 
 
 def coded_views(region: torch.Tensor, layout: Coded) -> tuple:
@@ -195,12 +200,17 @@ class CudaBackend(Backend):
 
     def scratch_nbytes(self, units, codec: str = "zstd") -> int:
         """Device memory the uploads of `units` need besides the slots: the merge scratch (for
-        nibble codes also their gather indices and patches: `coded_region_nbytes`)."""
+        nibble codes also their gather indices and patches: `coded_region_nbytes`, which is
+        largest for the smallest itemsize that may be coded)."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
+        split = [(p.element_size(), n) for u in units for (_, p), n in zip(u.params, u.param_nbytes)
+                 if p.dtype.is_floating_point and p.element_size() > 1]
         largest = max((merge_nbytes(n for (_, p), n in zip(u.params, u.param_nbytes)
                                     if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
         region = region_nbytes(largest)
-        return SCRATCH_REGIONS * (coded_region_nbytes(region) if codec == "nibble" else region)
+        if codec == "nibble" and split:
+            region = max(region, coded_region_nbytes(region, min(k for k, _ in split)))
+        return SCRATCH_REGIONS * region
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1

@@ -132,7 +132,6 @@ def _coded_copy(store, name: str, packed, plane) -> PlaneCopy:
     nib = plane.nibbles
     try:
         nibble.check(nib, plane.nbytes)
-        nibble.patches_in(nib, plane.nbytes, 0, 0)
     except FormatError as exc:
         raise FormatError(f"tensor `{name}`: {exc}") from exc
     codes, pairs = arena_offset(store.arena, nib.codes), arena_offset(store.arena, nib.pairs)
@@ -188,10 +187,11 @@ def region_nbytes(merge_nbytes: int) -> int:
     return min(MERGE_CHUNK_NBYTES, merge_nbytes)
 
 
-def coded_region_nbytes(region: int) -> int:
-    """A region for batches of nibble-coded pieces: as many elements as a planar batch of
-    `region` bytes carries (2.25 bytes per tensor byte at bf16), plus room for patches."""
-    return (5 * region) // 2 + 4 * STAGING_ALIGNMENT + 512 if region else 0
+def coded_region_nbytes(region: int, itemsize: int) -> int:
+    """A region for batches of nibble-coded pieces of `itemsize`-byte elements: as many elements
+    as a planar batch of `region` bytes carries, each taking itemsize + 2.5 bytes (its planes,
+    half a code byte, two bytes of int32 index), plus half a byte each of room for patches."""
+    return region * (itemsize + 3) // itemsize + 4 * STAGING_ALIGNMENT + 512 if region else 0
 
 
 def _coded_footprint(itemsize: int, numel: int, patches: int) -> int:
@@ -201,9 +201,8 @@ def _coded_footprint(itemsize: int, numel: int, patches: int) -> int:
 
 def coded_batches(tensors: list[TensorUpload], packed: list, region: int) -> tuple:
     """The nibble-coded tensors cut into pieces (an even number of elements, so code bytes are
-    not shared) and packed into batches whose `Coded` layout fits `coded_region_nbytes(region)`
-    bytes; a batch holds one itemsize and one pair table. Returns ((pieces, Coded), ...)."""
-    cap = coded_region_nbytes(region) - 4 * STAGING_ALIGNMENT - 512
+    not shared) and packed into batches whose `Coded` layout fits `coded_region_nbytes(region,
+    itemsize)` bytes; a batch holds one itemsize and one pair table. Returns ((pieces, Coded), ...)."""
     out, current, key, span, patches = [], [], None, 0, 0
     for i, t in enumerate(tensors):
         pc = next((p for p in t.planes if p.pairs >= 0), None)
@@ -211,6 +210,7 @@ def coded_batches(tensors: list[TensorUpload], packed: list, region: int) -> tup
             continue
         nib = packed[i].planes[pc.index].nibbles
         k = (t.itemsize, pc.index, bytes(nib.pairs))
+        cap = coded_region_nbytes(region, t.itemsize) - 4 * STAGING_ALIGNMENT - 512
         start = 0
         while start < t.numel:
             n = min(max(2, region // t.itemsize // 2 * 2), t.numel - start)
