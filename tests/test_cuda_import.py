@@ -167,7 +167,7 @@ def _fetch_on_fake_cuda(backend: CudaBackend, store, slot: torch.Tensor, index: 
     on a thread of its own (one after the other), with only the pipeline's happens-before edges
     between them: submit → job, every job → the upload on the last job's thread."""
     ticket = _Ticket(store, index, slot)
-    jobs = backend.decode_jobs(ticket)
+    jobs = backend.decode_jobs(ticket) or [[]]      # nothing to decode: as the pipeline, one empty job
     if not threads:
         for job in jobs:
             for _, work in job:
@@ -545,6 +545,7 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
     with every memory access logged for the race check."""
     backend = logged_backend(CudaBackend("cpu", cuda=fake, **kwargs), fake, monkeypatch, pinned=staging == "ring")
     latest, expected = {}, {}                 # slot -> `used` of its latest release; ticket -> it
+    backend.upload_threads = []               # the thread that issued each upload
     decode_jobs, upload, wait, release = backend.decode_jobs, backend.upload, backend.wait, backend.release
 
     def mine(start):
@@ -555,6 +556,7 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         return decode_jobs(ticket)
 
     def checked_upload(ticket):               # waits the slot's latest `used`, ends on the merge stream
+        backend.upload_threads.append(threading.get_ident())
         start = len(fake.ops)
         upload(ticket)
         ops, want = mine(start), expected.pop(ticket)
@@ -613,6 +615,9 @@ def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread
         assert kept_raw == raw_fraction
     assert torch.equal(logits, ref_logits)
     assert syncs == [] and fake.races == []
+    # Nothing to decode with nibble codes: the forward thread issues every upload; else workers do.
+    forward = threading.get_ident()
+    assert {t == forward for t in backend.upload_threads} == {codec == "nibble"}
     if staging == "ring" and codec == "zstd":        # workers gated on the ring: the log shows it
         assert any(op[1] == "event.synchronize" for op in fake.ops)
     assert not fake.pinned, "pinned host memory left registered after exit"

@@ -484,3 +484,35 @@ def test_workers_left_running_finish_their_jobs_before_the_interpreter_exits():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "job done\n"
+
+
+@pytest.mark.parametrize("caller_uploads", [False, True])
+def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_the_caller(caller_uploads):
+    """codec="nibble" leaves the host nothing to decode: its uploads are issued by the submitting
+    thread at submit (no GIL ping-pong with a worker); otherwise a worker runs an empty job and
+    uploads. Either way the ticket is ready for `wait` only once its upload was issued."""
+    from vzstream.pipeline import Pipeline, Slot
+    from vzstream.stats import Stats
+
+    uploaded = []
+
+    class NothingToDecode(vzstream.FakeBackend):
+        def decode_jobs(self, ticket):
+            return []
+
+        def upload(self, ticket):
+            uploaded.append(threading.get_ident())
+
+    model = build(Stack)
+    with vzstream.session(model, device="cpu") as s:
+        store = next(iter(s.stores.values()))
+    pipeline = Pipeline(NothingToDecode(), 2, Stats(), caller_uploads=caller_uploads)
+    pipeline.inline_nbytes = 0
+    try:
+        ticket = pipeline.submit(store, Slot(0, torch.empty(store.slot_nbytes, dtype=torch.uint8)))
+        if caller_uploads:
+            assert uploaded == [threading.get_ident()] and ticket.ready.is_set()
+        pipeline.wait(ticket)
+        assert len(uploaded) == 1 and (uploaded[0] == threading.get_ident()) == caller_uploads
+    finally:
+        pipeline.close()

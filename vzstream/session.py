@@ -310,7 +310,7 @@ class Session(AsyncGeneration):
     def _start_streaming(self) -> None:
         cfg, stats = self.config, self._stats
         fixed_ring = self._join_pool()
-        self._pipeline = Pipeline(self.backend, cfg.workers, stats)
+        self._pipeline = Pipeline(self.backend, cfg.workers, stats, caller_uploads=cfg.codec == "nibble")
         max_slots = self.pool.ring_slots if fixed_ring else None
         self._streamer = Streamer(self.stores, self.pool, self._pipeline, cfg, stats, max_slots, owner=self,
                                   measure=self._measure)

@@ -5,11 +5,13 @@ Mechanism only: the pipeline decides which unit goes into which device slot, and
   decode   workers decode compressed planes into a pinned staging slot of a ring. Each job first
            gates on the slot's previous fetch: its ticket's `ready` (set once its upload was
            issued, so its `copied` event is recorded by then), then `copied.synchronize()`.
-  upload   the worker that ran the last job, on the copy stream: wait the device slot's `used`
-           event, copy planes host→device (compressed ones from staging, raw ones from the pinned
+  upload   the worker that ran the last job (with nothing to decode, `codec="nibble"`: the
+           forward thread, as it requests the fetch), on the copy stream: wait the device slot's
+           `used` event, copy planes host→device (compressed ones from staging, raw ones from the pinned
            arena), record `copied`. A tensor of several planes goes chunk by chunk through a
            device scratch region in planar layout, which the merge stream interleaves into the
            slot while the copy stream goes on: the copy engine never idles for a merge kernel.
+           Nibble-coded planes are expanded there too, before their merge (`expand_codes`).
            `uploaded` is recorded on the merge stream, after every copy and merge of the fetch.
   bind     forward thread: the compute stream waits `uploaded`. The host does not wait.
   release  forward thread: record `used` on the compute stream, for the slot's next upload (a
@@ -268,7 +270,7 @@ class CudaBackend(Backend):
         elif plan.staging_nbytes:
             fetch.buffer = self._pinned_block(plan.staging_nbytes)
         else:
-            return [[(fqn, lambda: None)]]   # nothing to decode: one job, so a worker uploads
+            return []                      # nothing to decode: the pipeline picks the thread that uploads
         dst = fetch.buffer.numpy()                     # one view per fetch: see stage_into
         work = [(n, name, partial(stage_into, dst, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
