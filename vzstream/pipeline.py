@@ -158,9 +158,9 @@ class Pipeline:
 
     A fetch with nothing to decode is uploaded by a worker, or, with `caller_uploads` (no unit
     of the session decodes on the host: `codec="nibble"`), by the submitting thread at once. An
-    upload is a few dozen torch calls, each of which hands the GIL over: on a worker, each then
-    waits for the forward thread's switch interval (run B: ~60 us a call, 7 ms a unit), while the
-    forward thread, with no decode workers competing, issues them in ~10 us each.
+    upload is a few dozen torch calls, each of which hands the GIL over: a worker must win it
+    back from the forward thread after each (on the H100 host, beside 15 decode workers, ~60 us
+    a call), the forward thread just goes on (docs/probes/upload_issue.py: 3-10x less time).
     """
 
     inline_nbytes = 64 << 10
