@@ -28,7 +28,8 @@ from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
-from .pipeline import Pipeline, Streamer, gil_switch_interval
+from .pipeline import Pipeline, gil_switch_interval
+from .streamer import Streamer
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
