@@ -239,8 +239,10 @@ class Session(AsyncGeneration):
         stats.decode_gbps_measured = calibrate.decode_gbps([store], self.config.workers) or 0.0
         fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
         log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: "
-                 "aiming to keep %.2f of the streamed bytes raw", self.config.workers,
-                 stats.decode_gbps_measured, stats.upload_gbps_measured, fraction)
+                 "aiming to keep %.2f of the streamed bytes raw%s", self.config.workers,
+                 stats.decode_gbps_measured, stats.upload_gbps_measured, fraction,
+                 " (codec='nibble' would decode none of them on the host, at 0.75 of bf16's host RAM)"
+                 if fraction else "")
         return fraction, sample
 
     def _swap_out(self, unit, store, device, orig_devices=None) -> None:
