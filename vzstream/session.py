@@ -11,7 +11,6 @@ was done. Every call (`s(...)`, `generate`, `agenerate`, `stream`) holds the poo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import threading
@@ -29,11 +28,11 @@ from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
 from .hooks import install, placeholder, remove
 from .pipeline import Pipeline, gil_switch_interval
-from .streamer import Streamer
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import Original, pack_unit
+from .store import Original, pack_unit, progress, return_freed_memory
+from .streamer import Streamer
 
 log = logging.getLogger("vzstream")
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -213,8 +212,8 @@ class Session(AsyncGeneration):
                     self._swap_out(unit, store, device)
                 else:
                     self._spare[unit.index] = store         # resident for now; evictable
-                _progress("pack", i + 1, len(streamed), t0)
-        _return_freed_memory()
+                progress("pack", i + 1, len(streamed), t0)
+        return_freed_memory()
 
     def _auto_raw_fraction(self, planned: list, submit) -> tuple[float, dict]:
         """`raw_fraction="auto"`: the balanced share (`calibrate`) of the device's upload rate,
@@ -413,22 +412,3 @@ class Session(AsyncGeneration):
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
 
-
-def _return_freed_memory() -> None:
-    """Hand the freed original weights back to the OS (glibc keeps freed heap otherwise, and
-    RSS would hide what packing saved). Best effort: a no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-_last_progress = [0.0]
-
-
-def _progress(stage: str, done: int, total: int, t0: float) -> None:
-    """At most one INFO line a second while packing, and one at the end."""
-    now = time.perf_counter()
-    if done == total or now - _last_progress[0] >= 1.0:
-        _last_progress[0] = now
-        log.info("vzstream: %s %d/%d units (%.1f s)", stage, done, total, now - t0)

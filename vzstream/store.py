@@ -8,7 +8,10 @@ rebuilt to point into that arena, so the store holds nothing else.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +20,8 @@ import torch
 from . import codec, nibble
 from .errors import ConfigError, FormatError
 from .plan import Unit, param_offsets, unit_nbytes
+
+log = logging.getLogger("vzstream")
 
 
 @dataclass(eq=False)
@@ -169,3 +174,23 @@ class Original:
             raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
         self.param.data = unpermute(value.to(self.device), self.perm)
+
+
+def return_freed_memory() -> None:
+    """Hand the freed original weights back to the OS (glibc keeps freed heap otherwise, and
+    RSS would hide what packing saved). Best effort: a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_last_progress = [0.0]
+
+
+def progress(stage: str, done: int, total: int, t0: float) -> None:
+    """At most one INFO line a second while packing, and one at the end."""
+    now = time.perf_counter()
+    if done == total or now - _last_progress[0] >= 1.0:
+        _last_progress[0] = now
+        log.info("vzstream: %s %d/%d units (%.1f s)", stage, done, total, now - t0)
