@@ -91,7 +91,7 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert re.fullmatch(r"B [\d.]+ GiB/pass \([\d.]+ over PCIe\), W_pcie 25\.0, W_dec - GB/s", nibble_bound["note"])
     inputs = json.loads((tmp_path / "gpu.config.json").read_text())["small (4 layers), bound (DESIGN §9) codec=nibble"]
     assert 0.6 < inputs["wire_nbytes_per_pass"] / inputs["streamed_nbytes_per_pass"] < 0.8
-    assert nibble["note"].endswith(tuple(f"ratio {r / 1000:.3f}" for r in range(1200, 1400)))
+    assert re.search(r"ratio 1\.3\d\d, issuing uploads \d+% of forward time$", nibble["note"]), nibble["note"]
     for r in streamed + [balanced, nibble]:
         assert r["tokens_equal"] is True and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert isinstance(r["decode_bound_frac"], float) and isinstance(r["prefill_bound_frac"], float)
@@ -119,7 +119,9 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
         "streamed decode >= 90% of the bound", ">= diffusers' tokens/s at <= 0.75x its host RAM",
         ">= 5x accelerate cpu_offload", "prefill <= 1.10x resident time", "bit-exact tokens everywhere"]
     assert all(v["met"] in (True, False, "not measured") for v in verdicts)
-    assert verdicts[-1]["met"] is True and verdicts[-1]["measured"] == f"{len(streamed) + 3} of {len(streamed) + 3} rows"
+    failed = [r["method"] for r in rows if r.get("note", "").startswith("failed")]   # a failed row is no proof
+    assert verdicts[-1]["measured"].startswith(f"{len(streamed) + 3} of {len(streamed) + 3} rows")
+    assert verdicts[-1]["met"] is (not failed) and all(m in verdicts[-1]["measured"] for m in failed)
     trace = json.loads(gzip.decompress((tmp_path / "trace_prefetch1.json.gz").read_bytes()))   # the profiler's
     assert any(e.get("name", "").startswith("vzstream.upload:") for e in trace["traceEvents"])
     script = Path(__file__).parent.parent / "docs" / "probes" / "read_trace.py"

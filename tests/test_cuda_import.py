@@ -725,3 +725,76 @@ def test_nibble_batches_share_a_table_cover_every_element_and_fit_the_planned_sc
     for (name, expected), got in zip(tensors.items(), store.views(SimpleNamespace(index=0, tensor=slot))):
         assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
     backend.close()
+
+
+def test_ctrl_c_inside_a_nibble_upload_on_the_forward_thread_leaves_no_race(staging, hf_reference, monkeypatch):
+    """The forward thread issues nibble uploads itself, so Ctrl-C can land inside one: after a
+    batch's expansion is enqueued on the merge stream, before its merges. It is raised in that
+    call; the region's `free` is still recorded after what was enqueued, so the next batch into
+    that region cannot overwrite it under the expansion; the next calls are exact, race-free."""
+    monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)
+    ref_logits, ref_tokens = hf_reference("llama")
+    ids, gen_kwargs = hf_inputs()
+    fake = FakeCuda().instrument(monkeypatch)
+    backend = checked_backend(fake, staging, monkeypatch, staging_slots=2)
+    merge_many, expand = cuda_mod.merge_many, cuda_mod.expand_codes         # the logged ones
+    state = {"coded": 0, "fire": None, "expanded": False}
+
+    def flagged_expand(views, layout):
+        state["expanded"] = True
+        expand(views, layout)
+
+    def interrupted_merge(pairs):
+        coded, state["expanded"] = state["expanded"], False
+        state["coded"] += coded
+        if coded and state["coded"] == state["fire"]:
+            raise KeyboardInterrupt                 # expansion enqueued, merges and `free` not yet
+        merge_many(pairs)
+
+    monkeypatch.setattr(cuda_mod, "expand_codes", flagged_expand)
+    monkeypatch.setattr(cuda_mod, "merge_many", interrupted_merge)
+    with vzstream.session(build_hf("llama"), backend=backend, prefetch=2, workers=2, codec="nibble") as s:
+        assert torch.equal(s.generate(ids, **gen_kwargs), ref_tokens)
+        state["fire"] = state["coded"] + 3
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(torch.equal(s.generate(ids, **gen_kwargs), ref_tokens))
+            except KeyboardInterrupt:
+                outcomes.append("interrupted")
+    assert outcomes == ["interrupted", True, True] and fake.races == []
+
+
+def test_an_upload_interrupted_after_an_expansion_still_frees_its_region_after_it(monkeypatch):
+    """Ctrl-C inside a nibble upload, between a batch's expansion and its merges: the region's
+    `free` must still follow the expansion, or the next fetch's batch into that region (a fresh
+    slot: no `used` to wait for) would overwrite it while the expansion still reads it."""
+    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 300002)       # several batches per unit
+    store, tensors = _packed_unit(_mixed(), coding="nibble")
+    fake = FakeCuda()
+    backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
+    merge_many, expand = cuda_mod.merge_many, cuda_mod.expand_codes       # the logged ones
+    state = {"expanded": 0, "armed": True}
+
+    def counted_expand(views, layout):
+        state["expanded"] += 1
+        expand(views, layout)
+
+    def interrupted_merge(pairs):
+        if state["armed"] and state["expanded"] == 2:
+            state["armed"] = False
+            raise KeyboardInterrupt
+        merge_many(pairs)
+
+    monkeypatch.setattr(cuda_mod, "expand_codes", counted_expand)
+    monkeypatch.setattr(cuda_mod, "merge_many", interrupted_merge)
+    slots = [torch.zeros(store.slot_nbytes, dtype=torch.uint8) for _ in range(2)]
+    assert len([c for c in backend._plan(store)[0].coded if c is not None]) > 3
+    with pytest.raises(KeyboardInterrupt):
+        _fetch_on_fake_cuda(backend, store, slots[0], 0)
+    _fetch_on_fake_cuda(backend, store, slots[1], 1)
+    views = store.views(SimpleNamespace(index=1, tensor=slots[1]))
+    for (name, expected), got in zip(tensors.items(), views):
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    assert fake.races == []
+    backend.close()

@@ -488,9 +488,10 @@ def test_workers_left_running_finish_their_jobs_before_the_interpreter_exits():
 
 @pytest.mark.parametrize("caller_uploads", [False, True])
 def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_the_caller(caller_uploads):
-    """codec="nibble" leaves the host nothing to decode: its uploads are issued by the submitting
-    thread at submit (no GIL ping-pong with a worker); otherwise a worker runs an empty job and
-    uploads. Either way the ticket is ready for `wait` only once its upload was issued."""
+    """codec="nibble" leaves the host nothing to decode: its uploads are issued by the forward
+    thread at `start`, once the streamer holds the ticket (no GIL ping-pong with a worker);
+    otherwise a worker runs an empty job and uploads. Either way the ticket is ready for `wait`
+    only once its upload was issued."""
     from vzstream.pipeline import Pipeline, Slot
     from vzstream.stats import Stats
 
@@ -511,8 +512,44 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
     try:
         ticket = pipeline.submit(store, Slot(0, torch.empty(store.slot_nbytes, dtype=torch.uint8)))
         if caller_uploads:
+            assert uploaded == [] and not ticket.ready.is_set()
+            pipeline.start(ticket)
             assert uploaded == [threading.get_ident()] and ticket.ready.is_set()
         pipeline.wait(ticket)
         assert len(uploaded) == 1 and (uploaded[0] == threading.get_ident()) == caller_uploads
     finally:
         pipeline.close()
+
+
+def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_and_leaks_no_slot(slots_ok):
+    """codec="nibble": the forward thread issues prefetch uploads. A KeyboardInterrupt inside one
+    surfaces in that call (not at the unit's bind in a later call, nor lost in a drain), and the
+    session then runs on exactly, with every slot accounted for."""
+    class InterruptOnce(vzstream.FakeBackend):
+        calls = 0
+
+        def decode_jobs(self, ticket):
+            super().decode_jobs(ticket)
+            return []                               # nothing to decode, as with nibble codes
+
+        def upload(self, ticket):
+            InterruptOnce.calls += 1
+            if InterruptOnce.calls == 7:
+                raise KeyboardInterrupt
+            for job in vzstream.FakeBackend.decode_jobs(self, ticket):   # the CPU "upload": decode
+                for _, work in job:
+                    work()
+
+    model, x = build(Stack, num_blocks=6), make_input(2, DIM)
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, backend=InterruptOnce(), prefetch=2, codec="nibble") as s:
+        s._pipeline.inline_nbytes = 0
+        outcomes = []
+        for _ in range(4):
+            try:
+                outcomes.append(torch.equal(s(x), ref))
+            except KeyboardInterrupt:
+                outcomes.append("interrupted")
+            slots_ok(s)
+    assert outcomes == ["interrupted", True, True, True], outcomes      # raised in the call it hit

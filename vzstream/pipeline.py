@@ -65,7 +65,8 @@ class SlotPool:
 class Ticket:
     """One fetch of one unit into one slot, from decode request to release."""
 
-    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline")
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline",
+                 "caller")
 
     def __init__(self, store, slot: Slot) -> None:
         self.store, self.slot = store, slot
@@ -77,6 +78,7 @@ class Ticket:
         self.position = -1          # trace position of the latest bind (for the release rule)
         self.deferred = None        # jobs of a small unit, run on the forward thread at wait
         self.inline = False         # decoded on the forward thread: no worker ever writes its slot
+        self.caller = False         # nothing to decode: the caller uploads it at `start` (or `wait`)
 
 
 class Workers:
@@ -150,10 +152,12 @@ class Pipeline:
     ~10 us decode to a worker costs more (submit, wake-up, GIL hand-over) than it saves.
 
     A fetch with nothing to decode is uploaded by a worker, or, with `caller_uploads` (no unit
-    of the session decodes on the host: `codec="nibble"`), by the submitting thread at once. An
-    upload is a few dozen torch calls, each of which hands the GIL over: a worker must win it
-    back from the forward thread after each (on the H100 host, beside 15 decode workers, ~60 us
-    a call), the forward thread just goes on (docs/probes/upload_issue.py: 3-10x less time).
+    of the session decodes on the host: `codec="nibble"`), by the forward thread itself at
+    `start`, which the streamer calls once it holds the ticket (an interrupted upload then
+    leaves nothing unowned). An upload is a few dozen torch calls, each of which hands the GIL
+    over: a worker must win it back from the forward thread after each (on the H100 host, beside
+    15 decode workers, ~60 us a call), the forward thread just goes on (docs/probes/upload_issue.py:
+    3-10x less time).
     """
 
     inline_nbytes = 64 << 10
@@ -167,7 +171,7 @@ class Pipeline:
         jobs = self.backend.decode_jobs(ticket)
         self.stats.decodes += 1
         if not jobs and self.caller_uploads:
-            self._finish(ticket)
+            ticket.caller = ticket.inline = True      # no worker ever writes its slot
         elif store.raw_nbytes < self.inline_nbytes:
             ticket.deferred, ticket.inline = jobs, True
         elif not jobs:
@@ -193,16 +197,33 @@ class Pipeline:
             self._finish(ticket)
 
     def _finish(self, ticket: Ticket) -> None:
-        if ticket.error is None:
-            try:
-                self.backend.upload(ticket)
-            except BaseException as exc:
-                ticket.error = exc
-        self.stats.add_decode_s(ticket.decode_s)
-        ticket.ready.set()
+        try:
+            if ticket.error is None:
+                try:
+                    self.backend.upload(ticket)
+                except BaseException as exc:
+                    ticket.error = exc
+        finally:                        # even if interrupted: nothing may wait forever on it
+            self.stats.add_decode_s(ticket.decode_s)
+            ticket.ready.set()
+
+    def start(self, ticket: Ticket) -> None:
+        """Issue the upload of a `caller` ticket on this thread (once; a no-op otherwise). A
+        Ctrl-C during it is raised here, now, not at that unit's bind in some later call."""
+        if not ticket.caller:
+            return
+        ticket.caller = False
+        t0 = time.perf_counter()
+        try:
+            self._finish(ticket)
+        finally:
+            self.stats.upload_issue_s += time.perf_counter() - t0
+        if ticket.error is not None and not isinstance(ticket.error, Exception):
+            raise ticket.error
 
     def wait(self, ticket: Ticket) -> None:
         """Block until `ticket` is decoded and its upload issued; re-raise a worker's error."""
+        self.start(ticket)              # a synchronous fetch with nothing to decode
         if ticket.deferred is not None:
             jobs, ticket.deferred = ticket.deferred, None
             for job in jobs:
@@ -223,7 +244,7 @@ class Pipeline:
 
     def settle(self, ticket: Ticket) -> None:
         """Let an unwanted ticket finish (workers may be writing its slot) or never start."""
-        ticket.deferred = None
+        ticket.deferred, ticket.caller = None, False
         if not ticket.inline:
             ticket.ready.wait()
 

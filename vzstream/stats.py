@@ -34,6 +34,7 @@ class Stats:
     host_rss_nbytes: int = 0         # process RSS when stats() was called
     decode_s: float = 0.0            # worker time spent decoding (summed over threads)
     stall_s: float = 0.0             # forward-thread time spent waiting for a unit
+    upload_issue_s: float = 0.0      # forward-thread time issuing uploads itself (codec="nibble")
     wall_s: float = 0.0              # time inside root forwards
     _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
 
@@ -88,6 +89,7 @@ class Stats:
             ("host RSS", f"{self.host_rss_nbytes / mib:.1f} MiB"),
             ("decode time (workers)", f"{self.decode_s:.3f} s"),
             ("stall", f"{self.stall_s:.3f} s of {self.wall_s:.3f} s ({100 * self.stall_fraction:.1f}%)"),
+            ("uploads issued by the forward thread", f"{self.upload_issue_s:.3f} s"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

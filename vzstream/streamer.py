@@ -155,7 +155,8 @@ class Streamer:
         while self.requested < target:
             self.requested += 1
             store = self.stores[self.schedule.fetch_unit(self.requested)]
-            self.tickets[self.requested] = self.pipeline.submit(store, self.pool.acquire())
+            ticket = self.tickets[self.requested] = self.pipeline.submit(store, self.pool.acquire())
+            self.pipeline.start(ticket)         # after it is held: an interrupt drains it, no leak
 
     def _drop(self, ticket: Ticket) -> None:
         self.pipeline.settle(ticket)

@@ -366,15 +366,19 @@ class CudaBackend(Backend):
         return r
 
     def _merge_then_free(self, r: int, merges: list, expand=None) -> None:
-        """Hand the region over to the merge stream, merge (after `expand`), and record `free`."""
+        """Hand the region over to the merge stream, merge (after `expand`), and record `free`:
+        also when interrupted (Ctrl-C on the forward thread), after whatever was enqueued, or the
+        next batch into the region would wait on an older `free` and overwrite it under them."""
         self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
-        with self.cuda.stream(self.merge_stream):
-            if expand is not None:
-                expand()
-            merge_many(merges)
-        if self._region_free[r] is None:
-            self._region_free[r] = self.cuda.Event()
-        self.merge_stream.record_event(self._region_free[r])
+        try:
+            with self.cuda.stream(self.merge_stream):
+                if expand is not None:
+                    expand()
+                merge_many(merges)
+        finally:
+            if self._region_free[r] is None:
+                self._region_free[r] = self.cuda.Event()
+            self.merge_stream.record_event(self._region_free[r])
 
     def _merge_batch(self, batch: tuple[Piece, ...], tensors, source, target) -> None:
         """The copy stream copies the batch's planes into a scratch region, the merge stream

@@ -148,7 +148,9 @@ def targets(rows: list[dict], model: str) -> list[dict]:
         slower = res["prefill_tok_s"] / prefill["prefill_tok_s"]
         add("prefill <= 1.10x resident time", f"{slower:.2f}x ({prefill['method']})", slower <= 1.10)
     equal = [r["tokens_equal"] for r in by.values() if "tokens_equal" in r]
-    add("bit-exact tokens everywhere", f"{sum(equal)} of {len(equal)} rows", all(equal))
+    failed = [r["method"] for r in rows if r.get("model") == model and str(r.get("note", "")).startswith("failed")]
+    add("bit-exact tokens everywhere", f"{sum(equal)} of {len(equal)} rows"
+        + (f"; failed, not measured: {', '.join(failed)}" if failed else ""), all(equal) and not failed)
     return out
 
 
@@ -374,6 +376,8 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
             run.add(bound_row(name, bound, args, label))
     note = (f"{stats.units_resident} units resident, stall {100 * stats.stall_fraction:.0f}%, "
             f"ratio {stats.ratio:.3f}")
+    if stats.upload_issue_s:            # codec="nibble": the forward thread issues the uploads
+        note += f", issuing uploads {100 * stats.upload_issue_s / max(stats.wall_s, 1e-9):.0f}% of forward time"
     if stats.upload_gbps_measured:      # raw_fraction="auto": what the session measured and chose
         note += (f", auto: decode {stats.decode_gbps_measured:.1f}, upload {stats.upload_gbps_measured:.1f} GB/s"
                  f" -> {stats.raw_fraction:.2f} raw")
