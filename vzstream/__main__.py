@@ -98,17 +98,19 @@ def inspect(argv) -> int:
     ap.add_argument("--units", default="blocks")
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--vram-budget", default=None, help="e.g. 6GiB: plan as under this budget")
+    ap.add_argument("--codec", default="zstd", help="zstd or nibble: the packed sizes of either")
     args = ap.parse_args(argv)
     import vzstream
     from vzstream.bench.models import build_model
 
     model = build_model(args.model or args.preset)
     with vzstream.session(model, device="cpu", units=args.units, prefetch=args.prefetch,
-                          vram_budget=args.vram_budget) as s:
+                          vram_budget=args.vram_budget, codec=args.codec) as s:
         print(s.plan)
         st = s.stats()
     print(f"packed {st.packed_nbytes / 2**20:.1f} MiB of {st.raw_nbytes / 2**20:.1f} MiB streamed "
-          f"(ratio {st.ratio:.3f}); planned on the CPU backend (slot alignment may differ on CUDA)")
+          f"(ratio {st.ratio:.3f}, codec {args.codec}); planned on the CPU backend (slot alignment, and "
+          f"on CUDA the merge scratch a budget must hold, differ)")
     return 0
 
 
