@@ -730,8 +730,8 @@ def test_nibble_batches_share_a_table_cover_every_element_and_fit_the_planned_sc
 def test_ctrl_c_inside_a_nibble_upload_on_the_forward_thread_leaves_no_race(staging, hf_reference, monkeypatch):
     """The forward thread issues nibble uploads itself, so Ctrl-C can land inside one: after a
     batch's expansion is enqueued on the merge stream, before its merges. It is raised in that
-    call; the region's `free` is still recorded after what was enqueued, so the next batch into
-    that region cannot overwrite it under the expansion; the next calls are exact, race-free."""
+    call, and the next calls are exact and race-free. (Here the slot's `used` event also orders
+    the next fetch after the expansion; the test below holds the region's own `free`.)"""
     monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)
     ref_logits, ref_tokens = hf_reference("llama")
     ids, gen_kwargs = hf_inputs()

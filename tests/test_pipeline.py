@@ -521,10 +521,15 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
         pipeline.close()
 
 
-def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_and_leaks_no_slot(slots_ok):
+@pytest.mark.parametrize("where", ["upload", "before_upload"])
+@pytest.mark.parametrize("direct", [False, True], ids=["session_call", "direct_model_call"])
+def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_and_leaks_no_slot(
+        direct, where, slots_ok, monkeypatch):
     """codec="nibble": the forward thread issues prefetch uploads. A KeyboardInterrupt inside one
-    surfaces in that call (not at the unit's bind in a later call, nor lost in a drain), and the
-    session then runs on exactly, with every slot accounted for."""
+    (here the wrap-around prefetch issued as the first pass ends) surfaces in that call, not at
+    the unit's bind in a later call, nor lost in a drain; also when the model is called directly
+    (no session call to abort) and when it lands before the upload began (its ticket not yet
+    ready). The session then runs on exactly, with every slot accounted for."""
     class InterruptOnce(vzstream.FakeBackend):
         calls = 0
 
@@ -540,15 +545,32 @@ def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_an
                 for _, work in job:
                     work()
 
+    from vzstream.pipeline import Pipeline
+
+    InterruptOnce.calls = 0
+    if where == "before_upload":                 # the interrupt before `_finish` could set ready
+        finish = Pipeline._finish
+
+        def interrupted_finish(self, ticket):
+            if InterruptOnce.calls == 6:
+                InterruptOnce.calls += 1
+                raise KeyboardInterrupt
+            finish(self, ticket)
+
+        monkeypatch.setattr(Pipeline, "_finish", interrupted_finish)
     model, x = build(Stack, num_blocks=6), make_input(2, DIM)
     with torch.no_grad():
         ref = model(x)
     with vzstream.session(model, backend=InterruptOnce(), prefetch=2, codec="nibble") as s:
         s._pipeline.inline_nbytes = 0
         outcomes = []
-        for _ in range(4):
+        for i in range(4):
             try:
-                outcomes.append(torch.equal(s(x), ref))
+                if direct and i == 0:
+                    with torch.no_grad():
+                        outcomes.append(torch.equal(model(x), ref))
+                else:
+                    outcomes.append(torch.equal(s(x), ref))
             except KeyboardInterrupt:
                 outcomes.append("interrupted")
             slots_ok(s)

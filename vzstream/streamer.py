@@ -156,7 +156,12 @@ class Streamer:
             self.requested += 1
             store = self.stores[self.schedule.fetch_unit(self.requested)]
             ticket = self.tickets[self.requested] = self.pipeline.submit(store, self.pool.acquire())
-            self.pipeline.start(ticket)         # after it is held: an interrupt drains it, no leak
+            try:
+                self.pipeline.start(ticket)     # after it is held: an interrupt drops it, no leak
+            except BaseException:               # Ctrl-C: drop it now (a direct model call has no
+                self._drop(self.tickets.pop(self.requested))    # abort to do it), request it again
+                self.requested -= 1
+                raise
 
     def _drop(self, ticket: Ticket) -> None:
         self.pipeline.settle(ticket)
