@@ -157,7 +157,7 @@ class Pipeline:
     leaves nothing unowned). An upload is a few dozen torch calls, each of which hands the GIL
     over: a worker must win it back from the forward thread after each (on the H100 host, beside
     15 decode workers, ~60 us a call), the forward thread just goes on (docs/probes/upload_issue.py:
-    3-10x less time).
+    ~5x less time on the CPU VM).
     """
 
     inline_nbytes = 64 << 10
