@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vzstream.bench import gpu, models
+from vzstream.bench import gpu, models, targets
 import fake_cuda
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -152,7 +152,7 @@ def test_targets_read_the_best_row_for_each_and_respect_the_ram_bound():
             r("diffusers group offload", 14.0, ram=3.0), r("accelerate cpu_offload", 2.0, ram=2.0, equal=True),
             r("vzstream prefetch=1", 99.0, 1.0)]
     rows[-1]["model"] = "other"                                          # another model's rows are ignored
-    got = {v["target"]: (v["met"], v["measured"]) for v in gpu.targets(rows, "m")}
+    got = {v["target"]: (v["met"], v["measured"]) for v in targets.targets(rows, "m")}
     assert got["streamed decode >= 90% of the bound"] == (True, "0.95 (vzstream prefetch=2)")
     assert got[">= diffusers' tokens/s at <= 0.75x its host RAM"] == (
         False, "12 vs 14 tok/s at 0.67x its host RAM (vzstream prefetch=2)")
@@ -161,6 +161,6 @@ def test_targets_read_the_best_row_for_each_and_respect_the_ram_bound():
     assert got["bit-exact tokens everywhere"] == (True, "5 of 5 rows")
     rows[3]["tokens_equal"] = False
     rows = [x for x in rows if x["method"] != "diffusers group offload"]
-    got = {v["target"]: v["met"] for v in gpu.targets(rows, "m")}
+    got = {v["target"]: v["met"] for v in targets.targets(rows, "m")}
     assert got[">= diffusers' tokens/s at <= 0.75x its host RAM"] == "not measured"
     assert got["bit-exact tokens everywhere"] is False
