@@ -89,7 +89,8 @@ class Stats:
             ("host RSS", f"{self.host_rss_nbytes / mib:.1f} MiB"),
             ("decode time (workers)", f"{self.decode_s:.3f} s"),
             ("stall", f"{self.stall_s:.3f} s of {self.wall_s:.3f} s ({100 * self.stall_fraction:.1f}%)"),
-            ("uploads issued by the forward thread", f"{self.upload_issue_s:.3f} s"),
         ]
+        if self.upload_issue_s:         # codec="nibble" on CUDA: no worker has anything to decode
+            rows.append(("uploads issued by the forward thread", f"{self.upload_issue_s:.3f} s"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
