@@ -191,4 +191,30 @@ def test_pool_budget_is_validated():
         vzstream.DevicePool("cpu", budget="6 parsecs")
     with pytest.raises(vzstream.ConfigError, match="`budget`"):
         vzstream.DevicePool("cpu", budget=1.5)
-    assert vzstream.DevicePool("cpu", budget="1MiB").budget == 2**20
+    assert vzstream.DevicePool("cpu", budget="2MiB").budget == 2**20
+
+
+@pytest.mark.parametrize("first, second", [("nibble", "zstd"), ("zstd", "nibble")])
+def test_members_with_different_merge_scratch_stay_within_the_pool_budget(first, second):
+    """On CUDA the merge scratch is one per backend, sized for the most demanding member (nibble
+    codes need 2.5x zstd's): a member planning after another counts what is held already, so
+    the pool's peak stays within its budget whichever codec joins first. (Fake CUDA on the CPU.)"""
+    from fake_cuda import FakeCuda
+    from models import Stack, make_input
+
+    from vzstream.backends.cuda import CudaBackend
+
+    backend = CudaBackend("cpu", cuda=FakeCuda())
+    pool = vzstream.DevicePool(backend=backend, budget="3MiB")
+    models = [build(Stack, dtype=torch.bfloat16, num_blocks=16, dim=128) for _ in range(2)]
+    x = make_input(2, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        refs = [m(x) for m in models]
+    with vzstream.session(models[0], pool=pool, codec=first, activation_reserve=0, vram_budget="1.5MiB") as a:
+        assert backend.scratch_held > 0                   # the first member streams: scratch exists
+        with vzstream.session(models[1], pool=pool, codec=second, activation_reserve=0) as b:
+            for _ in range(2):
+                assert torch.equal(a(x), refs[0]) and torch.equal(b(x), refs[1])
+            units = [s.stats().units_resident for s in (a, b)]
+    assert backend.peak_device_nbytes <= pool.budget, (backend.peak_device_nbytes, pool.budget, units)
+    assert any(units), "the budget should leave room for some resident units"

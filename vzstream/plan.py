@@ -265,7 +265,7 @@ def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
 
 def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
                 min_slot_nbytes: int = 0, what: str = "`vram_budget`", committed_nbytes: int = 0,
-                stream_reserve: int = 0) -> MemoryPlan:
+                stream_reserve: int = 0, held_reserve: int = 0) -> MemoryPlan:
     """Keep as many units resident as fit after reserving the ring and the activation margin.
 
     `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
@@ -275,12 +275,13 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
     is at least that large already, whatever this model needs. `what` names the budget in errors;
     `committed_nbytes` (other sessions' residents in a pool) is added to the numbers it names.
     `stream_reserve`: what streaming needs besides the ring (the backend's merge scratch), reserved
-    only by plans that stream something.
+    only by plans that stream something; `held_reserve`: the part of it a shared pool holds
+    already, which stays either way (like a shared ring).
     """
     total, act = sum(sizes), activation_reserve
-    if total + act + num_slots * min_slot_nbytes <= budget:   # a shared ring stays either way
+    if total + act + num_slots * min_slot_nbytes + held_reserve <= budget:   # a shared ring stays either way
         return MemoryPlan(frozenset(range(len(sizes))), 0, 0, total, act, budget)
-    best, minimum = None, total + act + num_slots * min_slot_nbytes
+    best, minimum = None, total + act + num_slots * min_slot_nbytes + held_reserve
     for slot in sorted(set(sizes), reverse=True):
         forced = {u for u, n in enumerate(sizes) if n > slot}
         fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act + stream_reserve

@@ -135,9 +135,12 @@ class Session(AsyncGeneration):
         # (a unit held for reuse under cache="pass").
         num_slots = max(self.config.prefetch + 1 + nesting_depth(self.model, self.units), self.pool.ring_slots)
         act = self.config.activation_reserve if activation_nbytes is None else activation_nbytes
-        scratch = self.backend.scratch_nbytes(self.units, self.config.codec)
+        # The merge scratch is one per backend, sized for the most demanding member of a pool:
+        # count what it holds already if that is more than this session's own units need.
+        held = self.backend.scratch_held
+        scratch = max(self.backend.scratch_nbytes(self.units, self.config.codec), held)
         return plan_memory(sizes, budget, num_slots, act or 0, min_slot_nbytes=self.pool.ring.slot_nbytes,
-                           what=what, committed_nbytes=committed, stream_reserve=scratch)
+                           what=what, committed_nbytes=committed, stream_reserve=scratch, held_reserve=held)
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""

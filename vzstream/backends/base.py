@@ -43,6 +43,11 @@ class Backend:
         """Size per-fetch resources (CUDA: staging slots, merge scratch) for `prefetch` fetches
         in flight of the units in `stores`."""
 
+    @property
+    def scratch_held(self) -> int:
+        """Bytes of streaming scratch allocated now (shared by a pool's members)."""
+        return 0
+
     def scratch_nbytes(self, units, codec: str = "zstd") -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0

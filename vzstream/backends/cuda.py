@@ -214,6 +214,10 @@ class CudaBackend(Backend):
             region = max(region, coded_region_nbytes(region, min(k for k, _ in split)))
         return SCRATCH_REGIONS * region
 
+    @property
+    def scratch_held(self) -> int:
+        return sum(region.numel() for region in self._regions)
+
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
         # would create a context (hundreds of MiB) on GPU 0.
