@@ -130,6 +130,10 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert reader.returncode == 0, reader.stderr
     summary = json.loads(reader.stdout.splitlines()[-1])
     assert {"decode", "upload", "bind", "release"} <= set(summary["stages"]) and summary["span_ms"] > 0
+    reader = subprocess.run([sys.executable, str(script), str(tmp_path / "trace_prefetch2_nibble.json.gz")],
+                            capture_output=True, text=True, timeout=60)   # nibble: no decode, uploads only
+    assert reader.returncode == 0, reader.stderr
+    assert {"upload", "bind", "release"} <= set(json.loads(reader.stdout.splitlines()[-1])["stages"])
 
     calls = []
     assert gpu.event_time_s(lambda: calls.append(1), repeat=3) == 1e-3 and len(calls) == 4   # warm-up + 3

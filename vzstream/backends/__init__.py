@@ -3,7 +3,7 @@
 A backend is used like this for every fetch of a unit (DESIGN §6):
 
     jobs = backend.decode_jobs(ticket)   # worker threads run each job (decode into staging/slot)
-    backend.upload(ticket)               # worker thread that finished the last job
+    backend.upload(ticket)               # worker thread that finished the last job (no jobs: see Pipeline)
     backend.wait(ticket)                 # forward thread, at bind: compute must see the upload
     backend.release(ticket)              # forward thread, after the last use of the slot
 

@@ -73,7 +73,7 @@ def stage_into(buffer: np.ndarray, offset: int, nbytes: int, source, fqn: str = 
 def _copy_many(pairs: list) -> None:
     """(dst, src) copies on the current stream in ONE Python call. Each torch call hands the GIL
     over and must win it back, which, beside a forward thread running model Python and a pool of
-    decode workers, cost the upload ~25 us per call on an H100 host (docs/benchmarks.md): a
+    decode workers, cost the upload ~56 us per call on an H100 host (docs/benchmarks.md): a
     call per copy made issuing one unit's upload take 7 ms."""
     foreach = getattr(torch, "_foreach_copy_", None)      # torch >= 2.1's optimizers use it
     if foreach is None or len(pairs) < 2:

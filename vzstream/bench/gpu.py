@@ -9,9 +9,11 @@ tokens equal the resident run's. Then the `bench budget` sweep (the planner's mi
 all resident) on the same card, with vzstream's own device accounting beside
 `torch.cuda.max_memory_allocated` to cross-check it.
 
-Bound per pass = max(C, B / min(W_pcie, W_dec)), where C is the resident pass time, B the bytes
-streamed per pass (`Stats.streamed_nbytes_per_pass`: the raw bytes of the streamed units, which
-is what crosses PCIe: decoded `hi` planes plus raw `lo` planes), W_pcie the pinned host→device
+Bound per pass = max(C, wire / W_pcie, D / W_dec), which is max(C, B / min(W_pcie, W_dec)) when
+every streamed unit is zstd-compressed. C is the resident pass time, B the bytes streamed per pass
+(`Stats.streamed_nbytes_per_pass`: the raw bytes of the streamed units), wire what of it crosses
+PCIe (B, less what nibble-coded planes save: `UnitStore.wire_nbytes`), D B's share decoded on the
+host (units with zstd frames), W_pcie the pinned host→device
 bandwidth (256 MiB copies timed with CUDA events) and W_dec the workers' decode rate in the same
 bytes: the streamed units' raw bytes / the time a thread pool of `workers` threads takes to decode
 every compressed frame of them once, each thread into a frame-sized buffer of its own
@@ -306,6 +308,9 @@ def bench_preset(run: Run, preset: str, args, pcie_gbps: float) -> None:
     if args.out:
         with run.section(name, "trace"):
             trace(model, ids, args, os.path.join(args.out, f"trace_prefetch{args.prefetch[0]}.json.gz"))
+        with run.section(name, "trace codec=nibble"):     # the expansions' device time, the upload's issue
+            trace(model, ids, args, os.path.join(args.out, f"trace_prefetch{k}_nibble.json.gz"), prefetch=k,
+                  codec="nibble")
     model = None                 # the baselines build their own: one copy in RAM at a time
     baseline(run, preset, "diffusers group offload", "diffusers", run_diffusers, args, ids, prefill_ids, bound,
              res["tokens"])
@@ -340,8 +345,9 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
     return bound
 
 
-def trace(model, ids, args, path: str) -> None:
-    with vzstream.session(model, device="cuda", prefetch=args.prefetch[0]) as s:
+def trace(model, ids, args, path: str, **options) -> None:
+    options.setdefault("prefetch", args.prefetch[0])
+    with vzstream.session(model, device="cuda", **options) as s:
         greedy(s.generate, ids, args.warm_tokens)                     # learns the trace
         profile_to(path, lambda: greedy(s.generate, ids, args.warm_tokens))
 
