@@ -1,7 +1,8 @@
 """Stream any local Hugging Face causal LM: `python examples/generate_hf.py MODEL_DIR [--prompt TEXT]`.
 
-The weights stay compressed in host RAM; each decoder layer is decoded and uploaded just
-before it runs (with `--codec nibble`, uploaded as 4-bit codes that the GPU expands). Prints the generated text and the session's stats.
+The weights stay compressed in host RAM; each decoder layer is decoded and uploaded
+just before it runs (with `--codec nibble`: uploaded as 4-bit codes, which the GPU
+expands). Prints the generated text and the session's stats.
 """
 
 import argparse
