@@ -16,7 +16,7 @@ import vzstream
 from vzstream import codec
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
-from vzstream.backends import upload_plan
+from vzstream.backends import device_ops, upload_plan
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
 from vzstream.backends.upload_plan import plan_upload
 from vzstream.plan import Unit
@@ -123,7 +123,7 @@ def test_an_upload_is_a_few_calls_however_many_tensors_the_unit_has(monkeypatch)
     of merges, besides the single-plane tensors' one call."""
     store, _ = _packed_unit(_mixed())
     calls = []
-    monkeypatch.setattr(cuda_mod, "_copy_many", lambda pairs: calls.append(len(pairs)))
+    monkeypatch.setattr(device_ops, "_copy_many", lambda pairs: calls.append(len(pairs)))
     backend = CudaBackend("cpu", cuda=FakeCuda())
     _fetch_on_fake_cuda(backend, store, torch.empty(store.slot_nbytes, dtype=torch.uint8))
     plan = backend._plan(store)[0]
