@@ -19,7 +19,7 @@ from vzstream.backends import cuda as cuda_mod
 from vzstream.backends import device_ops, upload_plan
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
 from vzstream.backends.upload_plan import plan_upload
-from vzstream.plan import Unit
+from vzstream.plan import Unit, align
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent
 from models import Stack, TinyLM, build, build_hf, hf_inputs
@@ -83,7 +83,7 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
     assert all(off % upload_plan.STAGING_ALIGNMENT == 0 for off, _ in staged)
     assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
     assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
-    split = [upload_plan._align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT)
+    split = [align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT)
              for p in store.packed if p.numel and len(p.planes) > 1]
     assert plan.merge_nbytes == sum(split)           # one batch holds them all, up to a chunk
     scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])

@@ -205,10 +205,11 @@ def _peak_slots(num_fetches: int, freed_after, frontier, prefetch: int) -> int:
 
 def unit_nbytes(unit: Unit, alignment: int) -> int:
     """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
-    return sum(_align(n, alignment) for n in unit.param_nbytes)
+    return sum(align(n, alignment) for n in unit.param_nbytes)
 
 
-def _align(n: int, alignment: int) -> int:
+def align(n: int, alignment: int) -> int:
+    """`n` rounded up to a multiple of `alignment`."""
     return (n + alignment - 1) // alignment * alignment
 
 
@@ -217,7 +218,7 @@ def param_offsets(unit: Unit, alignment: int) -> list[int]:
     offsets, off = [], 0
     for n in unit.param_nbytes:
         offsets.append(off)
-        off += _align(n, alignment)
+        off += align(n, alignment)
     return offsets
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import codec, nibble
 from .errors import ConfigError, FormatError
-from .plan import Unit, param_offsets, unit_nbytes
+from .plan import Unit, align, param_offsets, unit_nbytes
 
 log = logging.getLogger("vzstream")
 
@@ -138,7 +138,7 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
     buffers = [_buffers(p) for p in packed]
     # Each buffer 8-byte aligned: numpy reads a misaligned int64 array (nibble patch indices)
     # through a copy on every search, and the arena costs at most 7 bytes more per buffer.
-    total = sum(_align8(memoryview(b).nbytes) for bufs in buffers for b in bufs)
+    total = sum(align(memoryview(b).nbytes, 8) for bufs in buffers for b in bufs)
     arena = backend.host_buffer(total)
     flat = arena.numpy()
     rebased, off = [], 0
@@ -148,14 +148,10 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
             n = memoryview(b).nbytes
             flat[off : off + n] = np.frombuffer(b, dtype=np.uint8)
             views.append(memoryview(flat[off : off + n]))
-            off += _align8(n)
+            off += align(n, 8)
         rebased.append(_rebased(p, views))
     offsets = param_offsets(unit, backend.alignment)
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
 
 
 class Original:

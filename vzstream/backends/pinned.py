@@ -14,13 +14,11 @@ import weakref
 
 import torch
 
+from ..plan import align
+
 log = logging.getLogger("vzstream")
 
 PAGE_NBYTES = mmap.PAGESIZE
-
-
-def _align(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
 
 
 class PinnedHeap:
@@ -41,7 +39,7 @@ class PinnedHeap:
     def alloc(self, nbytes: int) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        size = _align(nbytes, PAGE_NBYTES)
+        size = align(nbytes, PAGE_NBYTES)
         backing = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
         buf = backing[:nbytes]
         self._register(buf.data_ptr(), size)

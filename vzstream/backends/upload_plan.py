@@ -16,14 +16,11 @@ import torch
 
 from .. import nibble
 from ..errors import FormatError
+from ..plan import align
 
 STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
 MERGE_CHUNK_NBYTES = 32 << 20     # planar bytes per merge step: bounds the scratch, and copies of
                                   # this size still run at full PCIe speed
-
-
-def _align(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +104,7 @@ def plan_upload(store) -> UploadPlan:
             offset = None if plane.compressed else arena_offset(store.arena, plane.raw)
             if offset is None:
                 planes.append(PlaneCopy(i, plane.nbytes, True, staging))
-                staging = _align(staging + plane.nbytes, STAGING_ALIGNMENT)
+                staging = align(staging + plane.nbytes, STAGING_ALIGNMENT)
             else:
                 planes.append(PlaneCopy(i, plane.nbytes, False, offset))
         if len(planes) not in (0, 1, packed.itemsize):
@@ -156,7 +153,7 @@ def merge_batches(tensors: list[TensorUpload], region: int) -> tuple[tuple[Piece
                 batches.append(tuple(current))
                 current, used = [], 0
             current.append(Piece(i, start, n, used))
-            used = _align(used + n * t.itemsize, STAGING_ALIGNMENT)
+            used = align(used + n * t.itemsize, STAGING_ALIGNMENT)
     if current:
         batches.append(tuple(current))
     return tuple(batches)
@@ -178,7 +175,7 @@ def staging_items(store, plan: UploadPlan) -> list[tuple[int, str, object, int]]
 def merge_nbytes(sizes) -> int:
     """Scratch bytes for multi-plane tensors of `sizes` bytes merged in one batch: each piece
     starts aligned, as `merge_batches` lays them out. The planner and the plan both count so."""
-    return sum(_align(n, STAGING_ALIGNMENT) for n in sizes)
+    return sum(align(n, STAGING_ALIGNMENT) for n in sizes)
 
 
 def region_nbytes(merge_nbytes: int) -> int:
@@ -195,7 +192,7 @@ def coded_region_nbytes(region: int, itemsize: int) -> int:
 
 
 def _coded_footprint(itemsize: int, numel: int, patches: int) -> int:
-    span = _align(numel, STAGING_ALIGNMENT)
+    span = align(numel, STAGING_ALIGNMENT)
     return itemsize * span + span // 2 + 2 * span + 9 * patches
 
 
@@ -222,7 +219,7 @@ def coded_batches(tensors: list[TensorUpload], packed: list, region: int) -> tup
                 current, span, patches = [], 0, 0
             key = k
             current.append(Piece(i, start, n, span))
-            span, patches, start = _align(span + n, STAGING_ALIGNMENT), patches + p, start + n
+            span, patches, start = align(span + n, STAGING_ALIGNMENT), patches + p, start + n
     if current:
         out.append(_close(current, key, span, tensors, packed))
     return tuple(out)
@@ -241,9 +238,9 @@ def _close(pieces: list, key: tuple, span: int, tensors, packed) -> tuple:
         at.append(idx - piece.start + piece.offset)
         values.append(val)
     codes = itemsize * span
-    index = _align(codes + span // 2, STAGING_ALIGNMENT)
+    index = align(codes + span // 2, STAGING_ALIGNMENT)
     table = index + 2 * span
-    patches = _align(table + 512, STAGING_ALIGNMENT)
+    patches = align(table + 512, STAGING_ALIGNMENT)
     at, values = np.concatenate(at).astype(np.int64), np.concatenate(values).astype(np.uint8)
     pairs = tensors[pieces[0].tensor].planes[plane].pairs
     layout = Coded(plane, itemsize, span, pairs, codes, index, table, patches, at, values, patches + 9 * at.size)
