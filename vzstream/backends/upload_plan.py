@@ -188,7 +188,10 @@ def coded_region_nbytes(region: int, itemsize: int) -> int:
     """A region for batches of nibble-coded pieces of `itemsize`-byte elements: as many elements
     as a planar batch of `region` bytes carries, each taking itemsize + 2.5 bytes (its planes,
     half a code byte, two bytes of int32 index), plus half a byte each of room for patches."""
-    return region * (itemsize + 3) // itemsize + 4 * STAGING_ALIGNMENT + 512 if region else 0
+    return region * (itemsize + 3) // itemsize + _CODED_OVERHEAD if region else 0
+
+
+_CODED_OVERHEAD = 4 * STAGING_ALIGNMENT + 512     # the pair table and the alignment of four areas
 
 
 def _coded_footprint(itemsize: int, numel: int, patches: int) -> int:
@@ -207,41 +210,35 @@ def coded_batches(tensors: list[TensorUpload], packed: list, region: int) -> tup
             continue
         nib = packed[i].planes[pc.index].nibbles
         k = (t.itemsize, pc.index, bytes(nib.pairs))
-        cap = coded_region_nbytes(region, t.itemsize) - 4 * STAGING_ALIGNMENT - 512
+        cap = coded_region_nbytes(region, t.itemsize) - _CODED_OVERHEAD
         start = 0
         while start < t.numel:
             n = min(max(2, region // t.itemsize // 2 * 2), t.numel - start)
-            while n > 2 and _coded_footprint(t.itemsize, n, _num_patches(nib, t.numel, start, n)) > cap:
+            at, values = nibble.patches_in(nib, t.numel, start, start + n)
+            while n > 2 and _coded_footprint(t.itemsize, n, at.size) > cap:
                 n = n // 4 * 2              # a piece dense in patches: halve it (stays even)
-            p = _num_patches(nib, t.numel, start, n)
-            if current and (k != key or _coded_footprint(t.itemsize, span + n, patches + p) > cap):
-                out.append(_close(current, key, span, tensors, packed))
+                at, values = nibble.patches_in(nib, t.numel, start, start + n)
+            if current and (k != key or _coded_footprint(t.itemsize, span + n, patches + at.size) > cap):
+                out.append(_close(current, key, span, tensors))
                 current, span, patches = [], 0, 0
             key = k
-            current.append(Piece(i, start, n, span))
-            span, patches, start = align(span + n, STAGING_ALIGNMENT), patches + p, start + n
+            current.append((Piece(i, start, n, span), at - start + span, values))   # patches: offsets in the plane area
+            span, patches, start = align(span + n, STAGING_ALIGNMENT), patches + at.size, start + n
     if current:
-        out.append(_close(current, key, span, tensors, packed))
+        out.append(_close(current, key, span, tensors))
     return tuple(out)
 
 
-def _num_patches(nib, numel: int, start: int, n: int) -> int:
-    return nibble.patches_in(nib, numel, start, start + n)[0].size
-
-
-def _close(pieces: list, key: tuple, span: int, tensors, packed) -> tuple:
+def _close(current: list, key: tuple, span: int, tensors) -> tuple:
+    """The batch of `current`: (piece, its patch offsets in the coded plane's area, their values)."""
     itemsize, plane, _ = key
-    at, values = [], []
-    for piece in pieces:
-        idx, val = nibble.patches_in(packed[piece.tensor].planes[plane].nibbles, tensors[piece.tensor].numel,
-                                     piece.start, piece.start + piece.numel)
-        at.append(idx - piece.start + piece.offset)
-        values.append(val)
     codes = itemsize * span
     index = align(codes + span // 2, STAGING_ALIGNMENT)
     table = index + 2 * span
     patches = align(table + 512, STAGING_ALIGNMENT)
-    at, values = np.concatenate(at).astype(np.int64), np.concatenate(values).astype(np.uint8)
+    at = np.concatenate([a for _, a, _ in current]).astype(np.int64)
+    values = np.concatenate([v for _, _, v in current]).astype(np.uint8)
+    pieces = tuple(piece for piece, _, _ in current)
     pairs = tensors[pieces[0].tensor].planes[plane].pairs
     layout = Coded(plane, itemsize, span, pairs, codes, index, table, patches, at, values, patches + 9 * at.size)
-    return tuple(pieces), layout
+    return pieces, layout
