@@ -123,13 +123,11 @@ class CudaBackend(Backend):
         nibble codes also their gather indices and patches: `coded_region_nbytes`, which is
         largest for the smallest itemsize that may be coded)."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        split = [(p.element_size(), n) for u in units for (_, p), n in zip(u.params, u.param_nbytes)
-                 if p.dtype.is_floating_point and p.element_size() > 1]
-        largest = max((merge_nbytes(n for (_, p), n in zip(u.params, u.param_nbytes)
-                                    if p.dtype.is_floating_point and p.element_size() > 1) for u in units), default=0)
-        region = region_nbytes(largest)
-        if codec == "nibble" and split:
-            region = max(region, coded_region_nbytes(region, min(k for k, _ in split)))
+        split = [[(p.element_size(), n) for (_, p), n in zip(u.params, u.param_nbytes)
+                  if p.dtype.is_floating_point and p.element_size() > 1] for u in units]   # per unit
+        region = region_nbytes(max((merge_nbytes(n for _, n in tensors) for tensors in split), default=0))
+        if codec == "nibble" and any(split):
+            region = max(region, coded_region_nbytes(region, min(k for tensors in split for k, _ in tensors)))
         return SCRATCH_REGIONS * region
 
     @property
