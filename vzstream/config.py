@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .codec import CODINGS as _CODECS
 from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
 _CACHE_MODES = ("pass", "none")
-_CODECS = ("zstd", "nibble")
 _SIZE_SUFFIXES = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
