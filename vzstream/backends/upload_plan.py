@@ -114,13 +114,14 @@ def plan_upload(store) -> UploadPlan:
         last_staged = len(tensors) if any(p.staged for p in planes) else last_staged
         tensors.append(TensorUpload(name, slot_offset, packed.numel, packed.itemsize, tuple(planes)))
     merge = merge_nbytes(merged)
-    plain = merge_batches(tensors, region_nbytes(merge))
-    coded = coded_batches(tensors, store.packed, region_nbytes(merge))
+    region = region_nbytes(merge)
+    plain = merge_batches(tensors, region)
+    coded = coded_batches(tensors, store.packed, region)
     batches = plain + tuple(pieces for pieces, _ in coded)
     layouts = (None,) * len(plain) + tuple(layout for _, layout in coded)
     staged = [b for b, batch in enumerate(batches)
               if any(p.staged for piece in batch for p in tensors[piece.tensor].planes)]
-    region = max([region_nbytes(merge) if plain else 0] + [c.nbytes for _, c in coded])
+    region = max([region if plain else 0] + [c.nbytes for _, c in coded])
     return UploadPlan(tuple(tensors), staging, merge, last_staged, batches, max(staged, default=-1), layouts, region)
 
 
