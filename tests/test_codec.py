@@ -346,6 +346,26 @@ def test_malformed_planes_raise_format_error(problem):
         decode(dataclasses.replace(good, planes=planes))
 
 
+def _flip_byte(buf, at: int) -> bytes:
+    b = bytearray(bytes(buf))
+    b[at] ^= 0x01
+    return bytes(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64], ids=_id)
+def test_decode_checks_the_tensors_crc32_where_raw_planes_have_none(dtype):
+    # A raw plane has no zstd checksum: only the tensor's crc32 catches one flipped bit in it.
+    packed = pack(random_tensor(dtype, (3000,)), frame_nbytes=SMALL_FRAME)
+    i = next(i for i, p in enumerate(packed.planes) if p.raw is not None)
+    planes = list(packed.planes)
+    planes[i] = dataclasses.replace(planes[i], raw=_flip_byte(planes[i].raw, 1234))
+    bad = dataclasses.replace(packed, planes=tuple(planes))
+    with pytest.raises(FormatError, match=rf"{str(dtype)[6:]} tensor of shape \(3000,\): the decoded bytes have crc32"):
+        decode(bad)
+    # Without a recorded checksum (a hand-built Packed) the same bytes decode unchecked.
+    decode(dataclasses.replace(bad, crc32=None))
+
+
 def test_unsplit_raw_plane_wrong_length_raises():
     packed = pack(torch.arange(10))
     [plane] = packed.planes

@@ -133,6 +133,16 @@ def test_malformed_coded_planes_raise_format_error(problem):
         codec.decode(_with_nibbles(packed, **change))
 
 
+@pytest.mark.parametrize("field", ["codes", "pairs", "patch_values"])
+def test_a_flipped_code_table_or_patch_byte_fails_the_tensors_crc32(field):
+    # Well-formed but wrong: the structure checks pass, the whole-tensor checksum does not.
+    packed = codec.pack(weights(5000), coding="nibble")
+    b = bytearray(bytes(getattr(packed.planes[1].nibbles, field)))
+    b[len(b) // 2] ^= 0x01
+    with pytest.raises(FormatError, match="crc32"):
+        codec.decode(_with_nibbles(packed, **{field: bytes(b)}))
+
+
 @pytest.mark.parametrize("kwargs", [{"coding": "lz4"}, {"coding": "nibble", "frame_nbytes": 4095}])
 def test_pack_rejects_bad_coding_arguments(kwargs):
     with pytest.raises(ConfigError, match="coding|frame_nbytes"):

@@ -303,6 +303,19 @@ def corrupt(store) -> tuple[str, int]:
     return name, at
 
 
+def corrupt_raw(store) -> tuple[str, int]:
+    """Flip one bit of a raw plane (no zstd checksum covers it); returns (tensor fqn, arena offset)."""
+    base = store.arena.data_ptr()
+    for (name, _), packed in zip(store.unit.params, store.packed):
+        for plane in packed.planes:
+            if plane.raw is not None:
+                data = np.frombuffer(plane.raw, dtype=np.uint8)
+                at = data.ctypes.data - base + data.size // 2
+                store.arena[at] ^= 0x01
+                return name, at
+    raise AssertionError(f"unit {store.unit.fqn} has no raw plane")
+
+
 def unit_index(s, fqn: str) -> int:
     return next(u.index for u in s.units if u.fqn == fqn)
 
@@ -364,6 +377,21 @@ def test_exit_with_a_corrupt_unit_names_unit_and_tensor():
     model = build(Stack, dtype=torch.bfloat16)
     error, tensor = _exit_with_corrupt_unit(model, make_input(2, 64, dtype=torch.bfloat16))
     assert "`blocks.1`" in str(error) and f"`{tensor}`" in str(error)
+
+
+@pytest.mark.parametrize("codec_name", ["zstd", "nibble"])
+def test_exit_after_a_raw_plane_changed_raises_instead_of_restoring_it(codec_name, snapshot):
+    # Streaming reads raw planes unchecked; leaving checks each tensor's crc32, so a changed
+    # weight is never put back as if it were the user's.
+    model = build(Stack, dtype=torch.bfloat16)
+    x = make_input(2, 64, dtype=torch.bfloat16)
+    snap = snapshot(model)
+    with pytest.raises(vzstream.FormatError, match="crc32") as err:
+        with vzstream.session(model, device="cpu", prefetch=1, codec=codec_name) as s:
+            s(x)
+            tensor, _ = corrupt_raw(s.stores[unit_index(s, "blocks.1")])
+    assert "`blocks.1`" in str(err.value) and f"`{tensor}`" in str(err.value)
+    snap.check(model, skip=(tensor,))
 
 
 # -- slot pool --------------------------------------------------------------------------------
