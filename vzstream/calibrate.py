@@ -11,17 +11,15 @@ W_pcie. Both rates are in the same bytes: a unit's raw bytes per second.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from . import codec
 
-_local = threading.local()
+log = logging.getLogger("vzstream")
 
 
 def balanced_fraction(decode_gbps: float | None, upload_gbps: float | None) -> float:
@@ -66,15 +64,38 @@ def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int | None = 
     with ThreadPoolExecutor(workers, thread_name_prefix="vzstream-calibrate") as pool:
         for _ in range(rounds + 1):                       # the first round is warm-up
             t0 = time.perf_counter()
-            for _ in pool.map(lambda f: codec.decode_frame_into(f, _scratch(largest)[: f.nbytes]), tasks):
+            # Each thread into a frame-sized buffer of its own (codec's per-thread scratch):
+            # what a decode writes is measured, not where.
+            for _ in pool.map(lambda f: codec.decode_frame_into(f, codec.thread_scratch(largest)[: f.nbytes]), tasks):
                 pass
             times.append(time.perf_counter() - t0)
     return raw / statistics.median(times[1:]) / 1e9
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """One frame-sized output buffer per thread: what a decode writes, not where, is measured."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < nbytes:
-        buf = _local.buf = np.empty(nbytes, np.uint8)
-    return buf
+def auto_raw_fraction(planned: list, submit, backend, config, stats) -> tuple[float, dict]:
+    """`raw_fraction="auto"`: the balanced share of the device's upload rate, timed first, on an
+    idle host, and the workers' decode rate on the largest of the `planned` units (most bytes
+    are in large frames; a norm's tiny ones would understate the rate), packed compressed with
+    `submit(unit)` (a future of its store). Both rates go into `stats`. Returns the share and
+    {unit index: its store's future}, so the sample unit is not packed twice."""
+    if config.codec == "nibble":
+        log.info("vzstream: raw_fraction=auto with codec=nibble: nothing is decoded on the host, "
+                 "every unit stays coded")
+        return 0.0, {}
+    stats.upload_gbps_measured = backend.upload_gbps() or 0.0
+    if not stats.upload_gbps_measured:
+        return 0.0, {}                          # no bus to keep busy: decode everything
+    if not planned:
+        log.info("vzstream: raw_fraction=auto: no unit is planned to stream, nothing measured "
+                 "(units evicted to streaming after the first pass stay compressed)")
+        return 0.0, {}
+    probe = max(planned, key=lambda u: u.raw_nbytes)
+    sample = {probe.index: submit(probe)}
+    stats.decode_gbps_measured = decode_gbps([sample[probe.index].result()], config.workers) or 0.0
+    fraction = balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
+    log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: "
+             "aiming to keep %.2f of the streamed bytes raw%s", config.workers,
+             stats.decode_gbps_measured, stats.upload_gbps_measured, fraction,
+             " (codec='nibble' would decode none of them on the host, at 0.75 of bf16's host RAM)"
+             if fraction else "")
+    return fraction, sample

@@ -267,6 +267,11 @@ def _thread_state(scratch_nbytes: int) -> tuple[zstd.ZstdDecompressor, np.ndarra
     return _local.dctx, _local.scratch
 
 
+def thread_scratch(nbytes: int) -> np.ndarray:
+    """This thread's reusable byte buffer, at least `nbytes` long (chunk decodes use it too)."""
+    return _thread_state(nbytes)[1]
+
+
 def decode(packed: Packed) -> torch.Tensor:
     """A new contiguous CPU tensor, bit-identical to the packed one: checked against the
     tensor's `crc32`, so a corrupt raw plane or nibble code is a FormatError here too."""

@@ -198,7 +198,7 @@ class Session(AsyncGeneration):
             # approximate. "auto" packs its sample unit first, compressed, and measures on it.
             fraction, sample = self.config.raw_fraction, {}
             if fraction == "auto":
-                fraction, sample = self._auto_raw_fraction(planned, submit)
+                fraction, sample = calibrate.auto_raw_fraction(planned, submit, self.backend, self.config, self._stats)
             raw = calibrate.raw_units(planned, fraction, keep=sample)
 
             def next_store(u):
@@ -217,35 +217,6 @@ class Session(AsyncGeneration):
                     self._spare[unit.index] = store         # resident for now; evictable
                 progress("pack", i + 1, len(streamed), t0)
         return_freed_memory()
-
-    def _auto_raw_fraction(self, planned: list, submit) -> tuple[float, dict]:
-        """`raw_fraction="auto"`: the balanced share (`calibrate`) of the device's upload rate,
-        timed first, on an idle host, and the workers' decode rate on the largest planned unit
-        (most bytes are in large frames; a norm's tiny ones would understate the rate), packed
-        compressed with `submit`. Returns the share and {unit index: its store's future}."""
-        stats = self._stats
-        if self.config.codec == "nibble":
-            log.info("vzstream: raw_fraction=auto with codec=nibble: nothing is decoded on the host, "
-                     "every unit stays coded")
-            return 0.0, {}
-        stats.upload_gbps_measured = self.backend.upload_gbps() or 0.0
-        if not stats.upload_gbps_measured:
-            return 0.0, {}                          # no bus to keep busy: decode everything
-        if not planned:
-            log.info("vzstream: raw_fraction=auto: no unit is planned to stream, nothing measured "
-                     "(units evicted to streaming after the first pass stay compressed)")
-            return 0.0, {}
-        probe = max(planned, key=lambda u: u.raw_nbytes)
-        sample = {probe.index: submit(probe)}
-        store = sample[probe.index].result()
-        stats.decode_gbps_measured = calibrate.decode_gbps([store], self.config.workers) or 0.0
-        fraction = calibrate.balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
-        log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: "
-                 "aiming to keep %.2f of the streamed bytes raw%s", self.config.workers,
-                 stats.decode_gbps_measured, stats.upload_gbps_measured, fraction,
-                 " (codec='nibble' would decode none of them on the host, at 0.75 of bf16's host RAM)"
-                 if fraction else "")
-        return fraction, sample
 
     def _swap_out(self, unit, store, device, orig_devices=None) -> None:
         """`unit` streams from `store`: free its parameters (remembering how to restore them)."""
