@@ -121,6 +121,36 @@ def test_exit_joins_threads_and_frees_device_memory(raised, monkeypatch):
     assert s.backend.peak_device_nbytes > 0
 
 
+def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(monkeypatch, snapshot, open_models):
+    # Streamed parameters are decoded back on threads of their own; one failing (here not a
+    # FormatError, so it propagates) must not keep the others, the resident parameters or the
+    # buffers from coming back.
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap = snapshot(model)
+    broken, threads, restore = "blocks.1.up.weight", set(), Original.restore
+
+    def failing_restore(orig):
+        threads.add(threading.current_thread().name)
+        if orig.name == broken:
+            raise RuntimeError("restore failed")
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", failing_restore)
+    with pytest.raises(RuntimeError, match="restore failed"):
+        with vzstream.session(model, device="cpu", prefetch=2, workers=2) as s:
+            s(ids)
+            moved = []
+            from_device = s.backend.from_device
+            monkeypatch.setattr(s.backend, "from_device", lambda t, d: moved.append(d) or from_device(t, d))
+    snap.check(model, skip=(broken,))
+    assert len(moved) == sum(1 for u in s.units if not u.streamed for _ in u.params) > 0
+    assert threads and all(name.startswith("vzstream-restore") for name in threads)
+    assert model not in open_models and not [t for t in threading.enumerate() if t.name.startswith("vzstream")]
+
+
 def test_exit_is_idempotent_and_session_refuses_calls_after_exit(snapshot):
     model = build(Stack)
     x = make_input(2, 64)

@@ -187,7 +187,7 @@ class Session(AsyncGeneration):
         device = self.backend.device
         t0, level = time.perf_counter(), self.config.level
         # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
-        threads = max(self.config.workers, min(16, available_cores()))
+        threads = self._host_threads()
         largest = max((u.raw_nbytes for u in streamed), default=1)
         with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
             def submit(u, compress=True):
@@ -301,25 +301,44 @@ class Session(AsyncGeneration):
         stats.uncompressed_nbytes = sum(s.raw_nbytes for s in self.stores.values() if not s.compressed)
         stats.resident_nbytes = sum(u.raw_nbytes for u in self.units if not u.streamed)
 
+    def _host_threads(self) -> int:
+        """Threads for packing and restoring, while the model runs nothing: every core (≤ 16)."""
+        return max(self.config.workers, min(16, available_cores()))
+
     def _restore(self) -> None:
         """Every parameter and buffer back; a corrupt unit does not stop the others."""
-        failed = []
-        for orig in self._streamed:
-            try:
-                orig.restore()
-            except FormatError as exc:
-                failed.append((orig, exc))
-        for p, device in self._moved:
-            p.data = self.backend.from_device(p.data, device)
-        for mod, name, device in self._buffers:
-            mod._buffers[name] = mod._buffers[name].to(device)
-        self._streamed, self._moved, self._buffers = [], [], []
+        try:
+            failed = self._restore_streamed()
+        finally:                                 # even after a Ctrl-C or a failed upload
+            for p, device in self._moved:
+                p.data = self.backend.from_device(p.data, device)
+            for mod, name, device in self._buffers:
+                mod._buffers[name] = mod._buffers[name].to(device)
+            self._streamed, self._moved, self._buffers = [], [], []
         if failed:
             names = ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed)
             raise FormatError(
                 f"could not restore {len(failed)} parameter(s) from corrupt compressed data: {names} "
                 f"(left empty; every other parameter was restored). First error: {failed[0][1]}"
             ) from failed[0][1]
+
+    def _restore_streamed(self) -> list:
+        """Decode every streamed parameter back, on all cores: decoding is most of leaving, and
+        much of it is the fresh pages faulting in (~1 GB/s per thread on a VM), which threads
+        share out. Each thread also moves its tensors to their device, so host copies of a
+        GPU model do not pile up. Returns [(Original, FormatError)] of those left empty."""
+        if not self._streamed:
+            return []
+        failed = []
+        # On leaving the pool, a KeyboardInterrupt still waits for the decodes it submitted.
+        with ThreadPoolExecutor(self._host_threads(), thread_name_prefix="vzstream-restore") as pool:
+            futures = [pool.submit(orig.restore) for orig in self._streamed]
+            for orig, future in zip(self._streamed, futures):
+                try:
+                    future.result()
+                except FormatError as exc:
+                    failed.append((orig, exc))
+        return failed
 
     # -- running ----------------------------------------------------------------------------
     @contextlib.contextmanager
