@@ -666,6 +666,43 @@ def test_toy_lm_on_fake_cuda_with_one_staging_slot(inline, staging, monkeypatch,
     snap.check(model)
 
 
+@pytest.mark.parametrize("codec_name", ["zstd", "nibble"])
+def test_leaving_unpins_each_units_arena_once_its_parameters_are_back(codec_name, monkeypatch, snapshot):
+    """Host RAM while leaving a CUDA session: each unit's pinned arena is unpinned and freed as
+    soon as its parameters are decoded back, after every copy that read it (race-checked)."""
+    from vzstream.session import Session
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    snap, fake = snapshot(model), FakeCuda().instrument(monkeypatch)
+    monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)            # stage through the pinned ring
+    # Logged for the race check (checked_backend's own bookkeeping would keep tickets, and so
+    # stores, alive).
+    backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch, pinned=True)
+    monkeypatch.setattr(Session, "_host_threads", lambda self: 1)     # restore in order
+    pinned_at, restore = {}, Original.restore
+
+    def recording_restore(orig):
+        pinned_at.setdefault(orig.unit_fqn, backend.heap.nbytes)
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", recording_restore)
+    with vzstream.session(model, backend=backend, prefetch=2, codec=codec_name) as s:
+        for _ in range(2):
+            assert torch.equal(s(ids), ref)
+        arenas = [store.arena.numel() for store in s.stores.values()]
+    readings = list(pinned_at.values())
+    assert len(readings) == len(model.blocks) == len(arenas)
+    # Before unit k is restored, the arenas of units 0..k-1 are unpinned (whole pages each).
+    drops = [a - b for a, b in zip(readings, readings[1:])]
+    assert all(drop >= arena for drop, arena in zip(drops, arenas))
+    assert not fake.pinned and fake.races == []
+    snap.check(model)
+
+
 def test_profiler_sees_every_stage(monkeypatch):
     """decode and upload run on worker threads: the profiler records them with profile_all_threads."""
     try:

@@ -121,34 +121,84 @@ def test_exit_joins_threads_and_frees_device_memory(raised, monkeypatch):
     assert s.backend.peak_device_nbytes > 0
 
 
-def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(monkeypatch, snapshot, open_models):
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt], ids=["RuntimeError", "KeyboardInterrupt"])
+def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(exc_type, monkeypatch, snapshot, open_models):
     # Streamed parameters are decoded back on threads of their own; one failing (here not a
-    # FormatError, so it propagates) must not keep the others, the resident parameters or the
-    # buffers from coming back.
+    # FormatError, so it propagates, after a corrupt one that does not) must not keep the
+    # others, the resident parameters or the buffers from coming back.
     from vzstream.store import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     snap = snapshot(model)
-    broken, threads, restore = "blocks.1.up.weight", set(), Original.restore
+    corrupt, broken, threads, restore = "blocks.0.down.weight", "blocks.1.up.weight", set(), Original.restore
 
     def failing_restore(orig):
         threads.add(threading.current_thread().name)
+        if orig.name == corrupt:
+            raise vzstream.FormatError("corrupt")
         if orig.name == broken:
-            raise RuntimeError("restore failed")
+            raise exc_type("restore failed")
         restore(orig)
 
     monkeypatch.setattr(Original, "restore", failing_restore)
-    with pytest.raises(RuntimeError, match="restore failed"):
+    with pytest.raises(exc_type, match="restore failed"):
         with vzstream.session(model, device="cpu", prefetch=2, workers=2) as s:
             s(ids)
             moved = []
             from_device = s.backend.from_device
             monkeypatch.setattr(s.backend, "from_device", lambda t, d: moved.append(d) or from_device(t, d))
-    snap.check(model, skip=(broken,))
+    snap.check(model, skip=(corrupt, broken))
     assert len(moved) == sum(1 for u in s.units if not u.streamed for _ in u.params) > 0
     assert threads and all(name.startswith("vzstream-restore") for name in threads)
     assert model not in open_models and not [t for t in threading.enumerate() if t.name.startswith("vzstream")]
+
+
+def test_waiting_for_a_restore_outlasts_a_ctrl_c_and_reports_it():
+    from vzstream.session import _outcome
+
+    class Future:                       # exception() interrupted twice, then the call's result
+        calls = 0
+
+        def exception(self):
+            self.calls += 1
+            if self.calls < 3:
+                raise KeyboardInterrupt(f"ctrl-c {self.calls}")
+            return None
+
+    future = Future()
+    exc, interrupt = _outcome(future)
+    assert exc is None and str(interrupt) == "ctrl-c 1" and future.calls == 3
+
+
+def test_leaving_frees_each_units_store_once_its_parameters_are_back(monkeypatch, snapshot):
+    # Host RAM while leaving: the model's size plus the units in flight, not plus every store.
+    import weakref
+
+    from vzstream.session import Session
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap = snapshot(model)
+    monkeypatch.setattr(Session, "_host_threads", lambda self: 1)     # restore in order
+    alive_at, restore = [], Original.restore
+
+    def recording_restore(orig):
+        alive_at.append((orig.unit_fqn, [fqn for fqn, arena in arenas if arena() is not None]))
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", recording_restore)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        s(ids)
+        arenas = [(st.unit.fqn, weakref.ref(st.arena)) for st in s.stores.values()]
+    order = [fqn for fqn, _ in arenas]
+    assert len(order) == len(model.blocks) and [fqn for fqn, _ in alive_at] == sorted(
+        (fqn for fqn, _ in alive_at), key=order.index)
+    for fqn, alive in alive_at:                   # every earlier unit's arena is gone already
+        assert alive == order[order.index(fqn):]
+    assert all(arena() is None for _, arena in arenas)
+    snap.check(model)
 
 
 def test_exit_is_idempotent_and_session_refuses_calls_after_exit(snapshot):
