@@ -155,7 +155,7 @@ def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(exc_type,
 
 
 def test_waiting_for_a_restore_outlasts_a_ctrl_c_and_reports_it():
-    from vzstream.session import _outcome
+    from vzstream.store import _outcome
 
     class Future:                       # exception() interrupted twice, then the call's result
         calls = 0

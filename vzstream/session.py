@@ -31,7 +31,7 @@ from .pipeline import Pipeline, gil_switch_interval
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import Original, pack_unit, progress, return_freed_memory
+from .store import Original, pack_unit, progress, restore_all, return_freed_memory
 from .streamer import Streamer
 
 log = logging.getLogger("vzstream")
@@ -323,45 +323,19 @@ class Session(AsyncGeneration):
             ) from failed[0][1]
 
     def _restore_streamed(self) -> list:
-        """Decode every streamed parameter back, on all cores: decoding is most of leaving, and
-        much of it is the fresh pages faulting in (~1 GB/s per thread on a VM), which threads
-        share out. Each thread also moves its tensors to their device, so host copies of a GPU
-        model do not pile up. A unit's store is freed once its parameters are back, so leaving
-        needs the model's size of host RAM plus a few units, not that plus every store.
-        Returns [(Original, FormatError)] of the parameters left empty."""
+        """Every streamed parameter back (`restore_all`), freeing each unit's store as soon as
+        its parameters are. Returns [(Original, FormatError)] of the parameters left empty."""
         if not self._streamed:
             return []
         self._spare.clear()
         self.backend.clear_caches()              # cached jobs and upload plans hold stores
-        by_unit: dict[str, list] = {}
-        for orig in self._streamed:
-            by_unit.setdefault(orig.unit_fqn, []).append(orig)
-        index, units = {u.fqn: u.index for u in self.units}, list(by_unit.items())
-        failed, error, threads = [], None, self._host_threads()
-        with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
-            def submit(origs):
-                return [pool.submit(orig.restore) for orig in origs]
+        index = {u.fqn: u.index for u in self.units}
 
-            # A window of units in flight, so the threads never run further ahead of the frees.
-            futures = [submit(origs) for _, origs in units[:threads]]
-            for i, (fqn, origs) in enumerate(units):
-                for orig, future in zip(origs, futures[i]):
-                    exc, interrupt = _outcome(future)
-                    if isinstance(exc, FormatError):
-                        failed.append((orig, exc))
-                        exc = None
-                    error = error or interrupt or exc   # raised once every other unit is back
-                    orig.packed = None
-                self.stores.pop(index[fqn], None)
-                try:
-                    self.backend.clear_caches()  # CUDA: unpin what nobody references now
-                except Exception as exc:         # freeing early only saves RAM: restoring comes first
-                    error = error or exc
-                if i + threads < len(units):
-                    futures.append(submit(units[i + threads][1]))
-        if error is not None:
-            raise error
-        return failed
+        def free(fqn: str) -> None:
+            self.stores.pop(index[fqn], None)
+            self.backend.clear_caches()          # CUDA: unpin what nobody references now
+
+        return restore_all(self._streamed, self._host_threads(), free)
 
     # -- running ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -428,13 +402,3 @@ class Session(AsyncGeneration):
         out.host_rss_nbytes = psutil.Process().memory_info().rss
         return out
 
-
-def _outcome(future) -> tuple[BaseException | None, BaseException | None]:
-    """(what the call raised, a KeyboardInterrupt that came while waiting for it). Waits for the
-    call even through Ctrl-C: leaving puts every parameter back before it stops."""
-    interrupt = None
-    while True:
-        try:
-            return future.exception(), interrupt
-        except KeyboardInterrupt as exc:
-            interrupt = interrupt or exc

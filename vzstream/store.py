@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,6 +171,55 @@ class Original:
             raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
         self.param.data = unpermute(value.to(self.device), self.perm)
+
+
+def restore_all(originals: list[Original], threads: int, free) -> list:
+    """Put every parameter of `originals` back, on `threads` threads, unit by unit (they come
+    grouped by unit, as the session packed them), calling `free(unit_fqn)` once a unit's are all
+    back so its store can go: leaving then needs the model's size of host RAM plus a few units,
+    not that plus every store. Threads because decoding is most of leaving, and much of it is
+    fresh pages faulting in (~1 GB/s per thread on a VM); each also moves its tensors to their
+    device, so host copies of a GPU model do not pile up. A FormatError leaves its parameter
+    empty and is returned, [(Original, FormatError)]; any other exception, a Ctrl-C included,
+    is raised once every other parameter is back."""
+    by_unit: dict[str, list[Original]] = {}
+    for orig in originals:
+        by_unit.setdefault(orig.unit_fqn, []).append(orig)
+    units, failed, error = list(by_unit.items()), [], None
+    with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
+        def submit(origs):
+            return [pool.submit(orig.restore) for orig in origs]
+
+        # A window of units in flight, so the threads never run further ahead of the frees.
+        futures = [submit(origs) for _, origs in units[:threads]]
+        for i, (fqn, origs) in enumerate(units):
+            for orig, future in zip(origs, futures[i]):
+                exc, interrupt = _outcome(future)
+                if isinstance(exc, FormatError):
+                    failed.append((orig, exc))
+                    exc = None
+                error = error or interrupt or exc
+                orig.packed = None
+            try:
+                free(fqn)
+            except Exception as exc:             # freeing early only saves RAM: restoring comes first
+                error = error or exc
+            if i + threads < len(units):
+                futures.append(submit(units[i + threads][1]))
+    if error is not None:
+        raise error
+    return failed
+
+
+def _outcome(future) -> tuple[BaseException | None, BaseException | None]:
+    """(what the call raised, a KeyboardInterrupt that came while waiting for it). Waits for the
+    call even through Ctrl-C: leaving puts every parameter back before it stops."""
+    interrupt = None
+    while True:
+        try:
+            return future.exception(), interrupt
+        except KeyboardInterrupt as exc:
+            interrupt = interrupt or exc
 
 
 def return_freed_memory() -> None:
