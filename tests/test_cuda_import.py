@@ -683,10 +683,11 @@ def test_leaving_unpins_each_units_arena_once_its_parameters_are_back(codec_name
     # stores, alive).
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch, pinned=True)
     monkeypatch.setattr(Session, "_host_threads", lambda self: 1)     # restore in order
-    pinned_at, restore = {}, Original.restore
+    pinned_at, restored, restore = {}, [], Original.restore
 
     def recording_restore(orig):
         pinned_at.setdefault(orig.unit_fqn, backend.heap.nbytes)
+        restored.append(orig)
         restore(orig)
 
     monkeypatch.setattr(Original, "restore", recording_restore)
@@ -699,6 +700,7 @@ def test_leaving_unpins_each_units_arena_once_its_parameters_are_back(codec_name
     # Before unit k is restored, the arenas of units 0..k-1 are unpinned (whole pages each).
     drops = [a - b for a, b in zip(readings, readings[1:])]
     assert all(drop >= arena for drop, arena in zip(drops, arenas))
+    assert restored and all(orig.packed is None for orig in restored)   # no view keeps an arena alive
     assert not fake.pinned and fake.races == []
     snap.check(model)
 

@@ -31,7 +31,7 @@ from .pipeline import Pipeline, gil_switch_interval
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import Original, pack_unit, progress, restore_all, return_freed_memory
+from .store import Original, interrupts_deferred, pack_unit, progress, restore_all, return_freed_memory
 from .streamer import Streamer
 
 log = logging.getLogger("vzstream")
@@ -306,15 +306,17 @@ class Session(AsyncGeneration):
         return max(self.config.workers, min(16, available_cores()))
 
     def _restore(self) -> None:
-        """Every parameter and buffer back; a corrupt unit does not stop the others."""
-        try:
-            failed = self._restore_streamed()
-        finally:                                 # even after a Ctrl-C or a failed upload
-            for p, device in self._moved:
-                p.data = self.backend.from_device(p.data, device)
-            for mod, name, device in self._buffers:
-                mod._buffers[name] = mod._buffers[name].to(device)
-            self._streamed, self._moved, self._buffers = [], [], []
+        """Every parameter and buffer back; a corrupt unit does not stop the others, nor does
+        a Ctrl-C (raised once all is back)."""
+        with interrupts_deferred():
+            try:
+                failed = self._restore_streamed()
+            finally:                             # even after a failed restore
+                for p, device in self._moved:
+                    p.data = self.backend.from_device(p.data, device)
+                for mod, name, device in self._buffers:
+                    mod._buffers[name] = mod._buffers[name].to(device)
+                self._streamed, self._moved, self._buffers = [], [], []
         if failed:
             names = ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed)
             raise FormatError(
@@ -328,12 +330,13 @@ class Session(AsyncGeneration):
         if not self._streamed:
             return []
         self._spare.clear()
-        self.backend.clear_caches()              # cached jobs and upload plans hold stores
         index = {u.fqn: u.index for u in self.units}
 
         def free(fqn: str) -> None:
             self.stores.pop(index[fqn], None)
-            self.backend.clear_caches()          # CUDA: unpin what nobody references now
+            # Cached jobs and upload plans hold stores: dropped, then (CUDA) what nobody
+            # references any more is unpinned and freed.
+            self.backend.clear_caches()
 
         return restore_all(self._streamed, self._host_threads(), free)
 

@@ -8,9 +8,12 @@ rebuilt to point into that arena, so the store holds nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -168,7 +171,9 @@ class Original:
         try:
             value = codec.decode(self.packed)
         except FormatError as exc:
-            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
+            # Without its traceback: decode's frames hold `packed`, and so its unit's arena,
+            # for as long as the error lives.
+            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc.with_traceback(None)
         # Packed in memory order: undoing the permutation gives back the original strides.
         self.param.data = unpermute(value.to(self.device), self.perm)
 
@@ -180,8 +185,9 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
     not that plus every store. Threads because decoding is most of leaving, and much of it is
     fresh pages faulting in (~1 GB/s per thread on a VM); each also moves its tensors to their
     device, so host copies of a GPU model do not pile up. A FormatError leaves its parameter
-    empty and is returned, [(Original, FormatError)]; any other exception, a Ctrl-C included,
-    is raised once every other parameter is back."""
+    empty and is returned, [(Original, FormatError)]; any other exception is raised once every
+    other parameter is back, with a note naming the corrupt ones. Run it under
+    `interrupts_deferred`: a Ctrl-C half-way would leave the rest empty for good."""
     by_unit: dict[str, list[Original]] = {}
     for orig in originals:
         by_unit.setdefault(orig.unit_fqn, []).append(orig)
@@ -194,11 +200,11 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
         futures = [submit(origs) for _, origs in units[:threads]]
         for i, (fqn, origs) in enumerate(units):
             for orig, future in zip(origs, futures[i]):
-                exc, interrupt = _outcome(future)
+                exc = future.exception()
                 if isinstance(exc, FormatError):
                     failed.append((orig, exc))
-                    exc = None
-                error = error or interrupt or exc
+                else:
+                    error = error or exc
                 orig.packed = None
             try:
                 free(fqn)
@@ -207,19 +213,31 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
             if i + threads < len(units):
                 futures.append(submit(units[i + threads][1]))
     if error is not None:
+        if failed and hasattr(error, "add_note"):   # Python >= 3.11
+            error.add_note("vzstream: also left empty, from corrupt compressed data: "
+                           + ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed))
         raise error
     return failed
 
 
-def _outcome(future) -> tuple[BaseException | None, BaseException | None]:
-    """(what the call raised, a KeyboardInterrupt that came while waiting for it). Waits for the
-    call even through Ctrl-C: leaving puts every parameter back before it stops."""
-    interrupt = None
-    while True:
-        try:
-            return future.exception(), interrupt
-        except KeyboardInterrupt as exc:
-            interrupt = interrupt or exc
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it (or run the handler that
+    was installed): putting the model back must not stop half-way. Only where Python's own
+    handler or another Python handler is installed, and only on the main thread, which is
+    where signals are handled; elsewhere the block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(signal.SIGINT, caught[0])   # Python's own handler raises KeyboardInterrupt
 
 
 def return_freed_memory() -> None:
