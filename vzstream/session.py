@@ -35,6 +35,7 @@ from .store import Original, interrupts_deferred, pack_unit, progress, restore_a
 from .streamer import Streamer
 
 log = logging.getLogger("vzstream")
+TRIM_NBYTES = 256 << 20      # weights freed while packing between two hand-backs to the OS
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _open_params: "weakref.WeakValueDictionary[int, nn.Parameter]" = weakref.WeakValueDictionary()  # id -> param of an open session
 
@@ -207,12 +208,19 @@ class Session(AsyncGeneration):
             # A window of units in flight bounds the extra host RAM while packing (~1 GiB).
             window = max(2, min(threads, (1 << 30) // max(largest, 1)))
             futures = [next_store(u) for u in streamed[:window]]
+            freed = 0
             for i, unit in enumerate(streamed):
                 store = futures[i].result()
                 if i + window < len(streamed):
                     futures.append(next_store(streamed[i + window]))
                 if unit.streamed:
                     self._swap_out(unit, store, device)
+                    freed += unit.raw_nbytes
+                    # Freed weights stay in the process's heap until trimmed, and with them
+                    # RSS peaked at ~1.6x the model on a second open (docs/benchmarks.md).
+                    if freed >= TRIM_NBYTES:
+                        return_freed_memory()
+                        freed = 0
                 else:
                     self._spare[unit.index] = store         # resident for now; evictable
                 progress("pack", i + 1, len(streamed), t0)
