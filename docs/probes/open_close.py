@@ -3,7 +3,7 @@
 Opening packs every block; leaving decodes every streamed parameter back (checking its crc32)
 into fresh memory. RSS is sampled every 5 ms while opening and while leaving.
 
-    python docs/probes/open_close.py [--preset NAME] [--repeat N]
+    python docs/probes/open_close.py [--preset NAME] [--repeat N] [--codecs zstd,nibble]
 """
 
 import argparse
