@@ -252,3 +252,37 @@ async def test_cancelled_while_opening_leaves_the_model_restored(monkeypatch, sn
     snap.check(model)
     with vzstream.session(model, device="cpu"):          # not left "already open"
         pass
+
+
+@pytest.mark.asyncio
+async def test_cancelled_while_leaving_returns_only_once_the_model_is_back(monkeypatch, snapshot, open_models):
+    """`asyncio.wait_for(...)` timing out while `async with` restores (or Ctrl-C under
+    `asyncio.run`, which cancels the main task): the cancellation is raised only after the
+    thread has put every parameter back."""
+    import threading
+
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap, leaving, restore = snapshot(model), threading.Event(), Original.restore
+
+    def slow_restore(orig):
+        leaving.set()
+        time.sleep(0.02)
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", slow_restore)
+
+    async def use():
+        async with vzstream.session(model, device="cpu", workers=1) as s:
+            s(ids)
+
+    task = asyncio.ensure_future(use())
+    while not leaving.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    snap.check(model)                                   # already back when the cancel arrives
+    assert model not in open_models

@@ -158,37 +158,72 @@ def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(exc_type,
     assert model not in open_models and not [t for t in threading.enumerate() if t.name.startswith("vzstream")]
 
 
-def test_a_ctrl_c_while_leaving_is_raised_once_every_parameter_is_back(monkeypatch, snapshot, open_models):
+@pytest.fixture
+def numpy_arenas(monkeypatch):
+    """CPU arenas backed by numpy arrays: {address: weak reference to the array}. A weak
+    reference to the array dies only with the memory itself (any view into it, such as a
+    Packed's memoryview, keeps it alive), unlike one to the arena tensor object."""
+    import weakref
+
+    from vzstream.backends.cpu import CpuBackend
+
+    arrays = {}
+
+    def host_buffer(self, nbytes):
+        array = np.empty(nbytes, np.uint8)
+        arrays[array.ctypes.data] = weakref.ref(array)
+        return torch.from_numpy(array)
+
+    monkeypatch.setattr(CpuBackend, "host_buffer", host_buffer)
+    return arrays
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["clean", "with_a_corrupt_tensor"])
+def test_a_ctrl_c_while_leaving_is_raised_once_every_parameter_is_back(corrupt, monkeypatch, snapshot, open_models):
     # A real SIGINT, raised while the main thread waits for the restore threads: Python runs
-    # its handler there, so without deferring it the units after it would stay empty.
+    # its handler there, so without holding it the units after it would stay empty. A corrupt
+    # tensor's FormatError is kept as the KeyboardInterrupt's context, not lost.
     import signal
 
     from vzstream.store import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
-    snap, handler = snapshot(model), signal.getsignal(signal.SIGINT)
-    sent, restore = [], Original.restore
+    snap = snapshot(model)
+    sent, restore, bad = [], Original.restore, "blocks.2.up.weight"
 
     def interrupting_restore(orig):
         if not sent:
             sent.append(orig.name)
             signal.raise_signal(signal.SIGINT)
+        if corrupt and orig.name == bad:
+            raise vzstream.FormatError("corrupt")
         restore(orig)
 
     monkeypatch.setattr(Original, "restore", interrupting_restore)
-    with pytest.raises(KeyboardInterrupt):
-        with vzstream.session(model, device="cpu", prefetch=2, workers=2) as s:
-            s(ids)
+    # Python's own handler, whatever started pytest (a background job may ignore SIGINT).
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as err:
+            with vzstream.session(model, device="cpu", prefetch=2, workers=2) as s:
+                s(ids)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert sent
-    snap.check(model)
-    assert signal.getsignal(signal.SIGINT) is handler and model not in open_models
+    snap.check(model, skip=(bad,) if corrupt else ())
+    assert model not in open_models and not s.is_open
+    if corrupt:
+        assert isinstance(err.value.__context__, vzstream.FormatError) and bad in str(err.value.__context__)
 
 
-def test_a_backend_that_fails_to_free_a_store_still_gets_every_parameter_back(monkeypatch, snapshot):
+def test_a_backend_that_fails_to_free_a_store_still_gets_every_parameter_back(monkeypatch, snapshot, open_models):
+    from vzstream.session import Session
+
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     snap = snapshot(model)
+    monkeypatch.setattr(Session, "_host_threads", lambda self: 1)     # units after the failure wait for it
     with pytest.raises(RuntimeError, match="cannot free"):
         with vzstream.session(model, device="cpu", prefetch=2) as s:
             s(ids)
@@ -198,29 +233,55 @@ def test_a_backend_that_fails_to_free_a_store_still_gets_every_parameter_back(mo
 
             monkeypatch.setattr(s.backend, "clear_caches", failing_clear)
     snap.check(model)
+    assert model not in open_models and not s.is_open      # closed, though the pool failed to free
 
 
-def test_leaving_frees_each_units_store_once_its_parameters_are_back(monkeypatch, snapshot):
+def test_leaving_when_no_thread_can_start_restores_on_the_caller(monkeypatch, snapshot, open_models):
+    # A session left from an atexit handler: the interpreter refuses new work to thread pools.
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap = snapshot(model)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        s(ids)
+
+        def refuse(self, fn, *args, **kwargs):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+        monkeypatch.setattr(ThreadPoolExecutor, "submit", refuse)
+    snap.check(model)
+    assert model not in open_models
+
+
+def test_a_kept_format_error_keeps_no_store_alive(numpy_arenas, snapshot):
+    # The error (and its chain: zstd's, the frame's, the plane's) must not hold the frame data,
+    # and so its unit's arena (pinned memory, on CUDA), for as long as the user keeps it.
+    import gc
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(vzstream.FormatError) as err:
+        with vzstream.session(model, device="cpu", prefetch=2) as s:
+            s(ids)
+            store = next(st for st in s.stores.values() if st.unit.fqn == "blocks.1")
+            frame = next(f for p in store.packed for plane in p.planes for f in plane.frames)
+            np.frombuffer(frame.data, np.uint8)[len(frame.data) // 2 :][:1] ^= 0xFF
+            del store, frame
+    kept = err.value
+    assert "blocks.1" in str(kept) and kept.__cause__ is not None
+    gc.collect()
+    assert numpy_arenas and all(memory() is None for memory in numpy_arenas.values())
+
+
+def test_leaving_frees_each_units_store_once_its_parameters_are_back(numpy_arenas, monkeypatch, snapshot):
     # Host RAM while leaving: the model's size plus the units in flight, not plus every store.
-    # Arenas are numpy-backed here, so a weak reference to the array dies only with the memory
-    # itself (any view into it, such as a Packed's memoryview, keeps it alive).
-    import weakref
-
-    from vzstream.backends.cpu import CpuBackend
     from vzstream.session import Session
     from vzstream.store import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     snap = snapshot(model)
-    arrays = {}
-
-    def host_buffer(self, nbytes):
-        array = np.empty(nbytes, np.uint8)
-        arrays[array.ctypes.data] = weakref.ref(array)
-        return torch.from_numpy(array)
-
-    monkeypatch.setattr(CpuBackend, "host_buffer", host_buffer)
     monkeypatch.setattr(Session, "_host_threads", lambda self: 1)     # restore in order
     alive_at, restored, restore = [], [], Original.restore
 
@@ -232,7 +293,7 @@ def test_leaving_frees_each_units_store_once_its_parameters_are_back(monkeypatch
     monkeypatch.setattr(Original, "restore", recording_restore)
     with vzstream.session(model, device="cpu", prefetch=2) as s:
         s(ids)
-        arenas = [(st.unit.fqn, arrays[st.arena.data_ptr()]) for st in s.stores.values()]
+        arenas = [(st.unit.fqn, numpy_arenas[st.arena.data_ptr()]) for st in s.stores.values()]
     order = [fqn for fqn, _ in arenas]
     assert len(order) == len(model.blocks) and [fqn for fqn, _ in alive_at] == sorted(
         (fqn for fqn, _ in alive_at), key=order.index)

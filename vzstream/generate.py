@@ -97,7 +97,12 @@ class AsyncGeneration:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await asyncio.to_thread(self.close)
+        # Shielded: a cancellation meanwhile (a timeout, Ctrl-C under asyncio.run) must not
+        # return before the thread has put the model back; it is raised after that.
+        fut = asyncio.ensure_future(asyncio.to_thread(self.close))
+        if await _settle(fut):
+            raise asyncio.CancelledError
+        fut.result()
 
     def _generate_cancellable(self, input_ids, cancel, on_token=None, **kwargs):
         self._cancels.add(cancel)             # leaving the session cancels it
@@ -145,6 +150,20 @@ class AsyncGeneration:
         finally:
             cancel.set()
             await _finish(fut)
+
+
+async def _settle(fut) -> bool:
+    """Wait until `fut` is done, even through cancellations of the awaiting task; True if there
+    was one (the caller raises it once `fut` is done)."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException:          # fut's own error: the caller reads it from fut
+            pass
+    return cancelled
 
 
 async def _finish(fut) -> None:

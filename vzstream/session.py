@@ -156,26 +156,38 @@ class Session(AsyncGeneration):
             self._close_locked()
 
     def _close_locked(self) -> None:
-        try:
-            remove(self._handles)
-            if self._streamer is not None:
-                self._streamer.close()
-            elif self._pipeline is not None:
-                self._pipeline.close()
-        finally:
+        # Once it holds the pool, leaving cannot be cut short by a Ctrl-C (raised at the end):
+        # half-way, the model would be left with empty parameters and nothing to restore from.
+        # Waiting for the pool lock stays interruptible, so a hung call can still be escaped
+        # (the session then stays open, and `close()` can be called again).
+        with interrupts_deferred():
             try:
-                self._restore()
+                remove(self._handles)
+                if self._streamer is not None:
+                    self._streamer.close()
+                elif self._pipeline is not None:
+                    self._pipeline.close()
             finally:
-                self.stores.clear()
-                self._spare.clear()
-                self.pool.leave(self)
-                if self.config.pool is None:
-                    self.backend.close()
-                self._pipeline = self._streamer = None
-                _open_models.discard(self.model)
-                for p in self.model.parameters():
-                    _open_params.pop(id(p), None)
-                self.is_open = False
+                try:
+                    self._restore()
+                finally:
+                    self._forget()
+
+    def _forget(self) -> None:
+        """The session's own state first (it cannot fail), then the pool and backend, each
+        freed even if the other fails."""
+        self.stores.clear()
+        self._spare.clear()
+        self._pipeline = self._streamer = None
+        _open_models.discard(self.model)
+        for p in self.model.parameters():
+            _open_params.pop(id(p), None)
+        self.is_open = False
+        try:
+            self.pool.leave(self)
+        finally:
+            if self.config.pool is None:
+                self.backend.close()
 
     def park(self) -> None:
         """Give every slot back to the pool (called by the pool when it becomes shared)."""
@@ -314,17 +326,15 @@ class Session(AsyncGeneration):
         return max(self.config.workers, min(16, available_cores()))
 
     def _restore(self) -> None:
-        """Every parameter and buffer back; a corrupt unit does not stop the others, nor does
-        a Ctrl-C (raised once all is back)."""
-        with interrupts_deferred():
-            try:
-                failed = self._restore_streamed()
-            finally:                             # even after a failed restore
-                for p, device in self._moved:
-                    p.data = self.backend.from_device(p.data, device)
-                for mod, name, device in self._buffers:
-                    mod._buffers[name] = mod._buffers[name].to(device)
-                self._streamed, self._moved, self._buffers = [], [], []
+        """Every parameter and buffer back; a corrupt unit does not stop the others."""
+        try:
+            failed = self._restore_streamed()
+        finally:                                 # even after a failed restore
+            for p, device in self._moved:
+                p.data = self.backend.from_device(p.data, device)
+            for mod, name, device in self._buffers:
+                mod._buffers[name] = mod._buffers[name].to(device)
+            self._streamed, self._moved, self._buffers = [], [], []
         if failed:
             names = ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed)
             raise FormatError(

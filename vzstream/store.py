@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,9 +171,12 @@ class Original:
         try:
             value = codec.decode(self.packed)
         except FormatError as exc:
-            # Without its traceback: decode's frames hold `packed`, and so its unit's arena,
-            # for as long as the error lives.
-            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc.with_traceback(None)
+            # Without tracebacks: decode's frames hold `packed`, and so its unit's arena, for
+            # as long as the error lives (the messages name the unit, tensor, plane and frame).
+            cause = exc
+            while cause is not None:
+                cause.__traceback__, cause = None, cause.__cause__ or cause.__context__
+            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
         self.param.data = unpermute(value.to(self.device), self.perm)
 
@@ -194,7 +197,7 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
     units, failed, error = list(by_unit.items()), [], None
     with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
         def submit(origs):
-            return [pool.submit(orig.restore) for orig in origs]
+            return [_submit(pool, orig.restore) for orig in origs]
 
         # A window of units in flight, so the threads never run further ahead of the frees.
         futures = [submit(origs) for _, origs in units[:threads]]
@@ -220,6 +223,20 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
     return failed
 
 
+def _submit(pool: ThreadPoolExecutor, fn) -> Future:
+    """`pool.submit(fn)`, or `fn` run here when no thread can start any more (a session left
+    from an `atexit` handler: the interpreter refuses new work to pools by then)."""
+    try:
+        return pool.submit(fn)
+    except RuntimeError:
+        done: Future = Future()
+        try:
+            done.set_result(fn())
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
     """Hold a Ctrl-C (SIGINT) until the block is done, then raise it (or run the handler that
@@ -231,7 +248,7 @@ def interrupts_deferred():
         yield
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame) if not caught else None)
     try:
         yield
     finally:
