@@ -133,7 +133,8 @@ class SessionConfig:
                 f"`workers` must be an int in [1, 256] (decode threads); got {self.workers!r}. "
                 f"Leave it unset for {default_workers()} on this machine."
             )
-        if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int) or not -7 <= self.level <= 22):
+        if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int)
+                                       or not -7 <= self.level <= 22):
             raise ConfigError(f"`level` must be None or a zstd level in [-7, 22]; got {self.level!r}. Leave it None.")
 
     def _check_switch_interval(self) -> None:

@@ -340,7 +340,8 @@ class SessionPlan:
         mib = 2**20
         head = (f"budget {'none' if self.budget is None else f'{self.budget / mib:.1f} MiB'}; "
                 f"resident {self.resident_nbytes / mib:.1f} MiB, streamed {self.streamed_nbytes / mib:.1f} MiB per pass; "
-                f"ring {self.num_slots} x {self.slot_nbytes / mib:.1f} MiB; activation reserve {self.activation_reserve / mib:.1f} MiB")
+                f"ring {self.num_slots} x {self.slot_nbytes / mib:.1f} MiB; "
+                f"activation reserve {self.activation_reserve / mib:.1f} MiB")
         width = max((len(u.fqn) for u in self.units), default=4)
         rows = [f"{u.fqn or '(root)':<{width}}  {'streamed' if u.streamed else 'resident':<8}  "
                 f"{u.nbytes / mib:9.2f} MiB  {u.reason}" for u in self.units]
