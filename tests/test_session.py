@@ -236,6 +236,41 @@ def test_a_backend_that_fails_to_free_a_store_still_gets_every_parameter_back(mo
     assert model not in open_models and not s.is_open      # closed, though the pool failed to free
 
 
+def test_a_parameter_that_cannot_go_back_to_its_device_is_kept_on_the_cpu(snapshot, open_models):
+    # E.g. its GPU is out of memory: the weight must not be lost with the store.
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    snap = snapshot(model)
+    moved_back = r"`blocks\.1\.up\.weight` could not be moved back .* left on the CPU, intact"
+    with pytest.raises(vzstream.VzstreamError, match=moved_back):
+        with vzstream.session(model, device="cpu", prefetch=2) as s:
+            s(ids)
+            orig = next(o for o in s._streamed if o.name == "blocks.1.up.weight")
+            orig.device = "no-such-device"          # .to() raises, as it would out of memory
+    snap.check(model)                               # came from the CPU: exactly as it was
+    assert model not in open_models
+
+
+def test_leaving_frees_the_ring_before_restoring_parameters(monkeypatch):
+    # A model that came from the device needs the room there: slots go first.
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    held, restore = [], Original.restore
+
+    def recording_restore(orig):
+        held.append(s.backend.device_nbytes)
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", recording_restore)
+    with vzstream.session(model, device="cpu", prefetch=2) as s:
+        s(ids)
+        resident = sum(n for u in s.units if not u.streamed for n in u.param_nbytes)
+        assert s.backend.device_nbytes > resident        # the ring holds slots
+    assert held and max(held) == resident
+
+
 def test_leaving_when_no_thread_can_start_restores_on_the_caller(monkeypatch, snapshot, open_models):
     # A session left from an atexit handler: the interpreter refuses new work to thread pools.
     from concurrent.futures import ThreadPoolExecutor

@@ -169,9 +169,14 @@ class Session(AsyncGeneration):
                     self._pipeline.close()
             finally:
                 try:
-                    self._restore()
+                    # The ring and merge scratch first (when no other member uses them): a model
+                    # that came from this device needs the room to be restored there.
+                    self.pool.leave(self)
                 finally:
-                    self._forget()
+                    try:
+                        self._restore()
+                    finally:
+                        self._forget()
 
     def _forget(self) -> None:
         """The session's own state first (it cannot fail), then the pool and backend, each

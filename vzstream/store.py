@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import codec, nibble
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, VzstreamError
 from .plan import Unit, align, param_offsets, unit_nbytes
 
 log = logging.getLogger("vzstream")
@@ -178,7 +178,14 @@ class Original:
                 cause.__traceback__, cause = None, cause.__cause__ or cause.__context__
             raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
-        self.param.data = unpermute(value.to(self.device), self.perm)
+        try:
+            moved = value.to(self.device)
+        except Exception as exc:        # e.g. the device is out of memory: keep the weight, here
+            self.param.data = unpermute(value, self.perm)
+            raise VzstreamError(f"unit `{self.unit_fqn}`, tensor `{self.name}` could not be moved back to "
+                                f"{self.device} ({type(exc).__name__}: {exc}); it was left on the CPU, intact: "
+                                f"move it with `.to({str(self.device)!r})` once there is room") from exc
+        self.param.data = unpermute(moved, self.perm)
 
 
 def restore_all(originals: list[Original], threads: int, free) -> list:
