@@ -100,9 +100,12 @@ class AsyncGeneration:
         # Shielded: a cancellation meanwhile (a timeout, Ctrl-C under asyncio.run) must not
         # return before the thread has put the model back; it is raised after that.
         fut = asyncio.ensure_future(asyncio.to_thread(self.close))
-        if await _settle(fut):
-            raise asyncio.CancelledError
-        fut.result()
+        cancelled = await _settle(fut)
+        try:
+            fut.result()                       # close's own error: the cancellation's context
+        finally:
+            if cancelled:
+                raise asyncio.CancelledError
 
     def _generate_cancellable(self, input_ids, cancel, on_token=None, **kwargs):
         self._cancels.add(cancel)             # leaving the session cancels it
@@ -158,11 +161,9 @@ async def _settle(fut) -> bool:
     cancelled = False
     while not fut.done():
         try:
-            await asyncio.shield(fut)
+            await asyncio.wait({fut})          # never raises fut's error, never cancels fut
         except asyncio.CancelledError:
             cancelled = True
-        except BaseException:          # fut's own error: the caller reads it from fut
-            pass
     return cancelled
 
 

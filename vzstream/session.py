@@ -169,14 +169,21 @@ class Session(AsyncGeneration):
                     self._pipeline.close()
             finally:
                 try:
-                    # The ring and merge scratch first (when no other member uses them): a model
-                    # that came from this device needs the room to be restored there.
-                    self.pool.leave(self)
+                    self._leave_pool()
                 finally:
                     try:
                         self._restore()
                     finally:
                         self._forget()
+
+    def _leave_pool(self) -> None:
+        """The ring and merge scratch go first (when no other member uses them): a model that
+        came from this device needs the room to be restored there. Cached slot views would keep
+        the slots' memory alive. (A method of its own: a loop variable left in `_close_locked`'s
+        frame would keep a store alive in the traceback of any error raised from there.)"""
+        for store in self.stores.values():
+            store.forget_slots()
+        self.pool.leave(self)
 
     def _forget(self) -> None:
         """The session's own state first (it cannot fail), then the pool and backend, each

@@ -184,7 +184,7 @@ class Original:
             self.param.data = unpermute(value, self.perm)
             raise VzstreamError(f"unit `{self.unit_fqn}`, tensor `{self.name}` could not be moved back to "
                                 f"{self.device} ({type(exc).__name__}: {exc}); it was left on the CPU, intact: "
-                                f"move it with `.to({str(self.device)!r})` once there is room") from exc
+                                f"move the model (`model.to({str(self.device)!r})`) once there is room") from exc
         self.param.data = unpermute(moved, self.perm)
 
 
@@ -201,7 +201,7 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
     by_unit: dict[str, list[Original]] = {}
     for orig in originals:
         by_unit.setdefault(orig.unit_fqn, []).append(orig)
-    units, failed, error = list(by_unit.items()), [], None
+    units, failed, errors = list(by_unit.items()), [], []
     with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
         def submit(origs):
             return [_submit(pool, orig.restore) for orig in origs]
@@ -213,21 +213,30 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
                 exc = future.exception()
                 if isinstance(exc, FormatError):
                     failed.append((orig, exc))
-                else:
-                    error = error or exc
+                elif exc is not None:
+                    errors.append(exc)
                 orig.packed = None
             try:
                 free(fqn)
             except Exception as exc:             # freeing early only saves RAM: restoring comes first
-                error = error or exc
+                errors.append(exc)
             if i + threads < len(units):
                 futures.append(submit(units[i + threads][1]))
-    if error is not None:
-        if failed and hasattr(error, "add_note"):   # Python >= 3.11
+    if errors:
+        raise _with_notes(errors[0], errors[1:], failed)
+    return failed
+
+
+def _with_notes(error: BaseException, others: list, failed: list) -> BaseException:
+    """`error`, noting the other errors (each names its tensor) and the corrupt parameters, so
+    none goes unreported (notes need Python >= 3.11; before, only `error` is shown)."""
+    if hasattr(error, "add_note"):
+        for exc in others:
+            error.add_note(f"vzstream: also: {type(exc).__name__}: {exc}")
+        if failed:
             error.add_note("vzstream: also left empty, from corrupt compressed data: "
                            + ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed))
-        raise error
-    return failed
+    return error
 
 
 def _submit(pool: ThreadPoolExecutor, fn) -> Future:
