@@ -217,6 +217,49 @@ def test_a_ctrl_c_while_leaving_is_raised_once_every_parameter_is_back(corrupt, 
         assert isinstance(err.value.__context__, vzstream.FormatError) and bad in str(err.value.__context__)
 
 
+def test_a_second_ctrl_c_while_leaving_is_obeyed_at_once(monkeypatch, open_models):
+    # A hang while restoring must stay escapable: the first Ctrl-C is held (with a warning that
+    # says what a second one costs), the second raises at once and the session still closes.
+    import logging
+    import signal
+
+    from vzstream.session import Session
+    from vzstream.store import Original
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    warned, calls, restore = threading.Event(), [], Original.restore
+
+    class Warned(logging.Handler):
+        def emit(self, record):
+            if "press Ctrl-C again" in record.getMessage():
+                warned.set()
+
+    def interrupting_restore(orig):
+        calls.append(orig.name)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        elif len(calls) == 2:                 # once the first was handled (signals coalesce)
+            assert warned.wait(5)
+            signal.raise_signal(signal.SIGINT)
+        restore(orig)
+
+    monkeypatch.setattr(Original, "restore", interrupting_restore)
+    monkeypatch.setattr(Session, "_host_threads", lambda self: 1)
+    handler, catcher = signal.signal(signal.SIGINT, signal.default_int_handler), Warned()
+    logging.getLogger("vzstream").addHandler(catcher)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with vzstream.session(model, device="cpu", prefetch=2) as s:
+                s(ids)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        logging.getLogger("vzstream").removeHandler(catcher)
+        signal.signal(signal.SIGINT, handler)
+    assert warned.is_set() and len(calls) < sum(1 for u in s.units if u.streamed for _ in u.params)
+    assert model not in open_models and not s.is_open
+
+
 def test_a_backend_that_fails_to_free_a_store_still_gets_every_parameter_back(monkeypatch, snapshot, open_models):
     from vzstream.session import Session
 

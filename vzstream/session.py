@@ -156,20 +156,23 @@ class Session(AsyncGeneration):
             self._close_locked()
 
     def _close_locked(self) -> None:
-        # Once it holds the pool, leaving cannot be cut short by a Ctrl-C (raised at the end):
-        # half-way, the model would be left with empty parameters and nothing to restore from.
-        # Waiting for the pool lock stays interruptible, so a hung call can still be escaped
-        # (the session then stays open, and `close()` can be called again).
-        with interrupts_deferred():
-            try:
-                remove(self._handles)
-                if self._streamer is not None:
-                    self._streamer.close()
-                elif self._pipeline is not None:
-                    self._pipeline.close()
-            finally:
+        stopped = False
+        try:
+            remove(self._handles)
+            if self._streamer is not None:
+                self._streamer.close()
+            elif self._pipeline is not None:
+                self._pipeline.close()
+            stopped = True
+        finally:
+            # Putting the model back is not cut short by a Ctrl-C (held, raised at the end; a
+            # second one is obeyed): half-way, parameters would be left empty with nothing to
+            # restore them from. Stopping the workers stays interruptible, and so does waiting
+            # for the pool lock in `close` (the session then stays open; call it again).
+            with interrupts_deferred():
                 try:
-                    self._leave_pool()
+                    if stopped:             # else a worker may still write a slot: free it last
+                        self._leave_pool()
                 finally:
                     try:
                         self._restore()

@@ -254,23 +254,35 @@ def _submit(pool: ThreadPoolExecutor, fn) -> Future:
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
+def interrupts_deferred(what: str = "putting the model back"):
     """Hold a Ctrl-C (SIGINT) until the block is done, then raise it (or run the handler that
-    was installed): putting the model back must not stop half-way. Only where Python's own
-    handler or another Python handler is installed, and only on the main thread, which is
-    where signals are handled; elsewhere the block runs as it is."""
+    was installed): `what` must not stop half-way. A second Ctrl-C is obeyed at once (with the
+    consequence said in the warning the first one logs), so a hang stays escapable. Only where
+    Python's own handler or another Python handler is installed, and only on the main thread,
+    which is where signals are handled; elsewhere the block runs as it is."""
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     if not callable(previous):
         yield
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame) if not caught else None)
+
+    def hold(signum, frame):
+        if caught:                              # the user insists: obey now
+            caught.append(None)
+            signal.signal(signal.SIGINT, previous)
+            previous(signum, frame)
+            return
+        caught.append(frame)
+        log.warning("vzstream: Ctrl-C while %s: finishing that first; press Ctrl-C again to stop "
+                    "at once (what is not back by then is lost)", what)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
-            previous(signal.SIGINT, caught[0])   # Python's own handler raises KeyboardInterrupt
+        if len(caught) == 1:                    # held, not yet obeyed
+            previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt
 
 
 def return_freed_memory() -> None:
