@@ -227,21 +227,19 @@ async def test_leaving_the_session_cancels_an_abandoned_stream(llama):
 async def test_cancelled_while_opening_leaves_the_model_restored(monkeypatch, snapshot):
     """`asyncio.wait_for(...)` timing out while `async with` packs: __aexit__ never runs, so
     __aenter__ itself must undo the open the thread finishes."""
-    import importlib
-
     from models import Stack
 
-    vs = importlib.import_module("vzstream.session")    # `vzstream.session` is also the function
+    import vzstream.store as store
 
     model = build(Stack)
     snap = snapshot(model)
-    real_pack = vs.pack_unit
+    real_pack = store.pack_unit
 
     def slow_pack(*args, **kwargs):
         time.sleep(0.1)
         return real_pack(*args, **kwargs)
 
-    monkeypatch.setattr(vs, "pack_unit", slow_pack)
+    monkeypatch.setattr(store, "pack_unit", slow_pack)
 
     async def use():
         async with vzstream.session(model, device="cpu"):

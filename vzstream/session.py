@@ -14,15 +14,12 @@ import contextlib
 import dataclasses
 import logging
 import threading
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
 from torch import nn
 
-from . import calibrate
 from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, FormatError, TraceError
 from .generate import AsyncGeneration, greedy
@@ -31,7 +28,7 @@ from .pipeline import Pipeline, gil_switch_interval
 from .plan import MemoryPlan, SessionPlan, describe_plan, find_units, nesting_depth, plan_memory, unit_nbytes
 from .pool import DevicePool, resolve_budget
 from .stats import Stats
-from .store import Original, interrupts_deferred, pack_unit, progress, restore_all, return_freed_memory
+from .store import Original, interrupts_deferred, pack_all, restore_all, return_freed_memory
 from .streamer import Streamer
 
 log = logging.getLogger("vzstream")
@@ -210,47 +207,21 @@ class Session(AsyncGeneration):
             self._streamer.park()
 
     def _pack_streamed(self) -> None:
-        streamed = [u for u in self.units if u.streamed or self._measure]
-        planned = [u for u in streamed if u.streamed]
-        device = self.backend.device
-        t0, level = time.perf_counter(), self.config.level
-        # This model computes nothing while it opens: pack on every core (zstd releases the GIL).
-        threads = self._host_threads()
-        largest = max((u.raw_nbytes for u in streamed), default=1)
-        with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
-            def submit(u, compress=True):
-                return pool.submit(pack_unit, u, self.backend, level, compress, self.config.codec)
-
-            # Of the units planned to stream: a unit kept resident for now (measured, evictable)
-            # and evicted to streaming later stays compressed, so under a budget the share is
-            # approximate. "auto" packs its sample unit first, compressed, and measures on it.
-            fraction, sample = self.config.raw_fraction, {}
-            if fraction == "auto":
-                fraction, sample = calibrate.auto_raw_fraction(planned, submit, self.backend, self.config, self._stats)
-            raw = calibrate.raw_units(planned, fraction, keep=sample)
-
-            def next_store(u):
-                return sample.pop(u.index, None) or submit(u, u.index not in raw)
-
-            # A window of units in flight bounds the extra host RAM while packing (~1 GiB).
-            window = max(2, min(threads, (1 << 30) // max(largest, 1)))
-            futures = [next_store(u) for u in streamed[:window]]
-            freed = 0
-            for i, unit in enumerate(streamed):
-                store = futures[i].result()
-                if i + window < len(streamed):
-                    futures.append(next_store(streamed[i + window]))
-                if unit.streamed:
-                    self._swap_out(unit, store, device)
-                    freed += unit.raw_nbytes
-                    # Freed weights stay in the process's heap until trimmed, and with them
-                    # RSS peaked at ~1.6x the model on a second open (docs/benchmarks.md).
-                    if freed >= TRIM_NBYTES:
-                        return_freed_memory()
-                        freed = 0
-                else:
-                    self._spare[unit.index] = store         # resident for now; evictable
-                progress("pack", i + 1, len(streamed), t0)
+        """Pack the streamed units (and, while measuring, the resident ones too) and free each
+        one's parameters as its store arrives, handing the freed memory back as it goes."""
+        units = [u for u in self.units if u.streamed or self._measure]
+        freed = 0
+        for unit, store in pack_all(units, self.backend, self.config, self._stats, self._host_threads()):
+            if not unit.streamed:
+                self._spare[unit.index] = store     # resident for now; evictable
+                continue
+            self._swap_out(unit, store, self.backend.device)
+            freed += unit.raw_nbytes
+            # Freed weights stay in the process's heap until trimmed, and with them RSS
+            # peaked at ~1.6x the model on a second open (docs/benchmarks.md).
+            if freed >= TRIM_NBYTES:
+                return_freed_memory()
+                freed = 0
         return_freed_memory()
 
     def _swap_out(self, unit, store, device, orig_devices=None) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import codec, nibble
+from . import calibrate, codec, nibble
 from .errors import ConfigError, FormatError, VzstreamError
 from .plan import Unit, align, param_offsets, unit_nbytes
 
@@ -156,6 +156,40 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
         rebased.append(_rebased(p, views))
     offsets = param_offsets(unit, backend.alignment)
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
+
+
+def pack_all(units: list[Unit], backend, config, stats, threads: int):
+    """Yield (unit, its UnitStore) for each of `units`, in order, packed on `threads` threads
+    (the model computes nothing while a session opens, and zstd releases the GIL), a window
+    of them in flight: that bounds the extra host RAM while packing (~1 GiB). The units kept
+    raw follow `config.raw_fraction` over those that stream (`unit.streamed`); "auto" packs its
+    sample unit first, compressed, and measures on it (`calibrate.auto_raw_fraction`, which
+    fills `stats`)."""
+    planned = [u for u in units if u.streamed]
+    t0, largest = time.perf_counter(), max((u.raw_nbytes for u in units), default=1)
+    with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
+        def submit(u, compress=True):
+            return pool.submit(pack_unit, u, backend, config.level, compress, config.codec)
+
+        # Of the units planned to stream: a unit kept resident for now (measured, evictable)
+        # and evicted to streaming later stays compressed, so under a budget the share is
+        # approximate.
+        fraction, sample = config.raw_fraction, {}
+        if fraction == "auto":
+            fraction, sample = calibrate.auto_raw_fraction(planned, submit, backend, config, stats)
+        raw = calibrate.raw_units(planned, fraction, keep=sample)
+
+        def next_store(u):
+            return sample.pop(u.index, None) or submit(u, u.index not in raw)
+
+        window = max(2, min(threads, (1 << 30) // max(largest, 1)))
+        futures = [next_store(u) for u in units[:window]]
+        for i, unit in enumerate(units):
+            store = futures[i].result()
+            if i + window < len(units):
+                futures.append(next_store(units[i + window]))
+            yield unit, store
+            progress("pack", i + 1, len(units), t0)
 
 
 class Original:
