@@ -183,13 +183,20 @@ def pack_all(units: list[Unit], backend, config, stats, threads: int):
             return sample.pop(u.index, None) or submit(u, u.index not in raw)
 
         window = max(2, min(threads, (1 << 30) // max(largest, 1)))
-        futures = [next_store(u) for u in units[:window]]
-        for i, unit in enumerate(units):
-            store = futures[i].result()
-            if i + window < len(units):
-                futures.append(next_store(units[i + window]))
-            yield unit, store
+        for i, (unit, future) in enumerate(in_order(units, next_store, window)):
+            yield unit, future.result()
             progress("pack", i + 1, len(units), t0)
+
+
+def in_order(items: list, submit, window: int):
+    """Yield (item, submit(item)) in order, submitting each item only once the one `window`
+    places before it was handed out and dealt with (the caller asked for the next): at most
+    `window` are in flight, so the work never runs further ahead of the caller than that."""
+    pending = [submit(item) for item in items[:window]]
+    for i, item in enumerate(items):
+        yield item, pending[i]
+        if i + window < len(items):
+            pending.append(submit(items[i + window]))
 
 
 class Original:
@@ -237,13 +244,12 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
         by_unit.setdefault(orig.unit_fqn, []).append(orig)
     units, failed, errors = list(by_unit.items()), [], []
     with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
-        def submit(origs):
-            return [_submit(pool, orig.restore) for orig in origs]
+        def submit(unit):
+            return [_submit(pool, orig.restore) for orig in unit[1]]
 
         # A window of units in flight, so the threads never run further ahead of the frees.
-        futures = [submit(origs) for _, origs in units[:threads]]
-        for i, (fqn, origs) in enumerate(units):
-            for orig, future in zip(origs, futures[i]):
+        for (fqn, origs), futures in in_order(units, submit, threads):
+            for orig, future in zip(origs, futures):
                 exc = future.exception()
                 if isinstance(exc, FormatError):
                     failed.append((orig, exc))
@@ -254,8 +260,6 @@ def restore_all(originals: list[Original], threads: int, free) -> list:
                 free(fqn)
             except Exception as exc:             # freeing early only saves RAM: restoring comes first
                 errors.append(exc)
-            if i + threads < len(units):
-                futures.append(submit(units[i + threads][1]))
     if errors:
         raise _with_notes(errors[0], errors[1:], failed)
     return failed
