@@ -99,12 +99,14 @@ def snapshot():
 def check_slots(s) -> None:
     """Every device slot is in exactly one place: the free list, an in-flight ticket, or a held
     unit. Call between passes (held is empty then: every unit was released at its last use)."""
-    streamer = s._streamer
-    pool = streamer.pool
+    streamer = s.member.runtime
+    pool = streamer.ring
     owners = ([slot.index for slot in pool.free]
+              + [pool.own[key].index for key in pool.own_free]
               + [t.slot.index for t in streamer.tickets.values()]
               + [entry[0].slot.index for entry in streamer.held.values()])
-    assert sorted(owners) == list(range(len(pool.slots))), "a slot leaked or is owned twice"
+    dedicated = [-1 - i for i in range(len(pool.own))]     # an outsized unit's own slot
+    assert sorted(owners) == sorted(dedicated + list(range(len(pool.slots)))), "a slot leaked or is owned twice"
     assert not streamer.held, "a unit is still held between passes"
     assert not streamer.in_pass
 

@@ -259,7 +259,7 @@ async def test_cancelled_while_leaving_returns_only_once_the_model_is_back(monke
     thread has put every parameter back."""
     import threading
 
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))

@@ -15,7 +15,8 @@ from torch import nn
 
 import vzstream
 from models import Block, NestedLeaves, Scaled, Shared, build, build_hf, hf_inputs, make_input
-from vzstream.plan import find_units, unit_nbytes
+from vzstream.plan import unit_nbytes
+from vzstream.units import find_units
 
 NUM_LAYERS = 4
 PREFETCH = 1          # a ring of 3 slots: the sweep from "all streamed" to "all resident" is wide

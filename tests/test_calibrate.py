@@ -8,7 +8,7 @@ from models import TinyLM, build
 import vzstream
 from vzstream import calibrate
 from vzstream.backends.fake import FakeBackend
-from vzstream.plan import find_units
+from vzstream.units import find_units
 from vzstream.store import pack_unit
 
 

@@ -8,6 +8,8 @@ import torch
 from models import Stack, TinyLM, build, stack_with_reference
 
 import vzstream
+from vzstream import codec
+from vzstream.codec import CODECS, Codec
 from vzstream.config import SessionConfig, build_config, default_workers
 
 BAD_OPTIONS = [
@@ -115,3 +117,58 @@ def test_auto_device_is_cpu_without_a_gpu():
     with vzstream.session(model) as s:
         assert s.backend.name == "cpu"
         assert torch.equal(s(x), ref)
+
+
+# `codec` is parsed once into a `Codec`, a str Enum: code still comparing with "zstd" keeps working.
+@pytest.mark.parametrize("value, member", [
+    pytest.param("zstd", Codec.ZSTD, id="zstd"), pytest.param("nibble", Codec.NIBBLE, id="nibble"),
+    pytest.param(Codec.NIBBLE, Codec.NIBBLE, id="Codec.NIBBLE"),
+])
+def test_codec_is_parsed_to_a_codec(value, member):
+    cfg = build_config({"codec": value})
+    assert cfg.codec is member and isinstance(cfg.codec, Codec)
+    assert cfg.codec == member.value and f"{cfg.codec}" == str(cfg.codec) == member.value
+    assert {member.value: 1}[cfg.codec] == 1            # hashes as its string
+    assert build_config({}).codec is Codec.ZSTD
+
+
+def test_codec_names_are_defined_once():
+    assert CODECS == tuple(c.value for c in Codec) == ("zstd", "nibble") == codec.CODINGS
+
+
+@pytest.mark.parametrize("value", [pytest.param(v, id=repr(v)) for v in ("lz4", "ZSTD", "auto", "", None, 1, ["zstd"])])
+def test_bad_codec_lists_the_names_and_what_each_trades(value):
+    for name, call in (("codec", lambda: build_config({"codec": value})),
+                       ("coding", lambda: codec.pack(torch.zeros(4), coding=value))):
+        with pytest.raises(vzstream.ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert f"`{name}`" in message and repr(value) in message
+        assert "'zstd'" in message and "'nibble'" in message
+        assert "host RAM" in message and "device expands" in message and "host decode" in message
+
+
+# One range of zstd levels, [MIN_LEVEL, MAX_LEVEL] = [-7, 22], in SessionConfig and in codec.pack.
+LEVELS_OK = [None, codec.MIN_LEVEL, -1, 0, 3, codec.MAX_LEVEL]
+LEVELS_BAD = [codec.MIN_LEVEL - 1, codec.MAX_LEVEL + 1, -(1 << 17), 99, 2.5, True, "3"]
+
+
+def test_level_bounds_are_minus_7_to_22():
+    assert (codec.MIN_LEVEL, codec.MAX_LEVEL) == (-7, 22)
+
+
+@pytest.mark.parametrize("level", [pytest.param(v, id=repr(v)) for v in LEVELS_OK])
+def test_level_in_range_is_accepted_by_config_and_pack(level):
+    assert build_config({"level": level}).level == level
+    t = torch.randn(256).to(torch.bfloat16)
+    assert torch.equal(codec.decode(codec.pack(t, level=level)), t)
+
+
+@pytest.mark.parametrize("level", [pytest.param(v, id=repr(v)) for v in LEVELS_BAD])
+def test_level_out_of_range_is_rejected_by_config_and_pack(level):
+    for call in (lambda: build_config({"level": level}), lambda: codec.pack(torch.zeros(4), level=level)):
+        with pytest.raises(vzstream.ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert "`level`" in message and "[-7, 22]" in message and repr(level) in message
+        assert "Leave it None" in message

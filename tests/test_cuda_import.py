@@ -19,7 +19,8 @@ from vzstream.backends import cuda as cuda_mod
 from vzstream.backends import device_ops, upload_plan
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
 from vzstream.backends.upload_plan import plan_upload
-from vzstream.plan import Unit, align
+from vzstream.plan import align
+from vzstream.units import Unit
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent
 from models import Stack, TinyLM, build, build_hf, hf_inputs
@@ -671,7 +672,7 @@ def test_leaving_unpins_each_units_arena_once_its_parameters_are_back(codec_name
     """Host RAM while leaving a CUDA session: each unit's pinned arena is unpinned and freed as
     soon as its parameters are decoded back, after every copy that read it (race-checked)."""
     from vzstream.session import Session
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))

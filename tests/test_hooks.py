@@ -7,7 +7,7 @@ from models import BlockFailure, Stack, TinyLM, build, make_input, stack_with_re
 
 import vzstream
 from vzstream.hooks import bind_params, install, placeholder, remove, unbind_params
-from vzstream.plan import find_units
+from vzstream.units import find_units
 
 
 class RecordingStreamer:

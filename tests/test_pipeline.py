@@ -88,7 +88,7 @@ def test_fake_backend_exact_order_on_sequential_model(prefetch, decode_path):
         s(x)
         s(x)
         steady = forward_ops(fb.ops[mark:])
-        num_slots = len(s._streamer.pool.slots)
+        num_slots = len(s.member.runtime.ring.slots)
         assert s.stats().drained == 0
     blocks = [f"blocks.{i}" for i in range(n)]
 
@@ -178,7 +178,7 @@ def test_shared_module_decoded_once_per_pass_with_cache_pass(cache, fetches_per_
             assert torch.equal(s(x), ref)
             slots_ok(s)
         stats = s.stats()
-        assert s._streamer.schedule.num_fetches == fetches_per_pass
+        assert s.member.runtime.schedule.num_fetches == fetches_per_pass
     assert stats.decodes - before == 3 * fetches_per_pass
     assert stats.trace_misses == 0
 
@@ -209,12 +209,12 @@ def test_random_routing_stays_exact_and_leaks_no_slot(paths, prefetch, cache, de
         # Repeating the last path: on plan from now on, with a static pool.
         assert torch.equal(s(x, order=paths[-1]), reference(paths[-1]))
         stats = s.stats()
-        pool_size = len(s._streamer.pool.slots)
+        pool_size = len(s.member.runtime.ring.slots)
         for _ in range(2):
             assert torch.equal(s(x, order=paths[-1]), reference(paths[-1]))
             slots_ok(s)
         after = s.stats()
-        sched = s._streamer.schedule
+        sched = s.member.runtime.schedule
     assert after.trace_misses == stats.trace_misses
     assert after.slot_overflows == stats.slot_overflows
     assert after.decodes - stats.decodes == 2 * sched.num_fetches
@@ -240,7 +240,7 @@ def test_skipped_block_is_a_miss_then_relearned(skip, prefetch, cache, decode_pa
         slots_ok(s)
         misses = s.stats().trace_misses
         assert misses <= 2
-        overflows, pool_size = s.stats().slot_overflows, len(s._streamer.pool.slots)
+        overflows, pool_size = s.stats().slot_overflows, len(s.member.runtime.ring.slots)
         before = s.stats().decodes
         for _ in range(3):
             assert torch.equal(s(x), ref)
@@ -261,7 +261,7 @@ def test_nested_units_need_no_slot_beyond_the_schedule():
         for _ in range(3):
             s(x)
         assert s.stats().slot_overflows == before
-        assert len(s._streamer.pool.slots) == s._streamer.schedule.num_slots
+        assert len(s.member.runtime.ring.slots) == s.member.runtime.schedule.num_slots
 
 
 @pytest.mark.parametrize("prefetch", [0, 2], ids=lambda k: f"prefetch{k}")
@@ -396,22 +396,29 @@ def test_exit_after_a_raw_plane_changed_raises_instead_of_restoring_it(codec_nam
 
 # -- slot pool --------------------------------------------------------------------------------
 
-def test_slot_pool_reserve_acquire_overflow_close():
+def test_slot_pool_reserve_acquire_limit_dedicated_close():
+    # Rewritten for the one slot layout: the ring allocates up to the limit it is given and
+    # says None past it (the runtime decides: wait, grow, or a budget error); an outsized unit
+    # has a slot of its own.
     backend = vzstream.CpuBackend()
-    pool = SlotPool(backend, 1024)
+    pool = SlotPool(backend, 1024, dedicated={"big": 4096})
     pool.reserve(2)
     assert [s.index for s in pool.slots] == [0, 1] and len(pool.free) == 2
     assert backend.device_nbytes == 2048
-    a, b = pool.acquire(), pool.acquire()
-    assert a is not b and pool.overflows == 0
-    c = pool.acquire()                                 # off plan: grows rather than deadlock
-    assert pool.overflows == 1 and len(pool.slots) == 3 and c.tensor.numel() == 1024
-    for slot in (a, b, c):
+    a, b = pool.acquire("x", 2), pool.acquire("y", 2)
+    assert a is not b and pool.acquire("z", 2) is None          # at the plan's count
+    c = pool.acquire("z", None)                                   # no limit: grows rather than deadlock
+    assert len(pool.slots) == 3 and c.tensor.numel() == 1024
+    big = pool.acquire("big", 2)
+    assert big.index == -1 and big.tensor.numel() == 4096 and pool.acquire("big", None) is None
+    for slot in (a, b, c, big):
         pool.release(slot)
+    assert pool.acquire("big", 2) is big
+    pool.release(big)
     pool.reserve(2)                                    # never shrinks
-    assert len(pool.slots) == 3 and len(pool.free) == 3
+    assert len(pool.slots) == 3 and len(pool.free) == 3 and pool.nbytes == 3 * 1024 + 4096
     pool.close()
-    assert backend.device_nbytes == 0 and backend.peak_device_nbytes == 3072
+    assert backend.device_nbytes == 0 and backend.peak_device_nbytes == 3072 + 4096
 
 
 # -- the GIL switch interval ------------------------------------------------------------------
@@ -521,7 +528,7 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
     otherwise a worker runs an empty job and uploads. Either way the ticket is ready for `wait`
     only once its upload was issued."""
     from vzstream.pipeline import Pipeline, Slot
-    from vzstream.stats import Stats
+    from vzstream.runtime import Counters
 
     uploaded = []
 
@@ -535,7 +542,7 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
     model = build(Stack)
     with vzstream.session(model, device="cpu") as s:
         store = next(iter(s.stores.values()))
-    pipeline = Pipeline(NothingToDecode(), 2, Stats(), caller_uploads=caller_uploads)
+    pipeline = Pipeline(NothingToDecode(), 2, Counters(), caller_uploads=caller_uploads)
     pipeline.inline_nbytes = 0
     try:
         ticket = pipeline.submit(store, Slot(0, torch.empty(store.slot_nbytes, dtype=torch.uint8)))
@@ -590,7 +597,7 @@ def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_an
     with torch.no_grad():
         ref = model(x)
     with vzstream.session(model, backend=InterruptOnce(), prefetch=2, codec="nibble") as s:
-        s._pipeline.inline_nbytes = 0
+        s.member.runtime.pipeline.inline_nbytes = 0
         outcomes = []
         for i in range(4):
             try:

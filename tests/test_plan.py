@@ -11,7 +11,8 @@ from models import Block, NestedLeaves, Stack, TinyLM, build, build_hf
 from torch import nn
 
 import vzstream
-from vzstream.plan import find_units, make_schedule
+from vzstream.schedule import make_schedule
+from vzstream.units import find_units
 
 T, F = True, False
 

@@ -49,8 +49,8 @@ def test_hf_generate_and_forward_bit_exact(name, units, prefetch, cache, hf_refe
         second = s.generate(ids, **gen_kwargs)         # runs entirely on the learned schedule
         logits = s(ids).logits
         stats = s.stats()
-        trace_len = len(s._streamer.tracer.trace)
-        num_fetches = s._streamer.schedule.num_fetches
+        trace_len = len(s.member.runtime.tracer.trace)
+        num_fetches = s.member.runtime.schedule.num_fetches
     assert torch.equal(first, ref_tokens)
     assert torch.equal(second, ref_tokens)
     assert logits.dtype == ref_logits.dtype and torch.equal(logits, ref_logits)
@@ -128,7 +128,7 @@ def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(exc_type,
     # Streamed parameters are decoded back on threads of their own; one failing (here not a
     # FormatError, so it propagates, after a corrupt one that does not) must not keep the
     # others, the resident parameters or the buffers from coming back.
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -185,7 +185,7 @@ def test_a_ctrl_c_while_leaving_is_raised_once_every_parameter_is_back(corrupt, 
     # tensor's FormatError is kept as the KeyboardInterrupt's context, not lost.
     import signal
 
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -224,7 +224,7 @@ def test_a_second_ctrl_c_while_leaving_is_obeyed_at_once(monkeypatch, open_model
     import signal
 
     from vzstream.session import Session
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -290,7 +290,7 @@ def test_parameters_that_cannot_go_back_to_their_device_are_kept_on_the_cpu(snap
     with pytest.raises(vzstream.VzstreamError, match="could not be moved back .* left on the CPU, intact") as err:
         with vzstream.session(model, device="cpu", prefetch=2) as s:
             s(ids)
-            for orig in s._streamed:
+            for orig in [o for u in s.units for o in u.originals]:
                 if orig.name in stuck:
                     orig.device = "no-such-device"      # .to() raises, as it would out of memory
     snap.check(model)                                   # came from the CPU: exactly as it was
@@ -308,7 +308,7 @@ def test_leaving_frees_the_ring_before_restoring_parameters(monkeypatch):
     import weakref
 
     from vzstream.backends.cpu import CpuBackend
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     slots = []
 
@@ -379,7 +379,7 @@ def test_a_kept_format_error_keeps_no_store_alive(numpy_arenas, snapshot):
 def test_leaving_frees_each_units_store_once_its_parameters_are_back(numpy_arenas, monkeypatch, snapshot):
     # Host RAM while leaving: the model's size plus the units in flight, not plus every store.
     from vzstream.session import Session
-    from vzstream.store import Original
+    from vzstream.install import Original
 
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -599,7 +599,7 @@ def test_stats_slot_overflows_stays_zero_on_plan():
     with vzstream.session(model, device="cpu", prefetch=1) as s:
         for _ in range(4):
             s(x)
-        assert s.stats().slot_overflows == s._streamer.pool.overflows == 0
+        assert s.stats().slot_overflows == s.member.runtime.counters.slot_overflows == 0
 
 
 def test_session_called_inside_except_block_still_streams():

@@ -69,7 +69,7 @@ def test_abort_during_the_first_pass_learns_nothing():
 # -- the order a session records --------------------------------------------------------------
 
 def recorded_fqns(s) -> list[str]:
-    return [s.units[i].fqn for i in s._streamer.tracer.trace]
+    return [s.units[i].fqn for i in s.member.runtime.tracer.trace]
 
 
 @pytest.mark.parametrize("units, expected", [
@@ -84,14 +84,14 @@ def test_blocks_created_in_one_order_and_called_in_another(units, expected, pref
     with torch.no_grad():
         ref = model(x)
     creation_order = sorted(expected, key=lambda fqn: int(fqn.split(".")[1]))   # stable: up before down
-    assert [u.fqn for u in vzstream.plan.find_units(model, units)] == creation_order
+    assert [u.fqn for u in vzstream.units.find_units(model, units)] == creation_order
     with vzstream.session(model, device="cpu", prefetch=prefetch, units=units) as s:
         for _ in range(3):
             assert torch.equal(s(x), ref)
             slots_ok(s)
         assert recorded_fqns(s) == expected            # call order, not creation order
         assert s.stats().trace_misses == 0
-        assert s._streamer.schedule.fetch_units == s._streamer.tracer.trace
+        assert s.member.runtime.schedule.fetch_units == s.member.runtime.tracer.trace
 
 
 def test_shared_block_appears_at_every_use():

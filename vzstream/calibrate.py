@@ -78,7 +78,7 @@ def auto_raw_fraction(planned: list, submit, backend, config, stats) -> tuple[fl
     are in large frames; a norm's tiny ones would understate the rate), packed compressed with
     `submit(unit)` (a future of its store). Both rates go into `stats`. Returns the share and
     {unit index: its store's future}, so the sample unit is not packed twice."""
-    if config.codec == "nibble":
+    if config.codec == codec.Codec.NIBBLE:
         log.info("vzstream: raw_fraction=auto with codec=nibble: nothing is decoded on the host, "
                  "every unit stays coded")
         return 0.0, {}

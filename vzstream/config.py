@@ -1,29 +1,44 @@
 """SessionConfig: every option of `vzstream.session`, validated before anything is allocated.
 
 `session(model, **options)` builds one frozen `SessionConfig`; an unknown option or a bad value
-raises `ConfigError` naming the option, the constraint, the value given and the fix. Nothing
-here touches CUDA: `device="auto"` is resolved by the backend factory.
+raises `ConfigError` naming the option, the constraint, the value given and the fix. Options are
+parsed once, here, into typed fields: `codec` is a `Codec`, sizes are ints of bytes, and
+`vram_budget` is None, an int of bytes or a float share of the device's memory in (0, 1], which
+`resolve_budget` turns into bytes once the device is known. Nothing here touches CUDA:
+`device="auto"` is resolved by the backend factory.
+
+Sizes (`parse_nbytes`): an int is bytes; a string is a number and an optional unit, in any case,
+spaces allowed. K, M, G, T, alone or with "i"/"iB", are powers of two ("6G" == "6GiB" ==
+6 * 2**30, what people mean by a GPU's or a host's memory); KB, MB, GB, TB are powers of ten
+("6GB" == 6 * 10**9); "B" or no unit is bytes. A fraction of a byte rounds down.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import operator
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from fractions import Fraction
+from typing import Any, Callable
 
-from .codec import CODINGS as _CODECS
+from .codec import Codec, check_level, parse_codec
 from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
 _CACHE_MODES = ("pass", "none")
-_SIZE_SUFFIXES = {
+
+# Bare K/M/G/T are binary: "6G" of GPU or host memory means 6 GiB to nearly everyone who types it.
+_SIZE_UNITS = {
     "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3,
+    "m": 2**20, "mi": 2**20, "mib": 2**20, "mb": 10**6,
+    "g": 2**30, "gi": 2**30, "gib": 2**30, "gb": 10**9,
+    "t": 2**40, "ti": 2**40, "tib": 2**40, "tb": 10**12,
 }
+_SIZE_RE = re.compile(r"\s*([-+]?)([0-9]+\.?[0-9]*|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
 def available_cores() -> int:
@@ -40,28 +55,66 @@ def default_workers() -> int:
 
 
 def parse_nbytes(value: Any, name: str, fraction_ok: bool = False) -> int:
-    """`"6GiB"`, `"500MB"`, `1024` -> bytes. Fractions are the caller's business."""
-    if isinstance(value, bool):
-        raise ConfigError(f"`{name}` must be a byte count like 6442450944 or '6GiB'; got {value!r}.")
-    if not isinstance(value, (str, float)):
-        try:
-            value = operator.index(value)     # ints, numpy integers
-        except TypeError:
-            pass
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"`{name}` must be >= 0 bytes; got {value}. Pass a positive size such as '6GiB'.")
-        return value
+    """A size (the rule is in the module docstring) -> bytes, else ConfigError naming `name`.
+
+    `fraction_ok`: `name` also takes a float share of device memory, which the caller handles
+    (`parse_budget`); here it only makes the error say so."""
+    nbytes = _nbytes_or_none(value)
+    if nbytes is None:
+        raise ConfigError(
+            f"`{name}` must be a size: an int of bytes, or a string such as '6GiB' or '6G' (6 * 2**30), "
+            f"'6GB' (6 * 10**9), '512 MiB' or '123B' (units K, M, G, T, KiB...TiB, KB...TB, B; any case); "
+            f"got {value!r}. Pass e.g. '6GiB'."
+            + (" For a share of the device's memory pass a float in (0, 1], e.g. 0.5." if fraction_ok else ""))
+    if nbytes < 0:
+        raise ConfigError(f"`{name}` must be >= 0 bytes; got {value!r}. Pass a size such as '6GiB'.")
+    return nbytes
+
+
+def _nbytes_or_none(value: Any) -> int | None:
+    """Bytes (possibly negative) that `value` spells, or None if it spells no size."""
+    if isinstance(value, bool):          # True is an int, but never meant as 1 byte
+        return None
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        # A bare "0.5" is ambiguous (bytes? a fraction?): a unitless string must be whole bytes.
-        if m and m.group(2).lower() in _SIZE_SUFFIXES and (m.group(2) or m.group(1).isdigit()):
-            return int(float(m.group(1)) * _SIZE_SUFFIXES[m.group(2).lower()])
-    raise ConfigError(
-        f"`{name}` must be a byte count (int) or a size string such as '6GiB' or '500MB' "
-        f"(suffixes: {', '.join(s for s in _SIZE_SUFFIXES if s)}); got {value!r}."
-        + (" For a fraction of the device's memory pass a float, e.g. 0.5." if fraction_ok else "")
-    )
+        m = _SIZE_RE.fullmatch(value)
+        if not m or m.group(3).lower() not in _SIZE_UNITS:
+            return None
+        sign, number, unit = m.group(1), m.group(2), m.group(3).lower()
+        if not unit and not number.isdigit():   # a bare "0.5": bytes or a share? Neither, say so.
+            return None
+        # Fraction, not float: "123456789012345678901" stays exact; int() rounds down.
+        nbytes = int(Fraction(number) * _SIZE_UNITS[unit])
+        return -nbytes if sign == "-" else nbytes
+    try:
+        return operator.index(value)     # ints, numpy integers; not floats
+    except TypeError:
+        return None
+
+
+def parse_budget(value: Any, name: str = "vram_budget") -> int | float | None:
+    """None | a size | a float share of the device's memory in (0, 1] -> None | bytes | the share.
+
+    An int is bytes and a float is a share, so 1 and 1.0 differ: 1.0 is the whole device."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):   # numpy floats too
+        if not 0.0 < value <= 1.0:       # also false for nan
+            raise ConfigError(
+                f"`{name}` as a float is a share of the device's memory and must be in (0, 1]; "
+                f"got {value!r}. Pass e.g. 0.5, or a size such as '6GiB' or an int of bytes.")
+        return float(value)
+    return parse_nbytes(value, name, fraction_ok=True)
+
+
+def resolve_budget(value: Any, total_memory: Callable[[], int], name: str = "vram_budget") -> int | None:
+    """A budget, as `SessionConfig` holds it or as typed -> bytes, or None for no budget.
+
+    `total_memory()` (the device's bytes) is called only for a share, so a budget in bytes
+    never has to ask the device."""
+    budget = parse_budget(value, name)
+    if isinstance(budget, float):
+        return int(budget * total_memory())
+    return budget
 
 
 def check_device(device: Any) -> str:
@@ -84,9 +137,9 @@ class SessionConfig:
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
-    codec: str = "zstd"             # "zstd": decoded by host threads; "nibble": 4-bit codes the device expands
+    codec: Codec = Codec.ZSTD       # "zstd": decoded by host threads; "nibble": 4-bit codes the device expands
     raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
-    vram_budget: Any = None         # bytes | "6GiB" | fraction of device memory in (0, 1]
+    vram_budget: Any = None         # bytes | "6GiB" | share of device memory in (0, 1]; None, int or float after
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
     pool: Any = None                # a DevicePool shared by several sessions
     backend: Any = None             # a Backend instance (tests: FakeBackend); overrides `device`
@@ -95,19 +148,10 @@ class SessionConfig:
         self._check_device()
         self._check_ints()
         self._check_units()
-        if self.codec not in _CODECS:
-            raise ConfigError(
-                f"`codec` must be one of {_CODECS}; got {self.codec!r}. \"zstd\" stores the least host RAM and "
-                f"decodes on host threads; \"nibble\" stores more, and the GPU decodes it (no host decode).")
+        object.__setattr__(self, "codec", parse_codec(self.codec, "codec"))
         if self.cache not in _CACHE_MODES:
             raise ConfigError(f"`cache` must be one of {_CACHE_MODES}; got {self.cache!r}.")
-        if self.vram_budget is not None and not isinstance(self.vram_budget, float):
-            object.__setattr__(self, "vram_budget", parse_nbytes(self.vram_budget, "vram_budget", fraction_ok=True))
-        if isinstance(self.vram_budget, float) and not 0.0 < self.vram_budget <= 1.0:
-            raise ConfigError(
-                f"`vram_budget` as a float is a fraction of the device's memory and must be in (0, 1]; "
-                f"got {self.vram_budget}. Pass e.g. 0.5, or a size such as '6GiB'."
-            )
+        object.__setattr__(self, "vram_budget", parse_budget(self.vram_budget, "vram_budget"))
         if self.activation_reserve is not None:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
         self._check_switch_interval()
@@ -133,9 +177,7 @@ class SessionConfig:
                 f"`workers` must be an int in [1, 256] (decode threads); got {self.workers!r}. "
                 f"Leave it unset for {default_workers()} on this machine."
             )
-        if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int)
-                                       or not -7 <= self.level <= 22):
-            raise ConfigError(f"`level` must be None or a zstd level in [-7, 22]; got {self.level!r}. Leave it None.")
+        check_level(self.level)           # the range pack() accepts: codec.MIN_LEVEL..MAX_LEVEL
 
     def _check_switch_interval(self) -> None:
         value = self.gil_switch_interval

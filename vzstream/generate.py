@@ -74,85 +74,80 @@ def _hf_stop_on(cancel: threading.Event, given=None):
     return StoppingCriteriaList([*(given or []), _Cancelled()])
 
 
-class AsyncGeneration:
-    """Async methods of `Session` (mixed in): `async with`, `agenerate`, `stream`."""
+def hf_generate_kwargs(cancel: threading.Event, on_token, kwargs: dict) -> dict:
+    """`kwargs` for a Hugging Face `generate` that stops once `cancel` is set and hands each
+    new token to `on_token`."""
+    kwargs = dict(kwargs)
+    kwargs["stopping_criteria"] = _hf_stop_on(cancel, kwargs.get("stopping_criteria"))
+    if on_token is not None:
+        kwargs["streamer"] = _TokenStreamer(on_token, kwargs.get("streamer"))
+    return kwargs
 
-    async def __aenter__(self):
-        # Packing must not block the event loop. The thread gets the caller's current GPU, so
-        # device="cuda" means the same card as in a plain `with`.
-        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
-        def open_here():
-            if device is not None:
-                torch.cuda.set_device(device)
-            self.open()
+async def open_in_thread(open_fn, close_fn) -> None:
+    """`open_fn()` off the event loop (packing must not block it). The thread gets the caller's
+    current GPU, so device="cuda" means the same card as in a plain `with`. Cancelled meanwhile,
+    `close_fn` undoes what the thread opened (`__aexit__` will not run)."""
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
-        fut = asyncio.ensure_future(asyncio.to_thread(open_here))
+    def open_here():
+        if device is not None:
+            torch.cuda.set_device(device)
+        open_fn()
+
+    fut = asyncio.ensure_future(asyncio.to_thread(open_here))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await _finish(fut)
+        await asyncio.to_thread(close_fn)
+        raise
+
+
+async def close_in_thread(close_fn) -> None:
+    """`close_fn()` off the event loop, shielded: a cancellation meanwhile (a timeout, Ctrl-C under
+    asyncio.run) must not return before the thread has put the model back; it is raised after."""
+    fut = asyncio.ensure_future(asyncio.to_thread(close_fn))
+    cancelled = await _settle(fut)
+    try:
+        fut.result()                       # close's own error: the cancellation's context
+    finally:
+        if cancelled:
+            raise asyncio.CancelledError
+
+
+async def cancellable(run):
+    """`run(cancel)` on a thread; cancelling the awaiting task sets `cancel` and waits for it."""
+    cancel = threading.Event()
+    fut = asyncio.get_running_loop().run_in_executor(None, lambda: run(cancel))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        await _finish(fut)
+        raise
+
+
+async def stream_tokens(run):
+    """Each new token `[B, 1]` of `run(cancel, on_token)`, run on a thread, as it comes."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel, done = threading.Event(), object()
+
+    def thread():
         try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:       # __aexit__ will not run: undo what the thread opened
-            await _finish(fut)
-            await asyncio.to_thread(self.close)
-            raise
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        # Shielded: a cancellation meanwhile (a timeout, Ctrl-C under asyncio.run) must not
-        # return before the thread has put the model back; it is raised after that.
-        fut = asyncio.ensure_future(asyncio.to_thread(self.close))
-        cancelled = await _settle(fut)
-        try:
-            fut.result()                       # close's own error: the cancellation's context
+            return run(cancel, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
         finally:
-            if cancelled:
-                raise asyncio.CancelledError
+            loop.call_soon_threadsafe(queue.put_nowait, done)
 
-    def _generate_cancellable(self, input_ids, cancel, on_token=None, **kwargs):
-        self._cancels.add(cancel)             # leaving the session cancels it
-        try:
-            if callable(getattr(self.model, "generate", None)):
-                kwargs["stopping_criteria"] = _hf_stop_on(cancel, kwargs.get("stopping_criteria"))
-                if on_token is not None:
-                    kwargs["streamer"] = _TokenStreamer(on_token, kwargs.get("streamer"))
-                return self.generate(input_ids, **kwargs)
-            with self._running():
-                return greedy(self.model, input_ids, on_token=on_token, cancel=cancel, **kwargs)
-        finally:
-            self._cancels.discard(cancel)
-
-    async def agenerate(self, input_ids, **kwargs):
-        """`generate` off the event loop; cancelling the awaiting task stops it at the next token."""
-        cancel = threading.Event()
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._generate_cancellable(input_ids, cancel, **kwargs))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            cancel.set()
-            await _finish(fut)
-            raise
-
-    async def stream(self, input_ids, **kwargs):
-        """`async for new_ids in s.stream(ids, max_new_tokens=N)`: each step's tokens `[B, 1]`."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel, done = threading.Event(), object()
-
-        def run():
-            try:
-                return self._generate_cancellable(
-                    input_ids, cancel, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), **kwargs)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        fut = loop.run_in_executor(None, run)
-        try:
-            while (item := await queue.get()) is not done:
-                yield item
-            await fut                        # re-raise an error from the generation thread
-        finally:
-            cancel.set()
-            await _finish(fut)
+    fut = loop.run_in_executor(None, thread)
+    try:
+        while (item := await queue.get()) is not done:
+            yield item
+        await fut                        # re-raise an error from the generation thread
+    finally:
+        cancel.set()
+        await _finish(fut)
 
 
 async def _settle(fut) -> bool:

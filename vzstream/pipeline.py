@@ -1,5 +1,5 @@
-"""The streaming runtime's machinery: the device slot pool, decode workers and in-flight tickets
-(`streamer.py` walks the schedule with them).
+"""The runtime's machinery: the ring of device slots, decode workers and in-flight tickets
+(`runtime.py` walks the schedule with them).
 
 Invariants:
 - A slot is owned by exactly one of: the free list, one in-flight ticket, one held unit.
@@ -31,35 +31,56 @@ class Slot:
 
 
 class SlotPool:
-    """A static pool of device slots, each big enough for the largest streamed unit."""
+    """The ring: device slots of `slot_nbytes`, allocated as they are first needed, up to the
+    count a caller allows; and a slot of its own for each outsized unit (`dedicated`: a key
+    naming the unit, (id(runtime), unit index), -> bytes), so such a unit never widens every
+    slot. Dedicated slots have negative indices."""
 
-    def __init__(self, backend, slot_nbytes: int) -> None:
+    def __init__(self, backend, slot_nbytes: int, dedicated: dict | None = None) -> None:
         self.backend, self.slot_nbytes = backend, slot_nbytes
+        self.dedicated_nbytes = dict(dedicated or {})
         self.slots: list[Slot] = []
         self.free: list[Slot] = []
-        self.overflows = 0
+        self.own: dict = {}                     # key -> its dedicated slot, once allocated
+        self.own_free: set[int] = set()
 
     def reserve(self, count: int) -> None:
-        """Grow the pool to `count` slots (done once per learned schedule, never per pass)."""
+        """Grow the ring to `count` slots (done once per learned schedule, never per pass)."""
         while len(self.slots) < count:
             slot = Slot(len(self.slots), self.backend.device_buffer(self.slot_nbytes))
             self.slots.append(slot)
             self.free.append(slot)
 
-    def acquire(self) -> Slot:
-        if not self.free:
-            # Off-plan paths may need one more than the schedule counted; never deadlock.
-            self.overflows += 1
+    def acquire(self, key, limit: int | None) -> Slot | None:
+        """A free slot for the unit `key` names (its dedicated slot, if it has one), allocating
+        one up to `limit` slots (None: no limit); None when every slot it may use is taken."""
+        nbytes = self.dedicated_nbytes.get(key)
+        if nbytes is not None:
+            if key not in self.own:
+                self.own[key] = Slot(-1 - len(self.own), self.backend.device_buffer(nbytes))
+                self.own_free.add(key)
+            if key not in self.own_free:
+                return None
+            self.own_free.discard(key)
+            return self.own[key]
+        if not self.free and (limit is None or len(self.slots) < limit):
             self.reserve(len(self.slots) + 1)
-        return self.free.pop()
+        return self.free.pop() if self.free else None
 
     def release(self, slot: Slot) -> None:
-        self.free.append(slot)
+        if slot.index < 0:
+            self.own_free.add(next(u for u, s in self.own.items() if s is slot))
+        else:
+            self.free.append(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.slot_nbytes + sum(s.tensor.numel() for s in self.own.values())
 
     def close(self) -> None:
-        for slot in self.slots:
+        for slot in [*self.slots, *self.own.values()]:
             self.backend.free_device_buffer(slot.tensor)
-        self.slots, self.free = [], []
+        self.slots, self.free, self.own, self.own_free = [], [], {}, set()
 
 
 class Ticket:
@@ -162,14 +183,14 @@ class Pipeline:
 
     inline_nbytes = 64 << 10
 
-    def __init__(self, backend, workers: int, stats, caller_uploads: bool = False) -> None:
-        self.backend, self.stats, self.caller_uploads = backend, stats, caller_uploads
+    def __init__(self, backend, workers: int, counters, caller_uploads: bool = False) -> None:
+        self.backend, self.counters, self.caller_uploads = backend, counters, caller_uploads
         self.workers = Workers(workers, "vzstream-decode")
 
     def submit(self, store, slot: Slot) -> Ticket:
         ticket = Ticket(store, slot)
         jobs = self.backend.decode_jobs(ticket)
-        self.stats.decodes += 1
+        self.counters.decodes += 1
         if not jobs and self.caller_uploads:
             ticket.caller = ticket.inline = True      # no worker ever writes its slot
         elif store.raw_nbytes < self.inline_nbytes:
@@ -204,7 +225,7 @@ class Pipeline:
                 except BaseException as exc:
                     ticket.error = exc
         finally:                        # even if interrupted: nothing may wait forever on it
-            self.stats.add_decode_s(ticket.decode_s)
+            self.counters.add_decode_s(ticket.decode_s)
             ticket.ready.set()
 
     def start(self, ticket: Ticket) -> None:
@@ -217,7 +238,7 @@ class Pipeline:
         try:
             self._finish(ticket)
         finally:
-            self.stats.upload_issue_s += time.perf_counter() - t0
+            self.counters.upload_issue_s += time.perf_counter() - t0
         if ticket.error is not None and not isinstance(ticket.error, Exception):
             raise ticket.error
 
@@ -233,7 +254,7 @@ class Pipeline:
         if not ticket.ready.is_set():
             t0 = time.perf_counter()
             ticket.ready.wait()
-            self.stats.stall_s += time.perf_counter() - t0
+            self.counters.stall_s += time.perf_counter() - t0
         if ticket.error is not None:
             fqn, exc = ticket.store.unit.fqn, ticket.error
             if not isinstance(exc, Exception):  # KeyboardInterrupt during an inline decode

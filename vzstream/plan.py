@@ -1,209 +1,29 @@
-"""Pure planning: which parameters form which unit, and the fetch schedule over a trace.
+"""The memory plan: which units stay resident, and the one slot layout every part reads.
 
-Nothing here touches threads or devices, so every decision is testable on CPU.
+Pure arithmetic over unit sizes, so every decision is testable on CPU. A `MemoryPlan` fixes
+the slot size and count; the ring allocates at most that, staging reads it, and a budget counts
+it. Units larger than the ring's slots never widen the ring:
 
-- `find_units(model, spec)` groups parameters into units (DESIGN §2). Each parameter belongs to
-  exactly one unit (tied parameters to the first module that owns them); a unit is bound by a
-  hook on each module that uses its parameters.
-- `make_schedule(trace, prefetch, cache)` says, for every position of a pass, whether that use
-  fetches or reuses a held slot, whether the slot is released after it, and how many device
-  slots the schedule needs at most (simulated over two passes, because it wraps around).
+- under a budget they stay resident (a slot of their size would cost as much, and streams);
+- without one they stream through a dedicated slot of their own, so finer `units` never need
+  more device memory than coarser ones.
+
+`plan_pool` plans every member of a `DevicePool` at once, under the pool's budget: the units
+kept resident are those that save the most streamed bytes per pass per byte of device memory
+(every unit fetched once a pass saves its own size: the same ratio), spread evenly over all
+members, so each gets an equal share. A member's own `vram_budget` stays a cap.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-from dataclasses import dataclass, field
-
-from torch import nn
+from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 
-log = logging.getLogger("vzstream")
+MIB = 1 << 20
 
 
-@dataclass(eq=False)
-class Unit:
-    """A group of parameters fetched together: one slot, one trace entry per use."""
-
-    index: int
-    fqn: str
-    modules: list[nn.Module]                      # hook targets: every module that uses these params
-    params: list[tuple[str, nn.Parameter]]        # (fqn, param), each param once
-    streamed: bool = True
-    param_nbytes: list[int] = field(init=False, default_factory=list)  # sizes as found (params get swapped later)
-
-    def __post_init__(self) -> None:
-        self.param_nbytes = [p.numel() * p.element_size() for _, p in self.params]
-
-    @property
-    def raw_nbytes(self) -> int:
-        return sum(self.param_nbytes)
-
-
-def _direct_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module._parameters.values() if p is not None]
-
-
-def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    best, best_numel = None, 0
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
-            numel = sum(p.numel() for p in mod.parameters())
-            if numel > best_numel:
-                best, best_numel = (fqn, mod), numel
-    return best
-
-
-def _stream_roots(model: nn.Module, spec) -> tuple[list[str], bool]:
-    """Module fqns whose whole subtree is one streamed unit, and whether leaves stream too."""
-    modules = dict(model.named_modules(remove_duplicate=False))   # an aliased module answers to every name
-    if spec == "leaves":
-        return [], True
-    if spec == "blocks":
-        found = _largest_module_list(model)
-        if found is None:
-            log.warning("vzstream: units='blocks' found no nn.ModuleList of blocks; streaming every leaf instead")
-            return [], True
-        prefix = f"{found[0]}." if found[0] else ""
-        seen: set[int] = set()
-        roots = []
-        for i, block in enumerate(found[1]):
-            if id(block) not in seen:         # a block listed twice (shared weights) is one unit
-                seen.add(id(block))
-                roots.append(f"{prefix}{i}")
-        return roots, False
-    missing = [f for f in spec if f not in modules]
-    if missing:
-        sample = ", ".join(list(modules)[1:8])
-        raise ConfigError(
-            f"`units` names modules the model does not have: {missing}; "
-            f"names are fqns as in model.named_modules(), e.g. {sample}."
-        )
-    for a in spec:
-        for b in spec:
-            if a != b and (a == "" or b.startswith(a + ".")):
-                raise ConfigError(f"`units` lists {a!r} and its submodule {b!r}; list only one of them.")
-    return list(spec), False
-
-
-def find_units(model: nn.Module, spec="blocks") -> list[Unit]:
-    """Group the model's parameters into units. Streamed units come first, in module order."""
-    roots, leaves_stream = _stream_roots(model, spec)
-    modules = dict(model.named_modules())
-    by_name = dict(model.named_modules(remove_duplicate=False))
-    owner: dict[int, Unit] = {}
-    units: list[Unit] = []
-
-    def add(fqn: str, mods: list[nn.Module], params, streamed: bool) -> None:
-        fresh = [(n, p) for n, p in params if id(p) not in owner]
-        if not fresh:
-            return
-        unit = Unit(len(units), fqn, mods, fresh, streamed)
-        units.append(unit)
-        for _, p in fresh:
-            owner[id(p)] = unit
-
-    for fqn in roots:
-        prefix = f"{fqn}." if fqn else ""
-        add(fqn, [by_name[fqn]], [(prefix + n, p) for n, p in by_name[fqn].named_parameters()], True)
-    for fqn, mod in modules.items():
-        prefix = f"{fqn}." if fqn else ""
-        add(fqn, [mod], [(prefix + n, p) for n, p in mod._parameters.items() if p is not None], leaves_stream)
-    # A module that uses a parameter owned elsewhere (tied weights) must bind that unit too.
-    for mod in modules.values():
-        for p in _direct_params(mod):
-            unit = owner[id(p)]
-            if not any(mod is m or _is_descendant(m, mod) for m in unit.modules):
-                unit.modules.append(mod)
-    units.sort(key=lambda u: not u.streamed)
-    for i, u in enumerate(units):
-        u.index = i
-    return units
-
-
-def nesting_depth(model: nn.Module, units: list[Unit]) -> int:
-    """Most units bound at once by nesting alone (a unit module inside another unit module)."""
-    hooked = {id(m) for u in units for m in u.modules}
-
-    def depth(mod: nn.Module, seen: set[int]) -> int:
-        if id(mod) in seen:                   # shared submodules: count each path once
-            return 0
-        seen = seen | {id(mod)}
-        below = max((depth(c, seen) for c in mod.children()), default=0)
-        return below + (id(mod) in hooked)
-
-    return max(1, depth(model, set()))
-
-
-def _is_descendant(ancestor: nn.Module, mod: nn.Module) -> bool:
-    return any(m is mod for m in ancestor.modules())
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """What happens at each trace position. A *fetch* is a decode+upload into a fresh slot."""
-
-    trace: tuple[int, ...]            # unit index used at each position of a pass
-    fetches: tuple[bool, ...]         # this position fetches (else: reuses the slot held since an earlier use)
-    releases: tuple[bool, ...]        # the slot is released after this position's use
-    frontier: tuple[int, ...]         # index of the latest fetch at or before each position
-    fetch_units: tuple[int, ...]      # unit of each fetch, in pass order
-    prefetch: int
-    num_slots: int                    # most slots occupied at once (held + in flight), over the wrap
-
-    @property
-    def num_fetches(self) -> int:
-        return len(self.fetch_units)
-
-    def fetch_unit(self, g: int) -> int:
-        """Unit of global fetch `g` (fetch `g % num_fetches` of pass `g // num_fetches`)."""
-        return self.fetch_units[g % len(self.fetch_units)]
-
-
-def make_schedule(trace, prefetch: int, cache: str, ends=None) -> Schedule:
-    """Fetch/release flags per position and the slot count the schedule needs.
-
-    `ends[i]` is the last position bound before the use at position `i` was released (a unit
-    that encloses others, e.g. a module owning parameters with children that own more, is
-    held while they run); without it every use is released before the next bind.
-    """
-    trace = tuple(trace)
-    ends = tuple(range(len(trace))) if ends is None else tuple(ends)
-    if cache == "none":
-        fetches = releases = tuple(True for _ in trace)
-    else:
-        first = {u: i for i, u in reversed(list(enumerate(trace)))}
-        last = {u: i for i, u in enumerate(trace)}
-        fetches = tuple(first[u] == i for i, u in enumerate(trace))
-        releases = tuple(last[u] == i for i, u in enumerate(trace))
-    frontier = tuple(n - 1 for n in itertools.accumulate(fetches))
-    fetch_units = tuple(u for u, f in zip(trace, fetches) if f)
-    freed_after = [0] * len(trace)              # slots freed right after each position's bind
-    for pos, end in enumerate(ends):
-        freed_after[max(pos, min(end, len(trace) - 1))] += releases[pos]
-    peak = _peak_slots(len(fetch_units), freed_after, frontier, prefetch)
-    return Schedule(trace, fetches, releases, frontier, fetch_units, prefetch, peak)
-
-
-def _peak_slots(num_fetches: int, freed_after, frontier, prefetch: int) -> int:
-    """Simulate two passes (the schedule wraps): at each bind, fetches up to frontier+prefetch
-    are in flight; slots free after the binds their units enclose."""
-    if num_fetches == 0:
-        return 0
-    occupied, requested, peak = 0, -1, 0
-    for p in range(2):
-        for pos in range(len(frontier)):
-            target = p * num_fetches + frontier[pos] + prefetch
-            occupied += max(0, target - requested)
-            requested = max(requested, target)
-            peak = max(peak, occupied)
-            occupied -= freed_after[pos]
-    return peak
-
-
-def unit_nbytes(unit: Unit, alignment: int) -> int:
+def unit_nbytes(unit, alignment: int) -> int:
     """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
     return sum(align(n, alignment) for n in unit.param_nbytes)
 
@@ -213,7 +33,7 @@ def align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def param_offsets(unit: Unit, alignment: int) -> list[int]:
+def param_offsets(unit, alignment: int) -> list[int]:
     """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
     offsets, off = [], 0
     for n in unit.param_nbytes:
@@ -224,23 +44,43 @@ def param_offsets(unit: Unit, alignment: int) -> list[int]:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Which units stay resident under a device-memory budget, and what the ring costs."""
+    """Which units stay resident, and the slot layout: `num_slots` slots of `slot_nbytes`, plus
+    one slot of its own for each unit in `dedicated`."""
 
     resident: frozenset[int]
-    slot_nbytes: int            # one slot: the largest streamed unit
-    num_slots: int              # the static ring (prefetch + 2)
+    slot_nbytes: int            # one slot of the ring
+    num_slots: int              # slots of the ring
     resident_nbytes: int
     activation_reserve: int
     budget: int | None
     stream_reserve: int = 0     # what streaming needs besides the ring (merge scratch); 0 if none streams
+    dedicated: tuple[tuple[int, int], ...] = ()   # (unit index, its slot's bytes): outsized streamed units
 
     @property
     def ring_nbytes(self) -> int:
-        return self.slot_nbytes * self.num_slots
+        return self.slot_nbytes * self.num_slots + sum(n for _, n in self.dedicated)
 
     @property
     def device_nbytes(self) -> int:
         return self.resident_nbytes + self.ring_nbytes + self.activation_reserve + self.stream_reserve
+
+
+def plan_layout(sizes: list[int], streamed: set[int], num_slots: int, min_slot_nbytes: int = 0) -> MemoryPlan:
+    """No budget: the `streamed` units stream, through the cheapest layout. Every slot size S is
+    tried; units larger than S get a dedicated slot; the least device memory wins (on a tie, the
+    fewest dedicated slots)."""
+    resident = frozenset(u for u in range(len(sizes)) if u not in streamed)
+    resident_nbytes = sum(sizes[u] for u in resident)
+    if not streamed:
+        return MemoryPlan(resident, 0, 0, resident_nbytes, 0, None)
+    best = None
+    for slot in sorted({sizes[u] for u in streamed}, reverse=True):
+        slot = max(slot, min_slot_nbytes)
+        dedicated = tuple((u, sizes[u]) for u in sorted(streamed) if sizes[u] > slot)
+        cost = num_slots * slot + sum(n for _, n in dedicated)
+        if best is None or cost < best[0]:
+            best = (cost, slot, dedicated)
+    return MemoryPlan(resident, best[1], num_slots, resident_nbytes, 0, None, dedicated=best[2])
 
 
 def _evenly_spaced(m: int, n: int) -> list[int]:
@@ -265,46 +105,134 @@ def _fill(sizes: list[int], candidates: list[int], free: int) -> set[int]:
 
 
 def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserve: int = 0,
-                min_slot_nbytes: int = 0, what: str = "`vram_budget`", committed_nbytes: int = 0,
-                stream_reserve: int = 0, held_reserve: int = 0) -> MemoryPlan:
+                min_slot_nbytes: int = 0, what: str = "`vram_budget`", stream_reserve: int = 0,
+                names: list[str] | None = None, prefetch: int | None = None) -> MemoryPlan:
     """Keep as many units resident as fit after reserving the ring and the activation margin.
 
     `sizes` are the units' slot sizes in module order (≈ trace order). Every slot size S the
     ring could have is tried: units larger than S must stay resident; the rest are filled in
     evenly; the plan streaming the fewest bytes per pass wins. Raises `ConfigError` naming the
-    smallest budget that would work when nothing fits. `min_slot_nbytes`: a shared pool's ring
-    is at least that large already, whatever this model needs. `what` names the budget in errors;
-    `committed_nbytes` (other sessions' residents in a pool) is added to the numbers it names.
-    `stream_reserve`: what streaming needs besides the ring (the backend's merge scratch), reserved
-    only by plans that stream something; `held_reserve`: the part of it a shared pool holds
-    already, which stays either way (like a shared ring).
+    smallest budget that would work, and what takes it, when nothing fits. `min_slot_nbytes`: a
+    shared pool's ring is at least that large already. `stream_reserve`: what streaming needs
+    besides the ring (the backend's merge scratch), reserved only by plans that stream something.
+    `names` (unit fqns) and `prefetch` only make the error say more.
     """
     total, act = sum(sizes), activation_reserve
-    if total + act + num_slots * min_slot_nbytes + held_reserve <= budget:   # a shared ring stays either way
+    if total + act + num_slots * min_slot_nbytes <= budget:       # a shared ring stays either way
         return MemoryPlan(frozenset(range(len(sizes))), 0, 0, total, act, budget)
-    best, minimum = None, total + act + num_slots * min_slot_nbytes + held_reserve
+    best = None
     for slot in sorted(set(sizes), reverse=True):
-        forced = {u for u, n in enumerate(sizes) if n > slot}
-        fixed = sum(sizes[u] for u in forced) + num_slots * max(slot, min_slot_nbytes) + act + stream_reserve
-        minimum = min(minimum, fixed)
+        fixed = _fixed(sizes, slot, num_slots, act, min_slot_nbytes, stream_reserve)
         if fixed > budget:
             continue
+        forced = {u for u, n in enumerate(sizes) if n > slot}
         resident = forced | _fill(sizes, [u for u in range(len(sizes)) if u not in forced], budget - fixed)
         resident_nbytes = sum(sizes[u] for u in resident)
         if best is None or resident_nbytes > best.resident_nbytes:
-            best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act, budget,
-                              stream_reserve)
+            best = MemoryPlan(frozenset(resident), max(slot, min_slot_nbytes), num_slots, resident_nbytes, act,
+                              budget, stream_reserve)
     if best is None:
-        shown, minimum = budget + committed_nbytes, minimum + committed_nbytes
-        raise ConfigError(
-            f"{what} of {shown} bytes ({shown / 2**20:.1f} MiB) cannot hold even full streaming: "
-            f"the ring of {num_slots} slots plus {act} bytes of activation reserve"
-            + (f" and {stream_reserve} bytes of merge scratch" if stream_reserve else "") + " needs at least "
-            f"{minimum} bytes ({minimum / 2**20:.1f} MiB). Raise the budget to {minimum} or more, "
-            f"lower `prefetch`, or use finer `units`."
-        )
+        raise ConfigError(_too_small(sizes, budget, num_slots, act, min_slot_nbytes, stream_reserve, what,
+                                     names, prefetch))
     return best
 
+
+def _fixed(sizes, slot: int, num_slots: int, act: int, min_slot: int, stream_reserve: int) -> int:
+    """Device bytes a plan with ring slots of `slot` needs before anything optional is resident."""
+    return sum(n for n in sizes if n > slot) + num_slots * max(slot, min_slot) + act + stream_reserve
+
+
+def minimum_budget(sizes, num_slots: int, act: int = 0, min_slot: int = 0, stream_reserve: int = 0) -> tuple[int, int]:
+    """(smallest budget any plan fits in, the ring slot size it uses)."""
+    everything = sum(sizes) + act + num_slots * min_slot
+    best = min(((_fixed(sizes, s, num_slots, act, min_slot, stream_reserve), s) for s in set(sizes)),
+               default=(everything, 0))
+    return min(best, (everything, 0))
+
+
+def _size(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n} bytes"
+
+
+def _too_small(sizes, budget, num_slots, act, min_slot, stream_reserve, what, names, prefetch) -> str:
+    """The budget error: the smallest budget that fits, its largest parts, and what lowers it."""
+    minimum, slot = minimum_budget(sizes, num_slots, act, min_slot, stream_reserve)
+    slot = max(slot, min_slot)
+    names = names or [f"unit {i}" for i in range(len(sizes))]
+    forced = sorted(((n, names[u] or "(root)") for u, n in enumerate(sizes) if n > slot), reverse=True)
+    parts = [f"the ring of {num_slots} slots of {_size(slot)}: {_size(num_slots * slot)}"]
+    parts += [f"`{name}` kept resident, as it is larger than a slot: {_size(n)}" for n, name in forced[:3]]
+    if len(forced) > 3:
+        parts.append(f"{len(forced) - 3} more such units: {_size(sum(n for n, _ in forced[3:]))}")
+    advice = f"Raise the budget to {minimum} or more"
+    if prefetch:
+        fewer, _ = minimum_budget(sizes, num_slots - prefetch, act, min_slot, stream_reserve)
+        advice += f", or set `prefetch=0` (it then needs {fewer} bytes)"
+    if forced and forced[0][0] > num_slots * slot:
+        advice += "; finer `units` do not help when the largest part is one tensor"
+    return (f"{what} of {budget} bytes ({budget / MIB:.1f} MiB) cannot hold even full streaming: the ring of "
+            f"{num_slots} slots plus {act} bytes of activation reserve"
+            + (f" and {stream_reserve} bytes of merge scratch" if stream_reserve else "")
+            + f" needs at least {minimum} bytes ({minimum / MIB:.1f} MiB). It is made of "
+            + "; ".join(parts) + f". {advice}.")
+
+
+# -- a pool's joint plan --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Needs:
+    """What one member asks of a plan: its units' slot sizes (module order), which stream when
+    nothing forces a choice, its slot count, activation reserve, scratch, and own budget cap."""
+
+    sizes: tuple[int, ...]
+    streamed: frozenset[int]
+    num_slots: int
+    activation_reserve: int = 0
+    stream_reserve: int = 0
+    cap: int | None = None
+    names: tuple[str, ...] = ()
+    prefetch: int | None = None
+
+
+def plan_alone(needs: Needs, min_slot_nbytes: int = 0) -> MemoryPlan:
+    """One member's plan, under its own cap if it has one, else its `units` choice."""
+    if needs.cap is None:
+        return plan_layout(list(needs.sizes), set(needs.streamed), needs.num_slots, min_slot_nbytes)
+    return plan_memory(list(needs.sizes), needs.cap, needs.num_slots, needs.activation_reserve, min_slot_nbytes,
+                       "`vram_budget`", needs.stream_reserve, list(needs.names), needs.prefetch)
+
+
+def plan_pool(members: list[Needs], budget: int | None) -> list[MemoryPlan]:
+    """Every member's plan. Without a pool budget each plans alone over one shared ring (its
+    slots as large as the largest any member needs); with one, all units of all members are
+    planned together (one ring, the largest reserve: one member runs at a time), then each
+    member's share is cut to its own cap."""
+    if not members:
+        return []
+    if budget is None:
+        alone = [plan_alone(m) for m in members]
+        slot = max(p.slot_nbytes for p in alone)
+        return [plan_alone(m, slot) if p.slot_nbytes < slot and p.num_slots else p for m, p in zip(members, alone)]
+    sizes = [n for m in members for n in m.sizes]
+    names = [f"{n}" for m in members for n in (m.names or [""] * len(m.sizes))]
+    joint = plan_memory(sizes, budget, max(m.num_slots for m in members),
+                        max(m.activation_reserve for m in members), 0,
+                        f"the pool's `budget` (shared by {len(members)} sessions)",
+                        max(m.stream_reserve for m in members), names, max(m.prefetch or 0 for m in members))
+    plans, start = [], 0
+    for m in members:
+        mine = frozenset(u - start for u in joint.resident if start <= u < start + len(m.sizes))
+        plan = replace(joint, resident=mine, resident_nbytes=sum(m.sizes[u] for u in mine),
+                       activation_reserve=m.activation_reserve)
+        if m.cap is not None and plan.device_nbytes > m.cap:
+            plan = plan_memory(list(m.sizes), m.cap, joint.num_slots, m.activation_reserve, joint.slot_nbytes,
+                               "`vram_budget`", m.stream_reserve, list(m.names), m.prefetch)
+        plans.append(plan)
+        start += len(m.sizes)
+    return plans
+
+
+# -- `s.plan` -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class UnitPlan:
@@ -323,6 +251,9 @@ class SessionPlan:
     slot_nbytes: int
     num_slots: int
     activation_reserve: int
+    dedicated_nbytes: int = 0
+    pool: str = ""              # a shared pool's split, or ""
+    slots_why: str = ""         # why the slot count is what it is
 
     @property
     def resident(self) -> frozenset[int]:
@@ -337,24 +268,26 @@ class SessionPlan:
         return sum(u.nbytes for u in self.units if u.streamed)
 
     def __str__(self) -> str:
-        mib = 2**20
-        head = (f"budget {'none' if self.budget is None else f'{self.budget / mib:.1f} MiB'}; "
-                f"resident {self.resident_nbytes / mib:.1f} MiB, streamed {self.streamed_nbytes / mib:.1f} MiB per pass; "
-                f"ring {self.num_slots} x {self.slot_nbytes / mib:.1f} MiB; "
-                f"activation reserve {self.activation_reserve / mib:.1f} MiB")
+        dedicated = f" + {self.dedicated_nbytes / MIB:.1f} MiB of dedicated slots" if self.dedicated_nbytes else ""
+        head = (f"budget {'none' if self.budget is None else f'{self.budget / MIB:.1f} MiB'}; "
+                f"resident {self.resident_nbytes / MIB:.1f} MiB, streamed {self.streamed_nbytes / MIB:.1f} MiB per pass; "
+                f"ring {self.num_slots} x {self.slot_nbytes / MIB:.1f} MiB{dedicated}"
+                f"{f' ({self.slots_why})' if self.slots_why else ''}; "
+                f"activation reserve {self.activation_reserve / MIB:.1f} MiB")
         width = max((len(u.fqn) for u in self.units), default=4)
         rows = [f"{u.fqn or '(root)':<{width}}  {'streamed' if u.streamed else 'resident':<8}  "
-                f"{u.nbytes / mib:9.2f} MiB  {u.reason}" for u in self.units]
-        return "\n".join([head, *rows])
+                f"{u.nbytes / MIB:9.2f} MiB  {u.reason}" for u in self.units]
+        return "\n".join([head, *([self.pool] if self.pool else []), *rows])
 
 
-def describe_plan(units: list[Unit], spec, memory: MemoryPlan | None, alignment: int,
-                  num_slots: int) -> SessionPlan:
+def describe_plan(units, spec, memory: MemoryPlan, alignment: int, pool: str = "", slots_why: str = "") -> SessionPlan:
     """Why each unit streams or stays: the budget planner's choice, or else the `units` option."""
-    rows = []
+    rows, dedicated = [], dict(memory.dedicated)
     for u in units:
         nbytes = unit_nbytes(u, alignment)
-        if memory is not None:
+        if u.index in dedicated:
+            why = "streamed: through a slot of its own (larger than the ring's slots)"
+        elif memory.budget is not None:
             if u.streamed:
                 why = "streamed: does not fit in the budget after the ring and the reserve"
             elif memory.slot_nbytes and nbytes > memory.slot_nbytes:
@@ -368,7 +301,5 @@ def describe_plan(units: list[Unit], spec, memory: MemoryPlan | None, alignment:
         else:
             why = "streamed: listed in `units`" if u.streamed else "resident: not listed in `units`"
         rows.append(UnitPlan(u.fqn, nbytes, u.streamed, why))
-    slot = memory.slot_nbytes if memory else max((r.nbytes for r in rows if r.streamed), default=0)
-    slots = memory.num_slots if memory else num_slots
-    act = memory.activation_reserve if memory else 0
-    return SessionPlan(tuple(rows), memory.budget if memory else None, slot, slots, act)
+    return SessionPlan(tuple(rows), memory.budget, memory.slot_nbytes, memory.num_slots, memory.activation_reserve,
+                       sum(dedicated.values()), pool, slots_why)

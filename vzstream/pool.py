@@ -1,31 +1,58 @@
 """DevicePool: device memory shared by several sessions, one of them streaming at a time.
 
-The pool owns the backend, one ring of slots (sized for the largest unit of any member, with
-the largest `prefetch + 2` of any member) and a lock. A session takes the lock for each call
-(`s(...)`, `generate`, ...) and, when the pool is shared, hands all its slots back before
-releasing it: an inactive session holds no slots, only its resident units. The budget bounds
-the sum of every member's resident units plus the one ring.
+The pool owns the backend, the gate (a lock a session takes for each call), one ring of slots
+and its members. When a member joins or leaves, the pool re-plans every member's resident set
+under its budget (`plan.plan_pool`), between calls, and applies it: units that no longer fit
+are packed and stream from then on, units that now fit are decoded onto the device. A member is
+the session's parts below it (units, install, runtime), never the session itself. Between
+calls on a shared pool no member holds a slot, only its resident units.
 """
 
 from __future__ import annotations
 
-import threading
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .backends import make_backend
-from .config import check_device, parse_nbytes
+from .config import check_device, resolve_budget
 from .errors import ConfigError
+from .install import Installed
 from .pipeline import SlotPool
+from .plan import MemoryPlan, Needs, minimum_budget, plan_pool
+from .runtime import Gate, Streamer
+
+log = logging.getLogger("vzstream")
 
 
-def resolve_budget(value, backend, name: str = "vram_budget") -> int | None:
-    """None | bytes | "6GiB" | fraction of the device's memory -> bytes (or None)."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"`{name}` as a float is a fraction of device memory in (0, 1]; got {value}.")
-        return int(value * backend.total_memory())
-    return parse_nbytes(value, name, fraction_ok=True)
+@dataclass(eq=False)
+class Member:
+    """One session's parts, as the pool plans and re-plans them."""
+
+    units: list
+    installed: Installed
+    runtime: Streamer
+    needs: Needs
+    pack: Callable                  # unit -> its UnitStore (a unit that stops being resident)
+    plan: MemoryPlan | None = field(default=None)
+
+    def apply(self, plan: MemoryPlan, admit: bool) -> None:
+        """Move units between resident and streamed as `plan` says: those that stop being
+        resident (`admit=False`), or those that become resident (`admit=True`). The pool does
+        all evictions first, so device memory never holds both the old and the new plan."""
+        changed = [u for u in self.units if (u.index in plan.resident) == u.streamed == admit]
+        if changed:
+            self.runtime.park()
+            self.installed.unhook()
+            for unit in changed:
+                if admit:
+                    self.installed.admit(unit)
+                else:
+                    self.installed.evict(unit, self.pack(unit))
+            self.installed.hook(self.runtime)
+            self.runtime.relearn_from_scratch()
+            log.info("vzstream: re-planned: %d unit(s) %s", len(changed), "now resident" if admit else "now stream")
+        self.plan = plan
 
 
 class DevicePool:
@@ -33,52 +60,111 @@ class DevicePool:
 
     def __init__(self, device: str = "auto", budget=None, *, backend=None) -> None:
         self.backend = make_backend(check_device(device), backend)
-        self.budget = resolve_budget(budget, self.backend, "budget")
-        self.lock = threading.Lock()          # held by the session that is running a call
-        self.owner: int | None = None         # thread id holding `lock` for a call (re-entry check)
-        self.active = None                    # the session whose call holds `lock`
+        self.budget = resolve_budget(budget, self.backend.total_memory, "budget")
+        self.gate = Gate()
         self.ring = SlotPool(self.backend, 0)
-        self.ring_slots = 0                   # static ring size once a member set it
-        self.members: dict[int, tuple] = {}   # id(session) -> (session, its resident bytes)
+        self.members: list[Member] = []
+
+    @property
+    def lock(self):
+        return self.gate.lock
 
     @property
     def shared(self) -> bool:
         return len(self.members) > 1
 
-    def available(self, session) -> int | None:
-        """Bytes a joining `session` may plan with: the budget less the others' residents."""
-        if self.budget is None:
-            return None
-        others = sum(n for sid, (_, n) in self.members.items() if sid != id(session))
-        return self.budget - others
+    def plans(self, needs: list[Needs]) -> list[MemoryPlan]:
+        """The joint plan of `needs` (pure: raises ConfigError before anything changes)."""
+        return plan_pool(needs, self.budget)
 
-    def join(self, session, resident_nbytes: int, slot_nbytes: int, num_slots: int) -> None:
-        """Register `session` (caller holds `lock`); grow the ring if it needs more."""
-        for other, _ in self.members.values():
-            other.park()                      # now shared: members hold no slots between calls
-        self.members[id(session)] = (session, resident_nbytes)
-        if slot_nbytes > self.ring.slot_nbytes:
-            self._rebuild_ring(slot_nbytes)
-        self.ring_slots = max(self.ring_slots, num_slots)
-        self.ring.reserve(self.ring_slots)
+    def join(self, member: Member, plans: list[MemoryPlan]) -> None:
+        """Add `member` with `plans` (one per member, `member`'s last), applied to the others
+        first: what they evict makes room for what the newcomer moves in. Caller holds the lock."""
+        for other in self.members:
+            other.runtime.park()
+        self.members.append(member)
+        self._apply(plans)
 
-    def leave(self, session) -> None:
-        self.members.pop(id(session), None)
+    def replan(self, member: Member, needs: Needs) -> None:
+        """`member`'s needs changed (its activations were measured): plan everyone again. Caller
+        holds the lock. A plan that no longer fits keeps the old one, with a warning."""
+        trial = [needs if m is member else m.needs for m in self.members]
+        try:
+            plans = self.plans(trial)
+        except ConfigError as exc:
+            log.warning("vzstream: the measured activations (%d bytes) do not fit the budget even fully "
+                        "streamed; keeping the plan. %s", needs.activation_reserve, exc)
+            return
+        member.needs = needs
+        self._apply(plans)
+
+    def leave(self, member: Member | None) -> None:
+        """Drop `member`; with no member left, free the ring and scratch (a model that came from
+        this device needs the room to be restored there). Caller holds the lock."""
+        if member in self.members:
+            self.members.remove(member)
+            for unit in member.units:           # cached views would keep the slots alive
+                if unit.store is not None:
+                    unit.store.forget_slots()
         self.backend.clear_caches()
         if not self.members:
-            self._rebuild_ring(0)
-            self.ring_slots = 0
+            self._rebuild_ring(0, {})
             self.backend.free_scratch()
 
-    def _rebuild_ring(self, slot_nbytes: int) -> None:
+    def rebalance(self) -> None:
+        """Plan the remaining members again (after one left and its parameters went back)."""
+        if not self.members:
+            return
+        try:
+            self._apply(self.plans([m.needs for m in self.members]))
+        except ConfigError as exc:          # they fitted before: keep their plans
+            log.warning("vzstream: re-planning the pool after a member left failed: %s", exc)
+
+    def _apply(self, plans: list[MemoryPlan]) -> None:
+        """Give each member its plan: evictions first, then the ring resized, then admissions,
+        so the device never holds more than the larger of the old and new plans."""
+        for member, plan in zip(self.members, plans):
+            member.apply(plan, admit=False)
+        slot = max((p.slot_nbytes for p in plans), default=0)
+        dedicated = {(id(m.runtime), u): n for m, p in zip(self.members, plans) for u, n in p.dedicated}
+        if slot != self.ring.slot_nbytes or dedicated != self.ring.dedicated_nbytes:
+            self._rebuild_ring(slot, dedicated)
+        for member, plan in zip(self.members, plans):
+            member.apply(plan, admit=True)
+        count = max((p.num_slots for p in plans), default=0)
+        for member, plan in zip(self.members, plans):
+            member.runtime.use_ring(self.ring, max(count, plan.num_slots), plan.budget is not None,
+                                    _slots_error(member.needs, self.budget, plan))
+        if any(p.budget is not None for p in plans):   # a budgeted ring is static from here on
+            self.ring.reserve(count)
+
+    def _rebuild_ring(self, slot_nbytes: int, dedicated: dict) -> None:
         # Members are parked (no slot in use) whenever the pool lock is free.
         self.ring.close()
-        for member, _ in self.members.values():      # cached views would keep old slots alive
-            for store in member.stores.values():
-                store.forget_slots()
+        for member in self.members:          # cached views would keep old slots alive
+            for unit in member.units:
+                if unit.store is not None:
+                    unit.store.forget_slots()
         self.backend.clear_caches()
-        self.ring = SlotPool(self.backend, slot_nbytes)
+        self.ring = SlotPool(self.backend, slot_nbytes, dedicated)
 
     @property
     def peak_device_nbytes(self) -> int:
         return self.backend.peak_device_nbytes
+
+
+def _slots_error(needs: Needs, pool_budget: int | None, plan: MemoryPlan):
+    """needed -> the ConfigError for a trace that holds more units at once than the plan's slots."""
+    def error(needed: int) -> ConfigError:
+        minimum, _ = minimum_budget(list(needs.sizes), needed, needs.activation_reserve, 0, needs.stream_reserve)
+        what = "`vram_budget`" if pool_budget is None or (needs.cap is not None and needs.cap < pool_budget) \
+            else "the pool's `budget`"
+        return ConfigError(
+            f"the traced pass needs {needed} slots at once (units bound inside one another, or held for reuse "
+            f"under cache='pass', with `prefetch={needs.prefetch}` in flight), but the plan for {what} of "
+            f"{plan.budget} bytes counted {plan.num_slots}. The smallest budget that fits is {minimum} bytes "
+            f"({minimum / 2**20:.1f} MiB) for this model alone; raise it, or lower `prefetch`.")
+    return error
+
+
+__all__ = ["DevicePool", "Member"]

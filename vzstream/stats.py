@@ -1,13 +1,15 @@
-"""Counters and timings of a session, and the readable table `str(stats)` prints.
+"""`Stats`: a snapshot of a session, and the readable table `str(stats)` prints.
 
-Keys use the stage verbs (decode, upload, bind, release) and carry their unit in the name.
+The runtime writes its counters (`runtime.Counters`); `collect` reads them, with the units'
+sizes, into one `Stats`. Nothing else writes a `Stats`. Keys use the stage verbs (decode,
+upload, bind, release) and carry their unit in the name.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass, fields
+
+import psutil
 
 
 @dataclass
@@ -36,11 +38,6 @@ class Stats:
     stall_s: float = 0.0             # forward-thread time spent waiting for a unit
     upload_issue_s: float = 0.0      # forward-thread time issuing uploads itself (codec="nibble")
     wall_s: float = 0.0              # time inside root forwards
-    _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
-
-    def add_decode_s(self, seconds: float) -> None:
-        with self._lock:
-            self.decode_s += seconds
 
     @property
     def ratio(self) -> float:
@@ -94,3 +91,28 @@ class Stats:
             rows.append(("uploads issued by the forward thread", f"{self.upload_issue_s:.3f} s"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def collect(units: list, runtime, calibration, backend) -> Stats:
+    """A `Stats` of `units` as they stand, `runtime`'s counters (None: not streaming) and what
+    `raw_fraction="auto"` measured."""
+    counted = runtime.counters.as_dict() if runtime is not None else {}
+    stats = Stats(**{f.name: counted[f.name] for f in fields(Stats) if f.name in counted})
+    stores = [u.store for u in units if u.streamed and u.store is not None]
+    stats.units_streamed = sum(u.streamed for u in units)
+    stats.units_resident = len(units) - stats.units_streamed
+    stats.packed_nbytes = sum(s.packed_nbytes for s in stores)
+    stats.raw_nbytes = sum(s.raw_nbytes for s in stores)
+    stats.uncompressed_nbytes = sum(s.raw_nbytes for s in stores if not s.compressed)
+    stats.resident_nbytes = sum(u.raw_nbytes for u in units if not u.streamed)
+    stats.decode_gbps_measured = calibration.decode_gbps_measured
+    stats.upload_gbps_measured = calibration.upload_gbps_measured
+    if runtime is not None:
+        stats.trace_misses = runtime.tracer.misses
+        stats.activation_nbytes = runtime.activation_nbytes or 0
+        if runtime.schedule is not None:
+            by_index = {u.index: u for u in units}
+            stats.streamed_nbytes_per_pass = sum(by_index[u].raw_nbytes for u in runtime.schedule.fetch_units)
+    stats.peak_device_nbytes = backend.peak_device_nbytes if backend is not None else 0
+    stats.host_rss_nbytes = psutil.Process().memory_info().rss
+    return stats

@@ -1,4 +1,4 @@
-"""Per-unit compressed storage in host RAM (DESIGN §5).
+"""Packing: each unit's compressed storage in host RAM.
 
 `pack_unit` packs every parameter of a unit with the codec, then copies all of its frames and
 raw planes into ONE host buffer from the backend (pinned on CUDA, in exact size: the pinned
@@ -8,22 +8,21 @@ rebuilt to point into that arena, so the store holds nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import logging
-import signal
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from . import calibrate, codec, nibble
-from .errors import ConfigError, FormatError, VzstreamError
-from .plan import Unit, align, param_offsets, unit_nbytes
+from .errors import ConfigError
+from .plan import align, param_offsets, unit_nbytes
+from .units import Unit
 
 log = logging.getLogger("vzstream")
 
@@ -158,25 +157,32 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
 
 
-def pack_all(units: list[Unit], backend, config, stats, threads: int):
+@dataclass
+class Calibration:
+    """What `raw_fraction="auto"` measured at open (0: not measured)."""
+
+    decode_gbps_measured: float = 0.0
+    upload_gbps_measured: float = 0.0
+
+
+def pack_all(units: list[Unit], backend, *, level: int | None, codec: str, raw_fraction, workers: int,
+             threads: int, calibration: Calibration):
     """Yield (unit, its UnitStore) for each of `units`, in order, packed on `threads` threads
     (the model computes nothing while a session opens, and zstd releases the GIL), a window
     of them in flight: that bounds the extra host RAM while packing (~1 GiB). The units kept
-    raw follow `config.raw_fraction` over those that stream (`unit.streamed`); "auto" packs its
+    raw follow `raw_fraction` over those that stream (`unit.streamed`); "auto" packs its
     sample unit first, compressed, and measures on it (`calibrate.auto_raw_fraction`, which
-    fills `stats`)."""
+    fills `calibration`)."""
     planned = [u for u in units if u.streamed]
     t0, largest = time.perf_counter(), max((u.raw_nbytes for u in units), default=1)
     with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
         def submit(u, compress=True):
-            return pool.submit(pack_unit, u, backend, config.level, compress, config.codec)
+            return pool.submit(pack_unit, u, backend, level, compress, codec)
 
-        # Of the units planned to stream: a unit kept resident for now (measured, evictable)
-        # and evicted to streaming later stays compressed, so under a budget the share is
-        # approximate.
-        fraction, sample = config.raw_fraction, {}
+        fraction, sample = raw_fraction, {}
         if fraction == "auto":
-            fraction, sample = calibrate.auto_raw_fraction(planned, submit, backend, config, stats)
+            fraction, sample = calibrate.auto_raw_fraction(
+                planned, submit, backend, SimpleNamespace(codec=codec, workers=workers), calibration)
         raw = calibrate.raw_units(planned, fraction, keep=sample)
 
         def next_store(u):
@@ -197,130 +203,6 @@ def in_order(items: list, submit, window: int):
         yield item, pending[i]
         if i + window < len(items):
             pending.append(submit(items[i + window]))
-
-
-class Original:
-    """Where a streamed parameter came from, to put it back exactly."""
-
-    __slots__ = ("param", "packed", "perm", "device", "unit_fqn", "name")
-
-    def __init__(self, param, packed, perm, device, unit_fqn: str, name: str) -> None:
-        self.param, self.packed, self.perm, self.device = param, packed, perm, device
-        self.unit_fqn, self.name = unit_fqn, name
-
-    def restore(self) -> None:
-        try:
-            value = codec.decode(self.packed)
-        except FormatError as exc:
-            # Without tracebacks: decode's frames hold `packed`, and so its unit's arena, for
-            # as long as the error lives (the messages name the unit, tensor, plane and frame).
-            cause = exc
-            while cause is not None:
-                cause.__traceback__, cause = None, cause.__cause__ or cause.__context__
-            raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
-        # Packed in memory order: undoing the permutation gives back the original strides.
-        try:
-            moved = value.to(self.device)
-        except Exception as exc:        # e.g. the device is out of memory: keep the weight, here
-            self.param.data = unpermute(value, self.perm)
-            raise VzstreamError(f"unit `{self.unit_fqn}`, tensor `{self.name}` could not be moved back to "
-                                f"{self.device} ({type(exc).__name__}: {exc}); it was left on the CPU, intact: "
-                                f"move the model (`model.to({str(self.device)!r})`) once there is room") from exc
-        self.param.data = unpermute(moved, self.perm)
-
-
-def restore_all(originals: list[Original], threads: int, free) -> list:
-    """Put every parameter of `originals` back, on `threads` threads, unit by unit (they come
-    grouped by unit, as the session packed them), calling `free(unit_fqn)` once a unit's are all
-    back so its store can go: leaving then needs the model's size of host RAM plus a few units,
-    not that plus every store. Threads because decoding is most of leaving, and much of it is
-    fresh pages faulting in (~1 GB/s per thread on a VM); each also moves its tensors to their
-    device, so host copies of a GPU model do not pile up. A FormatError leaves its parameter
-    empty and is returned, [(Original, FormatError)]; any other exception is raised once every
-    other parameter is back, with a note naming the corrupt ones. Run it under
-    `interrupts_deferred`: a Ctrl-C half-way would leave the rest empty for good."""
-    by_unit: dict[str, list[Original]] = {}
-    for orig in originals:
-        by_unit.setdefault(orig.unit_fqn, []).append(orig)
-    units, failed, errors = list(by_unit.items()), [], []
-    with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-restore") as pool:
-        def submit(unit):
-            return [_submit(pool, orig.restore) for orig in unit[1]]
-
-        # A window of units in flight, so the threads never run further ahead of the frees.
-        for (fqn, origs), futures in in_order(units, submit, threads):
-            for orig, future in zip(origs, futures):
-                exc = future.exception()
-                if isinstance(exc, FormatError):
-                    failed.append((orig, exc))
-                elif exc is not None:
-                    errors.append(exc)
-                orig.packed = None
-            try:
-                free(fqn)
-            except Exception as exc:             # freeing early only saves RAM: restoring comes first
-                errors.append(exc)
-    if errors:
-        raise _with_notes(errors[0], errors[1:], failed)
-    return failed
-
-
-def _with_notes(error: BaseException, others: list, failed: list) -> BaseException:
-    """`error`, noting the other errors (each names its tensor) and the corrupt parameters, so
-    none goes unreported (notes need Python >= 3.11; before, only `error` is shown)."""
-    if hasattr(error, "add_note"):
-        for exc in others:
-            error.add_note(f"vzstream: also: {type(exc).__name__}: {exc}")
-        if failed:
-            error.add_note("vzstream: also left empty, from corrupt compressed data: "
-                           + ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed))
-    return error
-
-
-def _submit(pool: ThreadPoolExecutor, fn) -> Future:
-    """`pool.submit(fn)`, or `fn` run here when no thread can start any more (a session left
-    from an `atexit` handler: the interpreter refuses new work to pools by then)."""
-    try:
-        return pool.submit(fn)
-    except RuntimeError:
-        done: Future = Future()
-        try:
-            done.set_result(fn())
-        except BaseException as exc:
-            done.set_exception(exc)
-        return done
-
-
-@contextlib.contextmanager
-def interrupts_deferred(what: str = "putting the model back"):
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it (or run the handler that
-    was installed): `what` must not stop half-way. A second Ctrl-C is obeyed at once (with the
-    consequence said in the warning the first one logs), so a hang stays escapable. Only where
-    Python's own handler or another Python handler is installed, and only on the main thread,
-    which is where signals are handled; elsewhere the block runs as it is."""
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if not callable(previous):
-        yield
-        return
-    caught = []
-
-    def hold(signum, frame):
-        if caught:                              # the user insists: obey now
-            caught.append(None)
-            signal.signal(signal.SIGINT, previous)
-            previous(signum, frame)
-            return
-        caught.append(frame)
-        log.warning("vzstream: Ctrl-C while %s: finishing that first; press Ctrl-C again to stop "
-                    "at once (what is not back by then is lost)", what)
-
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if len(caught) == 1:                    # held, not yet obeyed
-            previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt
 
 
 def return_freed_memory() -> None:

@@ -6,6 +6,8 @@ import threading
 
 import torch
 
+from ..codec import Codec
+
 
 class Backend:
     """Mechanism only: allocate host/device memory, decode, upload, order with events.
@@ -48,7 +50,7 @@ class Backend:
         """Bytes of streaming scratch allocated now (shared by a pool's members)."""
         return 0
 
-    def scratch_nbytes(self, units, codec: str = "zstd") -> int:
+    def scratch_nbytes(self, units, codec: str = Codec.ZSTD) -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0
 

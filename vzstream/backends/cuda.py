@@ -34,6 +34,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from ..codec import Codec
 from .base import Backend, chunk_jobs
 # The torch calls that move bytes, imported by name: tests patch them here, on this module.
 from .device_ops import (coded_views, expand_codes, interleave, merge_many, merge_pairs,  # noqa: F401 (interleave re-exported)
@@ -118,7 +119,7 @@ class CudaBackend(Backend):
             _UPLOAD_GBPS[key] = UPLOAD_PROBE_NBYTES / min(times[1:]) / 1e9
         return _UPLOAD_GBPS[key]
 
-    def scratch_nbytes(self, units, codec: str = "zstd") -> int:
+    def scratch_nbytes(self, units, codec: str = Codec.ZSTD) -> int:
         """Device memory the uploads of `units` need besides the slots: the merge scratch (for
         nibble codes also their gather indices and patches: `coded_region_nbytes`, which is
         largest for the smallest itemsize that may be coded)."""
@@ -126,7 +127,7 @@ class CudaBackend(Backend):
         split = [[(p.element_size(), n) for (_, p), n in zip(u.params, u.param_nbytes)
                   if p.dtype.is_floating_point and p.element_size() > 1] for u in units]   # per unit
         region = region_nbytes(max((merge_nbytes(n for _, n in tensors) for tensors in split), default=0))
-        if codec == "nibble" and any(split):
+        if codec == Codec.NIBBLE and any(split):
             region = max(region, coded_region_nbytes(region, min(k for tensors in split for k, _ in tensors)))
         return SCRATCH_REGIONS * region
 

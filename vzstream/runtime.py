@@ -1,0 +1,291 @@
+"""The runtime: the schedule walk. `Streamer` runs from the hooks, binding, releasing and
+prefetching units through the pipeline's tickets, over a ring of slots it is handed.
+
+Invariants:
+- `Streamer` methods run under the pool's lock: from hooks on the forward thread, or from
+  `park`/`close` on the thread that holds the lock.
+- Every ticket ends bound-then-released or drained; `close()` drains all of them, so no
+  thread or slot outlives the session.
+- On plan, fetch `g` (global: pass * fetches_per_pass + index) is requested when the forward
+  reaches fetch `g - prefetch`, as soon as a slot is free for it: requests go in order, and one
+  that finds no free slot (a unit's dedicated slot still in use) waits for the next release.
+  Off plan (first pass, a miss, calls outside a pass) units are fetched synchronously and
+  released after use. Outputs never depend on which path ran.
+- The ring never grows past the plan's slot count under a budget: a trace that needs more
+  raises `ConfigError` with the budget that fits, before anything exceeds it.
+- The runtime alone writes the counters (`Counters`); everything else reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from .errors import TraceError
+from .hooks import bind_params, unbind_params
+from .pipeline import Pipeline, SlotPool, Ticket
+from .schedule import Schedule, make_schedule
+from .trace import Tracer
+
+log = logging.getLogger("vzstream")
+
+
+@dataclass
+class Counters:
+    """What the runtime counts while it streams (read by `Session.stats`)."""
+
+    passes: int = 0                  # root forwards completed
+    decodes: int = 0                 # unit fetches submitted (prefetched or synchronous)
+    prefetched: int = 0              # binds served by a prefetch already in flight
+    sync_fetches: int = 0            # binds that had to fetch synchronously (first pass, misses)
+    drained: int = 0                 # prefetches dropped unused (a miss, a park between calls, close)
+    slot_overflows: int = 0          # slots allocated beyond the plan's count (no budget, off plan only)
+    decode_s: float = 0.0            # worker time spent decoding (summed over threads)
+    stall_s: float = 0.0             # forward-thread time spent waiting for a unit
+    upload_issue_s: float = 0.0      # forward-thread time issuing uploads itself (codec="nibble")
+    wall_s: float = 0.0              # time inside root forwards
+    _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
+
+    def add_decode_s(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_s += seconds
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Gate:
+    """The pool's lock, and which thread and runtime hold it for a call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None          # thread id holding `lock` for a call (re-entry check)
+        self.active = None                     # the runtime whose call holds `lock`
+
+    @contextlib.contextmanager
+    def held(self, runtime):
+        """Hold the lock for one call of `runtime`."""
+        with self.lock:
+            self.owner, self.active = threading.get_ident(), runtime
+            try:
+                yield
+            finally:
+                self.owner = self.active = None
+
+
+class Streamer:
+    """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
+
+    def __init__(self, units: list, gate: Gate, pipeline: Pipeline, *, prefetch: int, cache: str,
+                 measure: bool = False) -> None:
+        self.units = {u.index: u for u in units}
+        self.gate, self.pipeline, self.backend = gate, pipeline, pipeline.backend
+        self.prefetch, self.cache, self.counters = prefetch, cache, pipeline.counters
+        self.measure = measure                  # measure activations on the first traced pass
+        self.activation_nbytes: int | None = None
+        self.ring: SlotPool | None = None
+        self.num_slots, self.fixed = 0, False   # the plan's slot count; fixed: under a budget
+        self.slots_error = None                 # needed -> ConfigError naming the budget that fits
+        self.slots_why = ""
+        self.tracer = Tracer()
+        self.schedule: Schedule | None = None
+        self.in_pass = False
+        self.pass_no = 0                        # passes since the schedule was learned
+        self.requested = -1                     # highest global fetch index requested
+        self.wanted = -1                        # highest global fetch index prefetch asks for
+        self.tickets: dict[int, Ticket] = {}    # in flight: requested, not yet bound
+        self.held: dict[int, list] = {}         # unit -> [ticket, bind_count]
+        self.pass_t0 = 0.0
+
+    def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool, slots_error=None) -> None:
+        """The ring to fetch into, and the plan's slot count (called while parked)."""
+        self.ring, self.num_slots, self.fixed, self.slots_error = ring, num_slots, fixed, slots_error
+        self.slots_why = ""
+
+    # -- passes -----------------------------------------------------------------------------
+    def pass_start(self) -> None:
+        active = self.gate.active
+        if active is not None and active is not self:
+            raise TraceError(
+                "this model's session shares a DevicePool with the session whose call is running; calling "
+                "it from inside that call would stream both at once past the pool's ring. Call it through "
+                "its own session after the outer call returns, or give the sessions separate `pool`s.")
+        if self.in_pass:                        # the previous pass died without its end hook
+            self.abort()
+        if self.measure and self.tracer.trace is None:
+            self.backend.begin_measure()
+        self.in_pass = True
+        self.tracer.start_pass()
+        self.pass_t0 = time.perf_counter()
+
+    def pass_failed(self) -> None:
+        """The root forward raised (its plain end hook never ran): keep the old trace."""
+        if self.in_pass:
+            self.abort()
+
+    def pass_end(self) -> None:
+        if not self.in_pass:
+            return
+        self.in_pass = False
+        self.counters.passes += 1
+        self.counters.wall_s += time.perf_counter() - self.pass_t0
+        if self.tracer.end_pass():
+            if self.measure:                    # the first traced pass: its activation peak
+                self.measure, self.activation_nbytes = False, self.backend.end_measure()
+            self._relearn()
+        else:
+            self.pass_no += 1
+
+    def _relearn(self) -> None:
+        self._drain()
+        self._release_idle()
+        trace, ends = self.tracer.trace, self.tracer.learned_ends
+        schedule = make_schedule(trace, self.prefetch, self.cache, ends)
+        if schedule.num_slots > self.num_slots:
+            if self.fixed:                      # the budget counted fewer: say what fits
+                self.tracer.forget()
+                raise self.slots_error(schedule.num_slots)
+            self.num_slots = schedule.num_slots
+            self.slots_why = f"the traced pass holds {schedule.num_slots} units at once"
+        self.schedule = schedule
+        self.ring.reserve(schedule.num_slots)
+        self.pass_no, self.requested, self.wanted = 0, -1, -1
+        if schedule.num_fetches:
+            self._request_through(self.prefetch - 1)   # wrap: the next pass starts warm
+
+    # -- units ------------------------------------------------------------------------------
+    def bind(self, unit: int) -> None:
+        pos = self.tracer.observe(unit) if self.in_pass else None
+        fetch = None
+        if pos is not None:
+            g = self.pass_no * self.schedule.num_fetches + self.schedule.frontier[pos]   # global fetch index
+            if self.schedule.fetches[pos] and self.requested < g and not self._request(g):
+                self.requested = self.wanted = g    # no slot came free for it: fetched below, synchronously
+            self._request_through(g + self.prefetch)
+            if self.schedule.fetches[pos]:
+                fetch = self.tickets.pop(g, None)
+        elif self.tickets and not (self.in_pass and self.tracer.on_plan):
+            self._drain()                       # a miss: in-flight prefetches are for the old plan
+            self._release_idle()
+        entry = self.held.get(unit)
+        if entry is not None:                   # held since an earlier use (or bound around this one)
+            entry[1] += 1
+            entry[0].position = -1 if pos is None else pos
+            if fetch is not None:               # only when a unit re-enters itself: drop the copy
+                self._drop(fetch)
+            return
+        if fetch is not None:
+            ticket = fetch
+            self.counters.prefetched += 1
+        else:
+            ticket = self.pipeline.submit(self.units[unit].store, self._acquire(unit))
+            self.counters.sync_fetches += 1
+        ticket.position = -1 if pos is None else pos
+        self.held[unit] = [ticket, 1]
+        self.pipeline.wait(ticket)
+        self.backend.wait(ticket)
+        bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot))
+
+    def release(self, unit: int) -> None:
+        if self.in_pass:
+            self.tracer.observe_release()
+        entry = self.held.get(unit)
+        if entry is None:
+            return
+        entry[1] -= 1
+        ticket = entry[0]
+        if entry[1] > 0:
+            return
+        on_plan = self.in_pass and self.tracer.on_plan and ticket.position >= 0
+        if on_plan and not self.schedule.releases[ticket.position]:
+            return                              # cache="pass": held until its last use
+        self._release_slot(unit)
+        if self.wanted > self.requested:        # a request waited for this slot
+            self._request_through(self.wanted)
+
+    def _release_slot(self, unit: int) -> None:
+        ticket = self.held.pop(unit)[0]
+        self.pipeline.settle(ticket)            # a wait interrupted by Ctrl-C leaves workers writing this slot
+        unbind_params(ticket.store.unit.params)
+        self.backend.release(ticket)
+        self.ring.release(ticket.slot)
+
+    def _acquire(self, unit: int):
+        """A slot for a synchronous fetch of `unit`: one beyond the plan only without a budget."""
+        slot = self.ring.acquire((id(self), unit), self.num_slots)
+        if slot is None and self.fixed:
+            raise self.slots_error(len(self.held) + len(self.tickets) + 1)
+        if slot is None:
+            self.counters.slot_overflows += 1
+            slot = self.ring.acquire((id(self), unit), None)
+        return slot
+
+    # -- in-flight work ---------------------------------------------------------------------
+    def _request_through(self, target: int) -> None:
+        self.wanted = max(self.wanted, target)
+        while self.requested < target and self._request(self.requested + 1):
+            pass
+
+    def _request(self, g: int) -> bool:
+        """Request fetch `g` (the next in order) if a slot is free for it."""
+        unit = self.units[self.schedule.fetch_unit(g)]
+        slot = self.ring.acquire((id(self), unit.index), self.num_slots)
+        if slot is None:
+            return False                        # asked again at the next release, or at its bind
+        self.requested = g
+        ticket = self.tickets[g] = self.pipeline.submit(unit.store, slot)
+        try:
+            self.pipeline.start(ticket)         # after it is held: an interrupt drops it, no leak
+        except BaseException:                   # Ctrl-C: drop it now (a direct model call has no
+            self._drop(self.tickets.pop(g))     # abort to do it), request it again
+            self.requested = g - 1
+            raise
+        return True
+
+    def _drop(self, ticket: Ticket) -> None:
+        self.pipeline.settle(ticket)
+        if ticket.error is not None:
+            log.debug("vzstream: dropped prefetch of %s that failed: %r", ticket.store.unit.fqn, ticket.error)
+        self.backend.release(ticket)
+        self.ring.release(ticket.slot)
+        self.counters.drained += 1
+
+    def _drain(self) -> None:
+        """Finish and drop every in-flight prefetch (after a miss, outside a pass, at close)."""
+        self.wanted = self.requested = min(self.tickets, default=self.requested + 1) - 1
+        for g in list(self.tickets):            # pop first: an interrupted drain never drops one twice
+            self._drop(self.tickets.pop(g))
+
+    def _release_idle(self) -> None:
+        """Release held units that are not bound right now (their planned reuse is moot)."""
+        for unit in [u for u, (_, count) in self.held.items() if count == 0]:
+            self._release_slot(unit)
+
+    def relearn_from_scratch(self) -> None:
+        """The streamed set changed: forget the trace; the next pass traces again."""
+        self.park()
+        self.tracer.forget()
+        self.schedule = None
+        self.pass_no, self.requested, self.wanted = 0, -1, -1
+
+    def park(self) -> None:
+        """Hand every slot back (between calls on a shared pool); keep the learned schedule."""
+        self._drain()
+        for unit in list(self.held):
+            self._release_slot(unit)
+
+    def abort(self) -> None:
+        """Forget the current pass after an exception: everything back to the pool."""
+        self.in_pass = False
+        self.tracer.abort_pass()
+        self.park()
+        if self.schedule is not None:
+            self.pass_no, self.requested, self.wanted = 0, -1, -1
+
+    def close(self) -> None:
+        self.abort()
+        self.pipeline.close()
