@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from models import DIM, NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
 
 import vzstream
-from vzstream.pipeline import SlotPool, Workers, gil_switch_interval
+from vzstream.pipeline import Workers, gil_switch_interval
+from vzstream.ring import SlotPool
 
 FUZZ = os.environ.get("VZSTREAM_FUZZ") == "1"        # longer hypothesis runs, as in test_codec
 FORWARD_OPS = ("request", "bind", "release")   # ops the forward thread performs, in program order
@@ -527,7 +528,8 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
     thread at `start`, once the streamer holds the ticket (no GIL ping-pong with a worker);
     otherwise a worker runs an empty job and uploads. Either way the ticket is ready for `wait`
     only once its upload was issued."""
-    from vzstream.pipeline import Pipeline, Slot
+    from vzstream.pipeline import Pipeline
+    from vzstream.ring import Slot
     from vzstream.runtime import Counters
 
     uploaded = []

@@ -19,27 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError
+from .units import unit_nbytes
 
 MIB = 1 << 20
-
-
-def unit_nbytes(unit, alignment: int) -> int:
-    """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
-    return sum(align(n, alignment) for n in unit.param_nbytes)
-
-
-def align(n: int, alignment: int) -> int:
-    """`n` rounded up to a multiple of `alignment`."""
-    return (n + alignment - 1) // alignment * alignment
-
-
-def param_offsets(unit, alignment: int) -> list[int]:
-    """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
-    offsets, off = [], 0
-    for n in unit.param_nbytes:
-        offsets.append(off)
-        off += align(n, alignment)
-    return offsets
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,21 @@ calls on a shared pool no member holds a slot, only its resident units.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+import torch
 
 from .backends import make_backend
 from .config import check_device, resolve_budget
-from .errors import ConfigError
+from .errors import ConfigError, TraceError
 from .install import Installed
-from .pipeline import SlotPool
-from .plan import MemoryPlan, Needs, minimum_budget, plan_pool
+from .pipeline import gil_switch_interval
+from .ring import SlotPool
+from .plan import MemoryPlan, Needs, SessionPlan, describe_plan, minimum_budget, plan_pool
 from .runtime import Gate, Streamer
 
 log = logging.getLogger("vzstream")
@@ -35,6 +40,7 @@ class Member:
     needs: Needs
     pack: Callable                  # unit -> its UnitStore (a unit that stops being resident)
     plan: MemoryPlan | None = field(default=None)
+    fit_pending: bool = False       # plan again once the traced pass measured the activations
 
     def apply(self, plan: MemoryPlan, admit: bool) -> None:
         """Move units between resident and streamed as `plan` says: those that stop being
@@ -147,6 +153,48 @@ class DevicePool:
                     unit.store.forget_slots()
         self.backend.clear_caches()
         self.ring = SlotPool(self.backend, slot_nbytes, dedicated)
+
+    @contextlib.contextmanager
+    def call(self, member: Member, switch_interval: float | None, check_open):
+        """Hold the gate for one call of `member` (no gradients, the GIL switch interval lowered);
+        after it, plan again if the traced pass measured the activations; after an exception,
+        tidy up the runtime (a KeyboardInterrupt skips always_call hooks); on a shared pool, hand
+        every slot back."""
+        if self.gate.owner == threading.get_ident():
+            raise TraceError(
+                "a vzstream call was made from inside another call on the same pool (a hook, a callback, "
+                "or another session's forward); a pool runs one call at a time. Make the call after the "
+                "outer one returns, or give the two sessions separate `pool`s.")
+        runtime = member.runtime
+        with self.gate.held(runtime), torch.no_grad(), gil_switch_interval(switch_interval):
+            check_open()                          # closed while this call waited for the lock?
+            try:
+                yield
+                if member.fit_pending and runtime.activation_nbytes is not None:
+                    member.fit_pending = False
+                    self.replan(member, replace(member.needs, activation_reserve=runtime.activation_nbytes))
+            except BaseException:
+                runtime.abort()
+                raise
+            finally:
+                if self.shared:
+                    runtime.park()
+
+    def describe(self, member: Member, spec) -> SessionPlan:
+        """`s.plan` of `member`: its units, the slots its runtime uses, and the pool's split."""
+        runtime = member.runtime
+        plan = replace(member.plan, num_slots=max(member.plan.num_slots, runtime.num_slots))
+        return describe_plan(member.units, spec, plan, self.backend.alignment, self._split(member), runtime.slots_why)
+
+    def _split(self, member: Member) -> str:
+        """How the pool's resident room is shared, when it is ("" for a pool of one)."""
+        if not self.shared:
+            return ""
+        mine = sum(member.needs.sizes[u] for u in member.plan.resident)
+        others = sum(m.needs.sizes[u] for m in self.members if m is not member for u in m.plan.resident)
+        budget = "no budget" if self.budget is None else f"budget {self.budget / 2**20:.1f} MiB"
+        return (f"pool ({budget}) shared by {len(self.members)} sessions: resident here "
+                f"{mine / 2**20:.1f} MiB, in the others {others / 2**20:.1f} MiB")
 
     @property
     def peak_device_nbytes(self) -> int:

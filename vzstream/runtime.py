@@ -27,7 +27,8 @@ from typing import ClassVar
 
 from .errors import TraceError
 from .hooks import bind_params, unbind_params
-from .pipeline import Pipeline, SlotPool, Ticket
+from .pipeline import Pipeline, Ticket
+from .ring import SlotPool
 from .schedule import Schedule, make_schedule
 from .trace import Tracer
 

@@ -9,28 +9,22 @@ gate. Nothing reachable from the model refers to the session: hooks call the run
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import weakref
-from functools import partial
 
-import torch
 from torch import nn
 
-from .config import SessionConfig, available_cores, build_config, resolve_budget
+from .assemble import close_member, install_member, needs_of, new_member
+from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, TraceError
 from .generate import cancellable, close_in_thread, greedy, hf_generate_kwargs, open_in_thread, stream_tokens
-from .install import Installed, interrupts_deferred
-from .pipeline import Pipeline, gil_switch_interval
-from .plan import Needs, SessionPlan, describe_plan, unit_nbytes
+from .plan import SessionPlan
 from .pool import DevicePool, Member
-from .runtime import Counters, Streamer
 from .stats import Stats, collect
-from .store import Calibration, pack_all, pack_unit, return_freed_memory
-from .units import find_units, nesting_depth
+from .store import Calibration
+from .units import find_units
 
-TRIM_NBYTES = 256 << 20      # weights freed while packing between two hand-backs to the OS
 _open_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _open_params: "weakref.WeakValueDictionary[int, nn.Parameter]" = weakref.WeakValueDictionary()  # id -> param of an open session
 
@@ -53,7 +47,6 @@ class Session:
         self.is_open = False
         self._cancels: set = set()   # cancel flags of running agenerate/stream calls
         self._final: tuple | None = None   # (Stats, SessionPlan) kept at close
-        self._fit_pending = False    # activations to measure on the traced pass, then plan again
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -83,54 +76,16 @@ class Session:
         self.is_open = True
 
     def _open_locked(self, pool: DevicePool) -> None:
-        cfg, backend = self.config, pool.backend
+        cfg = self.config
         self.units = find_units(self.model, cfg.units)
-        needs = self._needs()
+        needs = needs_of(self.model, self.units, cfg, pool.backend)
         plans = pool.plans([m.needs for m in pool.members] + [needs])      # a budget error: nothing done yet
         for unit in self.units:
             unit.streamed = unit.index not in plans[-1].resident
         _open_models.add(self.model)
         _open_params.update((id(p), p) for p in self.model.parameters())
-        # Under a budget with no reserve given, the traced pass measures activations, and the
-        # plan is made again with them (`_fit_activations`).
-        budgeted = needs.cap is not None or pool.budget is not None
-        self._fit_pending = budgeted and cfg.activation_reserve is None and backend.measures_activations
-        runtime = Streamer(self.units, pool.gate, Pipeline(backend, cfg.workers, Counters(), cfg.codec == "nibble"),
-                           prefetch=cfg.prefetch, cache=cfg.cache, measure=self._fit_pending)
-        installed = Installed(self.model, self.units, backend)
-        self.member = Member(self.units, installed, runtime, needs,
-                             partial(pack_unit, backend=backend, level=cfg.level, coding=cfg.codec))
-        self._pack(installed)
-        pool.join(self.member, plans)                 # the others make room first
-        for unit in self.units:
-            if not unit.streamed:
-                installed.move_resident(unit)
-        installed.move_buffers()
-        backend.prepare(cfg.prefetch, [u.store for u in self.units if u.streamed])
-        installed.hook(runtime)
-
-    def _needs(self) -> Needs:
-        """What this session asks of the pool's plan."""
-        cfg, backend = self.config, self.pool.backend
-        sizes = tuple(unit_nbytes(u, backend.alignment) for u in self.units)
-        return Needs(sizes, frozenset(u.index for u in self.units if u.streamed),
-                     cfg.prefetch + 1 + nesting_depth(self.model, self.units), cfg.activation_reserve or 0,
-                     backend.scratch_nbytes(self.units, cfg.codec),
-                     _resolve_cap(cfg.vram_budget, backend), tuple(u.fqn for u in self.units), cfg.prefetch)
-
-    def _pack(self, installed: Installed) -> None:
-        """Pack the streamed units, freeing each one's parameters as its store arrives and
-        handing the freed memory back as it goes (else RSS peaked at ~1.6x the model)."""
-        cfg, freed = self.config, 0
-        for unit, store in pack_all([u for u in self.units if u.streamed], self.backend, level=cfg.level,
-                                    codec=cfg.codec, raw_fraction=cfg.raw_fraction, workers=cfg.workers,
-                                    threads=self._host_threads(), calibration=self.calibration):
-            installed.swap_out(unit, store)
-            freed += unit.raw_nbytes
-            if freed >= TRIM_NBYTES:
-                return_freed_memory()
-                freed = 0
-        return_freed_memory()
+        self.member = new_member(self.model, self.units, needs, cfg, pool)
+        install_member(self.member, pool, plans, cfg, self.calibration, self._host_threads())
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
@@ -145,35 +100,11 @@ class Session:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        member, stopped = self.member, False
-        try:
-            if member is not None:
-                member.installed.unhook()
-                member.runtime.close()
-            stopped = True
-        finally:
-            # Putting the model back is not cut short by a Ctrl-C (held, raised at the end; a
-            # second one is obeyed): half-way, parameters would be left empty with nothing to
-            # restore them from. Stopping the workers stays interruptible, and so does waiting
-            # for the pool lock in `close` (the session then stays open; call it again).
-            with interrupts_deferred():
-                try:
-                    if self.is_open:        # what `stats()` and `plan` say after the session
-                        self._final = (self.stats(), self.plan)
-                    if stopped:             # else a worker may still write a slot: free it last
-                        self.pool.leave(member)     # the ring goes first: a model from this device needs the room
-                finally:
-                    try:
-                        if member is not None:
-                            member.installed.restore(self._host_threads(), self._free_store)
-                    finally:
-                        self._forget()
+        def keep_final():                     # what `stats()` and `plan` say after the session
+            if self.is_open:
+                self._final = (self.stats(), self.plan)
 
-    def _free_store(self, unit) -> None:
-        """A unit's parameters are back: its store goes, and (CUDA) the pinned memory nobody
-        references any more is unpinned."""
-        unit.store = None
-        self.backend.clear_caches()
+        close_member(self.member, self.pool, self._host_threads(), keep_final, self._forget)
 
     def _forget(self) -> None:
         """The session's own state first (it cannot fail), then the pool and backend."""
@@ -193,37 +124,15 @@ class Session:
         return max(self.config.workers, min(16, available_cores()))
 
     # -- running ----------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _running(self):
-        """Hold the pool for one call; tidy up after an exception; park if the pool is shared."""
-        closed = TraceError("this vzstream session is not open; use it inside `with vzstream.session(model) as s:`.")
-        if not self.is_open:
-            raise closed
-        if self.pool.gate.owner == threading.get_ident():
-            raise TraceError(
-                "a vzstream call was made from inside another call on the same pool (a hook, a callback, "
-                "or another session's forward); a pool runs one call at a time. Make the call after the "
-                "outer one returns, or give the two sessions separate `pool`s.")
+        """Hold the pool for one call (see `DevicePool.call`)."""
+        self._check_open()
         interval = self.config.gil_switch_interval if any(u.streamed for u in self.units) else None
-        runtime = self.member.runtime
-        with self.pool.gate.held(runtime), torch.no_grad(), gil_switch_interval(interval):
-            if not self.is_open:                  # closed while this call waited for the lock
-                raise closed
-            try:
-                yield
-                if self._fit_pending and runtime.activation_nbytes is not None:
-                    self._fit_activations(runtime.activation_nbytes)
-            except BaseException:
-                runtime.abort()  # KeyboardInterrupt skips always_call hooks: tidy up here
-                raise
-            finally:
-                if self.pool.shared:
-                    runtime.park()
+        return self.pool.call(self.member, interval, self._check_open)
 
-    def _fit_activations(self, activation_nbytes: int) -> None:
-        """Plan again, once, with the activation peak the traced pass measured."""
-        self._fit_pending = False
-        self.pool.replan(self.member, dataclasses.replace(self.member.needs, activation_reserve=activation_nbytes))
+    def _check_open(self) -> None:
+        if not self.is_open:
+            raise TraceError("this vzstream session is not open; use it inside `with vzstream.session(model) as s:`.")
 
     def __call__(self, *args, **kwargs):
         """The model's forward, streamed (under `torch.no_grad`)."""
@@ -263,20 +172,9 @@ class Session:
         if self.member is None:
             if self._final is not None:
                 return self._final[1]
-            raise TraceError("`plan` is known once the session is open: read it inside `with vzstream.session(model) as s:`.")
-        runtime, plan = self.member.runtime, self.member.plan
-        plan = dataclasses.replace(plan, num_slots=max(plan.num_slots, runtime.num_slots))
-        return describe_plan(self.units, self.config.units, plan, self.backend.alignment, self._pool_line(),
-                             runtime.slots_why)
-
-    def _pool_line(self) -> str:
-        if not self.pool.shared:
-            return ""
-        mine = sum(self.member.needs.sizes[u] for u in self.member.plan.resident)
-        others = sum(m.needs.sizes[u] for m in self.pool.members if m is not self.member for u in m.plan.resident)
-        budget = "no budget" if self.pool.budget is None else f"budget {self.pool.budget / 2**20:.1f} MiB"
-        return (f"pool ({budget}) shared by {len(self.pool.members)} sessions: resident here "
-                f"{mine / 2**20:.1f} MiB, in the others {others / 2**20:.1f} MiB")
+            raise TraceError("`plan` is known once the session is open: read it inside "
+                             "`with vzstream.session(model) as s:`.")
+        return self.pool.describe(self.member, self.config.units)
 
     @property
     def stores(self) -> dict:
@@ -312,7 +210,3 @@ def _device_pool(cfg: SessionConfig) -> DevicePool:
     if cfg.backend is not None and cfg.backend is not cfg.pool.backend:
         raise ConfigError("`backend` and `pool` were both given; a pooled session uses the pool's backend.")
     return cfg.pool
-
-
-def _resolve_cap(value, backend) -> int | None:
-    return resolve_budget(value, backend.total_memory)

@@ -21,8 +21,7 @@ import torch
 
 from . import calibrate, codec, nibble
 from .errors import ConfigError
-from .plan import align, param_offsets, unit_nbytes
-from .units import Unit
+from .units import Unit, align, param_offsets, unit_nbytes
 
 log = logging.getLogger("vzstream")
 

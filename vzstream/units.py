@@ -145,3 +145,22 @@ def nesting_depth(model: nn.Module, units: list[Unit]) -> int:
 
 def _is_descendant(ancestor: nn.Module, mod: nn.Module) -> bool:
     return any(m is mod for m in ancestor.modules())
+
+
+def unit_nbytes(unit: Unit, alignment: int) -> int:
+    """Bytes of one slot holding `unit`, each tensor starting on an `alignment` boundary."""
+    return sum(align(n, alignment) for n in unit.param_nbytes)
+
+
+def align(n: int, alignment: int) -> int:
+    """`n` rounded up to a multiple of `alignment`."""
+    return (n + alignment - 1) // alignment * alignment
+
+
+def param_offsets(unit: Unit, alignment: int) -> list[int]:
+    """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
+    offsets, off = [], 0
+    for n in unit.param_nbytes:
+        offsets.append(off)
+        off += align(n, alignment)
+    return offsets

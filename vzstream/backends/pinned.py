@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..plan import align
+from ..units import align
 
 log = logging.getLogger("vzstream")
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import nibble
 from ..errors import FormatError
-from ..plan import align
+from ..units import align
 
 STAGING_ALIGNMENT = 64            # plane offsets in staging: whole cache lines per plane
 MERGE_CHUNK_NBYTES = 32 << 20     # planar bytes per merge step: bounds the scratch, and copies of
