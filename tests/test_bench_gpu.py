@@ -73,23 +73,23 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert gpu.main(args) == 0
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     methods = [r["method"] for r in rows]
-    assert methods[:4] == ["resident", "bound (DESIGN §9)", "vzstream prefetch=1", "vzstream prefetch=2"]
+    assert methods[:4] == ["resident", "bound", "vzstream prefetch=1", "vzstream prefetch=2"]
     resident, bound, *streamed = rows[:4]
     assert resident["tokens_equal"] is True and resident["decode_bound_frac"] == ""   # not held to the bound
     assert bound["decode_tok_s"] <= resident["decode_tok_s"] * (1 + 1e-9)          # max(C, transfer) >= C
     # The CPU decodes slower than the fake card's PCIe: a run with raw_fraction="auto" measures
     # both, keeps a share of units raw, and gets a bound of its own, at the deepest prefetch.
     balanced_bound, balanced = rows[4:6]
-    fraction = float(re.fullmatch(r"bound \(DESIGN §9\) raw_fraction=(0\.\d\d)", balanced_bound["method"])[1])
+    fraction = float(re.fullmatch(r"bound raw_fraction=(0\.\d\d)", balanced_bound["method"])[1])
     assert 0 < fraction < 1
     assert balanced["method"] == "vzstream prefetch=2 raw_fraction=auto"
     assert re.search(r"auto: decode [\d.]+, upload 25\.0 GB/s -> 0\.\d\d raw$", balanced["note"]), balanced["note"]
     assert balanced_bound["decode_tok_s"] > bound["decode_tok_s"] or bound["decode_tok_s"] == resident["decode_tok_s"]
     # codec="nibble": its own bound, with less over PCIe than B and no host decode in it.
     nibble_bound, nibble = rows[6:8]
-    assert nibble_bound["method"] == "bound (DESIGN §9) codec=nibble" and nibble["method"] == "vzstream prefetch=2 codec=nibble"
+    assert nibble_bound["method"] == "bound codec=nibble" and nibble["method"] == "vzstream prefetch=2 codec=nibble"
     assert re.fullmatch(r"B [\d.]+ GiB/pass \([\d.]+ over PCIe\), W_pcie 25\.0, W_dec - GB/s", nibble_bound["note"])
-    inputs = json.loads((tmp_path / "gpu.config.json").read_text())["small (4 layers), bound (DESIGN §9) codec=nibble"]
+    inputs = json.loads((tmp_path / "gpu.config.json").read_text())["small (4 layers), bound codec=nibble"]
     assert 0.6 < inputs["wire_nbytes_per_pass"] / inputs["streamed_nbytes_per_pass"] < 0.8
     assert re.search(r"ratio 1\.3\d\d, issuing uploads \d+% of forward time$", nibble["note"]), nibble["note"]
     for r in streamed + [balanced, nibble]:
@@ -110,7 +110,7 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     assert sweep and all(r["tokens_equal"] is True for r in sweep)
     assert sweep[-1]["streamed_mib_per_pass"] == 0                     # the last point: all resident
     config = json.loads((tmp_path / "gpu.config.json").read_text())
-    assert config["small (4 layers), bound (DESIGN §9)"]["streamed_nbytes_per_pass"] > 0 and config["elapsed_s"] > 0
+    assert config["small (4 layers), bound"]["streamed_nbytes_per_pass"] > 0 and config["elapsed_s"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# bench gpu")
     # The targets, read off the rows: one verdict each (accelerate failed on the fake GPU,
     # diffusers may be missing: those say so instead).
@@ -141,7 +141,7 @@ def test_bench_gpu_harness_runs_end_to_end_on_a_fake_gpu(fake_gpu, tmp_path, cap
     run = gpu.Run(None)                              # the 8B section, on a stand-in model
     gpu.bench_8b(run, gpu.parse_args(["--quick"]), 25.0)
     assert [r["method"] for r in run.rows] == [
-        "resident", "bound (DESIGN §9)", "vzstream prefetch=2 vram_budget=4GiB activation_reserve=0.00GiB"]
+        "resident", "bound", "vzstream prefetch=2 vram_budget=4GiB activation_reserve=0.00GiB"]
     assert run.rows[2]["tokens_equal"] is True
 
 
@@ -150,7 +150,7 @@ def test_targets_read_the_best_row_for_each_and_respect_the_ram_bound():
         return dict(model="m", method=method, decode_tok_s=tok_s, decode_bound_frac=frac, prefill_tok_s=prefill,
                     host_above_idle_gib=ram, tokens_equal=equal)
 
-    rows = [r("resident", 60.0, "", 200.0), dict(model="m", method="bound (DESIGN §9)", decode_tok_s=30.0),
+    rows = [r("resident", 60.0, "", 200.0), dict(model="m", method="bound", decode_tok_s=30.0),
             r("vzstream prefetch=2", 12.0, 0.95, 150.0, ram=2.0),
             r("vzstream prefetch=4 codec=nibble", 25.0, 0.8, 190.0, ram=2.6),   # fastest, but too much RAM
             r("diffusers group offload", 14.0, ram=3.0), r("accelerate cpu_offload", 2.0, ram=2.0, equal=True),

@@ -1,4 +1,4 @@
-"""`vram_budget`: the resident set under a device-memory budget (DESIGN §4 "Resident set", §5),
+"""`vram_budget`: the resident set under a device-memory budget (docs/design.md, "Trace, schedule, caching" and "Memory"),
 budget parsing and validation, `activation_reserve`, and the per-pass cache policies.
 
 The CPU backend counts what would live on the device (resident parameters + ring slots), so

@@ -19,7 +19,7 @@ from vzstream.backends import cuda as cuda_mod
 from vzstream.backends import device_ops, upload_plan
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
 from vzstream.backends.upload_plan import plan_upload
-from vzstream.plan import align
+from vzstream.units import align
 from vzstream.units import Unit
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent

@@ -85,7 +85,8 @@ def shipped_docs() -> list[Path]:
     # docs/gpu-runs/ holds a past run's output verbatim (its rows quote the labels the benchmark
     # printed then), so it is a record, not a page to keep current.
     docs = [p for p in (ROOT / "docs").rglob("*.md") if "gpu-runs" not in p.relative_to(ROOT).parts]
-    return [ROOT / "README.md", *docs, *sorted((ROOT / "examples").glob("*.py"))]
+    code = sorted((ROOT / "vzstream").rglob("*.py"))
+    return [ROOT / "README.md", *docs, *sorted((ROOT / "examples").glob("*.py")), *code]
 
 
 def test_no_shipped_doc_points_to_design_sections():

@@ -1,4 +1,4 @@
-"""plan_memory: the pure resident-set planner (DESIGN §4 "Resident set", §5 "Device slots").
+"""plan_memory: the pure resident-set planner (docs/design.md, "Memory").
 
 No model, no threads: sizes in, a MemoryPlan (or a ConfigError naming the minimum budget) out.
 """

@@ -1,4 +1,4 @@
-"""DevicePool: several sessions share one backend, one ring of slots and one budget (DESIGN §5
+"""DevicePool: several sessions share one backend, one ring of slots and one budget (docs/design.md, "Memory"
 "Multi-model"). Calls from threads and asyncio tasks are serialised by the pool lock; between
 calls no member holds a slot; the budget bounds every member's resident set plus the ring.
 """

@@ -710,3 +710,30 @@ def test_nibble_codec_streams_bit_exact(name, units, hf_reference, decode_path, 
     assert any(coded)
     assert stats.raw_nbytes * 0.6 < stats.packed_nbytes < stats.raw_nbytes * 0.9
     snap.check(model)
+
+
+def test_nothing_reachable_from_the_model_refers_to_the_session(snapshot, open_models):
+    # Hooks call the runtime, workers run the pipeline's jobs: the session itself can be
+    # collected while open (so a finalizer can restore an abandoned one). Its parts are kept
+    # here to put the model back by hand afterwards.
+    import gc
+    import weakref
+
+    from vzstream.assemble import close_member
+
+    model = build(TinyLM, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    snap = snapshot(model)
+    s = vzstream.session(model, device="cpu", prefetch=2)
+    s.__enter__()
+    assert torch.equal(s(ids), ref)
+    pool, member, alive = s.pool, s.member, weakref.ref(s)
+    del s
+    gc.collect()
+    assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
+    with pool.lock:
+        close_member(member, pool, 2, lambda: None, lambda: pool.leave(member))
+    open_models.discard(model)
+    snap.check(model)

@@ -7,19 +7,25 @@ stream to the device just ahead of use.
 Importing vzstream never initialises CUDA and never imports transformers.
 """
 
-from . import codec
-from .backends import Backend, CpuBackend, FakeBackend
-from .config import SessionConfig
+from importlib import metadata
+
+from . import codec  # noqa: F401 (importable, not advertised)
+from .backends import Backend, CpuBackend, FakeBackend  # noqa: F401
+from .config import SessionConfig  # noqa: F401
 from .errors import BackendUnavailableError, ConfigError, FormatError, TraceError, VzstreamError
-from .generate import greedy
+from .generate import greedy  # noqa: F401
 from .pool import DevicePool
-from .session import Session, session
+from .session import Session, session  # noqa: F401
 from .stats import Stats
 
-__version__ = "0.1.0"
+try:                                    # one source of truth: pyproject.toml's version
+    __version__ = metadata.version("vzstream")
+except metadata.PackageNotFoundError:   # a checkout on sys.path, not installed
+    __version__ = "0+unknown"
 
+# What users call. `Session`, `SessionConfig`, `Backend`, `CpuBackend`, `codec` and `greedy`
+# stay importable (tests, custom backends) but are not advertised.
 __all__ = [
-    "session", "Session", "SessionConfig", "Stats", "DevicePool", "codec", "greedy",
-    "Backend", "CpuBackend", "FakeBackend",
+    "session", "DevicePool", "Stats", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
 ]

@@ -1,6 +1,6 @@
 """`raw_fraction`: which streamed units stay uncompressed, and for "auto" how large that share
 is: measure how fast this host decodes and the device uploads, and keep raw the share of
-streamed bytes that balances the two (DESIGN §9).
+streamed bytes that balances the two (docs/design.md, "Performance model").
 
 Streaming runs at the slower of PCIe (W_pcie) and the workers' decode rate (W_dec). A unit kept
 uncompressed skips the decode but costs host RAM; keeping a share f raw makes a pass take

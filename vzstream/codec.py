@@ -1,6 +1,6 @@
 """Codec: pack a tensor into byte planes of independent zstd frames, decode it back bit-exactly.
 
-Layout of a `Packed` (see DESIGN §3):
+Layout of a `Packed` (see docs/design.md, "Codec"):
 
 - Floating dtypes are *split*: `itemsize` planes, plane `i` holds bits [8i, 8i+8) of each
   element's integer value (byte `i` on little-endian hosts; bf16/fp16: plane 1 = `hi`, plane 0 =
@@ -72,7 +72,7 @@ _TORCH_UINT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NUMPY_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 # Match finding off: these planes have no long repeats, so matching costs ratio *and* speed.
-# window_log 17 keeps blocks at 128 KiB; smaller blocks decode ~4x slower (DESIGN §3).
+# window_log 17 keeps blocks at 128 KiB; smaller blocks decode ~4x slower (docs/design.md, "Codec").
 _FAST_PARAMS = zstd.ZstdCompressionParameters.from_level(
     1, strategy=zstd.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6, search_log=1,
     min_match=7, write_content_size=True, write_checksum=True)
@@ -159,7 +159,7 @@ def _describe(packed: Packed) -> str:
 # --- pack ------------------------------------------------------------------------------------
 
 
-# Plane bytes per frame. DESIGN §3 says ~1 MiB; 4 MiB decodes as fast on one thread and hands
+# Plane bytes per frame. docs/design.md, "Codec" says ~1 MiB; 4 MiB decodes as fast on one thread and hands
 # the GIL back a quarter as often per byte, which is what limits decode threads while the
 # forward thread runs Python (docs/benchmarks.md, "decode threads and the GIL").
 FRAME_NBYTES = 4 << 20
@@ -169,7 +169,7 @@ def pack(tensor: torch.Tensor, *, level: int | None = None, frame_nbytes: int = 
          compress: bool = True, coding: str = Codec.ZSTD, tables: dict | None = None) -> Packed:
     """Pack `tensor` (any dtype, shape, strides or device) into compressed byte planes.
 
-    `level=None` uses match-finding-off parameters (DESIGN §3); an int uses zstd's `level`.
+    `level=None` uses match-finding-off parameters (docs/design.md, "Codec"); an int uses zstd's `level`.
     `frame_nbytes` is the plane bytes per frame, i.e. elements per frame (also the chunk a
     worker decodes). `compress=False` keeps every plane raw: the same layout, nothing to decode.
     `coding="nibble"` codes planes with the nibble code; `tables` maps (dtype, plane index) to

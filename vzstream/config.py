@@ -136,7 +136,7 @@ class SessionConfig:
     gil_switch_interval: Any = 1e-4  # seconds; sys.setswitchinterval during streamed calls; None = leave it
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
-    level: int | None = None        # zstd level; None = DESIGN §3's match-finding-off parameters
+    level: int | None = None        # zstd level; None = match finding off (docs/design.md, "Codec")
     codec: Codec = Codec.ZSTD       # "zstd": decoded by host threads; "nibble": 4-bit codes the device expands
     raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
     vram_budget: Any = None         # bytes | "6GiB" | share of device memory in (0, 1]; None, int or float after

@@ -38,13 +38,10 @@ def session(model: nn.Module, **options) -> "Session":
 
 class Session:
     def __init__(self, model: nn.Module, config: SessionConfig) -> None:
-        self.model, self.config = model, config
+        self.model, self.config, self.calibration = model, config, Calibration()
         self.pool: DevicePool | None = None
-        self.backend = None
-        self.units: list = []
         self.member: Member | None = None
-        self.calibration = Calibration()
-        self.is_open = False
+        self.backend, self.units, self.is_open = None, [], False
         self._cancels: set = set()   # cancel flags of running agenerate/stream calls
         self._final: tuple | None = None   # (Stats, SessionPlan) kept at close
 
@@ -100,11 +97,12 @@ class Session:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        def keep_final():                     # what `stats()` and `plan` say after the session
-            if self.is_open:
-                self._final = (self.stats(), self.plan)
+        close_member(self.member, self.pool, self._host_threads(), self._keep_final, self._forget)
 
-        close_member(self.member, self.pool, self._host_threads(), keep_final, self._forget)
+    def _keep_final(self) -> None:
+        """What `stats()` and `plan` say after the session."""
+        if self.is_open:
+            self._final = (self.stats(), self.plan)
 
     def _forget(self) -> None:
         """The session's own state first (it cannot fail), then the pool and backend."""

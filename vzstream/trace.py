@@ -1,4 +1,4 @@
-"""The layer-order tracer (DESIGN §4).
+"""The layer-order tracer (docs/design.md, "Trace, schedule, caching").
 
 A *pass* is one call of the root module's forward. The tracer records the order in which
 streamed units are bound during a pass. The first pass has no trace (everything is fetched

@@ -1,4 +1,4 @@
-"""GPU-only tests (DESIGN §8): every test here carries `@pytest.mark.cuda` and is skipped when
+"""GPU-only tests (docs/design.md, "Layers"): every test here carries `@pytest.mark.cuda` and is skipped when
 `torch.cuda.is_available()` is False, so a CPU-only machine reports them as skipped, not failed."""
 
 from pathlib import Path

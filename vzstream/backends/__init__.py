@@ -1,6 +1,6 @@
 """Backends: the mechanism that allocates memory and moves bytes. Decisions live in plan/pipeline.
 
-A backend is used like this for every fetch of a unit (DESIGN §6):
+A backend is used like this for every fetch of a unit (docs/design.md, "Backends"):
 
     jobs = backend.decode_jobs(ticket)   # worker threads run each job (decode into staging/slot)
     backend.upload(ticket)               # worker thread that finished the last job (no jobs: see Pipeline)

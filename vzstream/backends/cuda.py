@@ -1,4 +1,4 @@
-"""CUDA backend: pinned host memory, a pinned staging ring, a copy stream and events (DESIGN §5, §6).
+"""CUDA backend: pinned host memory, a pinned staging ring, a copy stream and events (docs/design.md, "Memory" and "Backends").
 
 Mechanism only: the pipeline decides which unit goes into which device slot, and when. Per fetch:
 

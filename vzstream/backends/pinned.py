@@ -104,7 +104,7 @@ class Fetch:
 
 
 class StagingRing:
-    """A round-robin ring of pinned staging slots (DESIGN §6, "staging reuse"). `acquire` runs on
+    """A round-robin ring of pinned staging slots (docs/design.md, "Backends": staging reuse). `acquire` runs on
     the forward thread in the order fetches are submitted to the FIFO worker pool, so a fetch
     only ever gates on an *earlier* submission: gating cannot deadlock. A slot grows when a
     larger unit arrives; the heap reclaims the old buffer once nothing references it."""

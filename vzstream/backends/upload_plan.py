@@ -1,6 +1,6 @@
 """Upload planning for the CUDA backend: which planes of a unit go through pinned staging and
 where, and how multi-plane tensors are cut into batches for the device scratch regions. Pure
-Python over a unit's store, computed once per unit and tested on CPU (DESIGN §6).
+Python over a unit's store, computed once per unit and tested on CPU (docs/design.md, "Backends").
 
 A batch of nibble-coded tensors (`codec="nibble"`) is laid out plane-major in its region, so
 that one gather expands every piece's codes at once: [plane 0 of every piece | ... | plane

@@ -3,7 +3,7 @@ accelerate `cpu_offload` and diffusers group offloading, all in one process on t
 
 Per model (tinyllama-1.1b architecture, random init on the GPU, seeded, bf16; llama-3-8b under a
 4 GiB budget when time allows): greedy decode of batch 1 and a prefill of batch 4 x 1024, for each
-method: tokens/s, the fraction of the DESIGN §9 bound reached, peak VRAM (`max_memory_allocated`
+method: tokens/s, the fraction of the bound (docs/design.md, "Performance model") reached, peak VRAM (`max_memory_allocated`
 after `reset_peak_memory_stats`), host RSS (and RSS above the process's idle RSS), and whether the
 tokens equal the resident run's. Then the `bench budget` sweep (the planner's minimum, the middle,
 all resident) on the same card, with vzstream's own device accounting beside
@@ -264,7 +264,7 @@ def bench_vzstream(run: Run, name: str, method: str, model, ids, prefill_ids, ar
         stats = s.stats()
         if bound is None:
             bound = make_bound(res, stats, s, pcie_gbps)
-            label = "bound (DESIGN §9)" + (f" raw_fraction={stats.raw_fraction:.2f}" if s.config.raw_fraction else "")
+            label = "bound" + (f" raw_fraction={stats.raw_fraction:.2f}" if s.config.raw_fraction else "")
             label += " codec=nibble" if s.config.codec == "nibble" else ""
             run.config[f"{name}, {label}"] = bound
             run.save_config()
@@ -288,7 +288,7 @@ def trace(model, ids, args, path: str, **options) -> None:
 
 
 def make_bound(res: dict, stats, s, pcie_gbps: float) -> dict:
-    """DESIGN §9 per pass, for decode (C = resident time per token) and for the prefill."""
+    """The bound (docs/design.md, "Performance model") per pass, for decode (C = resident time per token) and for the prefill."""
     B = stats.streamed_nbytes_per_pass         # the raw bytes of the units fetched per pass
     streamed = list(s.stores.values())         # the streamed units only (resident ones are not here)
     raw = sum(store.raw_nbytes for store in streamed) or 1
@@ -306,7 +306,7 @@ def make_bound(res: dict, stats, s, pcie_gbps: float) -> dict:
                 resident_prefill_s=res["prefill_s"])
 
 
-def bound_row(name: str, bound: dict, args, label: str = "bound (DESIGN §9)") -> dict:
+def bound_row(name: str, bound: dict, args, label: str = "bound") -> dict:
     """The bound as a row of the table: the tokens/s no streaming method can beat."""
     batch, length = args.prefill
     dec = "-" if bound["decode_gbps"] is None else f"{bound['decode_gbps']:.1f}"
