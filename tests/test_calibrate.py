@@ -103,6 +103,6 @@ def test_decode_gbps_caps_the_sample_and_gives_each_worker_four_frames(monkeypat
     frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
     assert len(frames) > 1
     decoded = []
-    monkeypatch.setattr(calibrate.codec, "decode_frame_into", lambda f, dst: decoded.append(f))
+    monkeypatch.setattr(calibrate.decode, "decode_frame_into", lambda f, dst: decoded.append(f))
     assert calibrate.decode_gbps(stores, workers=3, rounds=2, max_nbytes=1) > 0   # the first frame only
     assert decoded == [frames[0]] * (12 * 3)          # 4 per worker, a warm-up round and 2 timed

@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vzstream.codec import (Frame, Packed, Plane, decode, decode_chunk_into, decode_frame_into,
-                            decode_into, pack)
+from vzstream.codec import Frame, Packed, Plane, pack
+from vzstream.decode import decode, decode_chunk_into, decode_frame_into, decode_into
 from vzstream.errors import ConfigError, FormatError
 from vzstream.store import _buffers, _rebased
 

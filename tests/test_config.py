@@ -10,6 +10,7 @@ from models import Stack, TinyLM, build, stack_with_reference
 import vzstream
 from vzstream import codec
 from vzstream.codec import CODECS, Codec
+from vzstream.decode import decode
 from vzstream.config import SessionConfig, build_config, default_workers
 
 BAD_OPTIONS = [
@@ -161,7 +162,7 @@ def test_level_bounds_are_minus_7_to_22():
 def test_level_in_range_is_accepted_by_config_and_pack(level):
     assert build_config({"level": level}).level == level
     t = torch.randn(256).to(torch.bfloat16)
-    assert torch.equal(codec.decode(codec.pack(t, level=level)), t)
+    assert torch.equal(decode(codec.pack(t, level=level)), t)
 
 
 @pytest.mark.parametrize("level", [pytest.param(v, id=repr(v)) for v in LEVELS_BAD])

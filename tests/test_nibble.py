@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vzstream import codec, nibble
+from vzstream import codec, decode, nibble
 from vzstream.errors import ConfigError, FormatError
 from vzstream.store import _buffers, _rebased
 
@@ -38,10 +38,10 @@ def kinds(packed: codec.Packed) -> list[str]:
 def test_round_trip_chunked_and_whole(dtype, n):
     t = weights(n, dtype)
     packed = codec.pack(t, coding="nibble", frame_nbytes=SMALL_FRAME)
-    assert torch.equal(_bytes(codec.decode(packed)), _bytes(t))
+    assert torch.equal(_bytes(decode.decode(packed)), _bytes(t))
     out = torch.empty_like(t)
     for j in reversed(range(packed.num_chunks)):       # chunks decode alone, in any order
-        codec.decode_chunk_into(packed, j, out)
+        decode.decode_chunk_into(packed, j, out)
     assert torch.equal(_bytes(out), _bytes(t))
 
 
@@ -76,11 +76,11 @@ def test_a_shared_table_codes_every_tensor_of_a_unit_alike():
     assert list(tables) == [(torch.bfloat16, 1)]
     packed = [codec.pack(t, coding="nibble", tables=tables) for t in tensors]
     assert len({bytes(p.planes[1].nibbles.pairs) for p in packed}) == 1
-    assert all(torch.equal(_bytes(codec.decode(p)), _bytes(t)) for p, t in zip(packed, tensors))
+    assert all(torch.equal(_bytes(decode.decode(p)), _bytes(t)) for p, t in zip(packed, tensors))
     # A table that fits another tensor badly still decodes exactly: the misses are patches.
     other = (torch.randn(5000) * 1e3).to(torch.bfloat16)
     bad = codec.pack(other, coding="nibble", tables=tables)
-    assert torch.equal(_bytes(codec.decode(bad)), _bytes(other))
+    assert torch.equal(_bytes(decode.decode(bad)), _bytes(other))
 
 
 def test_costs_between_zstd_and_raw():
@@ -95,7 +95,7 @@ def test_any_bits_round_trip(data, frame_nbytes):
     data = data[: len(data) // 2 * 2]
     t = torch.frombuffer(bytearray(data), dtype=torch.bfloat16) if data else torch.empty(0, dtype=torch.bfloat16)
     packed = codec.pack(t, coding="nibble", frame_nbytes=frame_nbytes)
-    assert torch.equal(_bytes(codec.decode(packed)), _bytes(t))
+    assert torch.equal(_bytes(decode.decode(packed)), _bytes(t))
 
 
 def test_store_rebases_coded_planes_into_an_arena():
@@ -109,7 +109,7 @@ def test_store_rebases_coded_planes_into_an_arena():
         off += len(bytes(b))
     rebased = _rebased(packed, views)
     assert rebased.planes[1].nibbles.codes is views[1]
-    assert torch.equal(_bytes(codec.decode(rebased)), _bytes(t))
+    assert torch.equal(_bytes(decode.decode(rebased)), _bytes(t))
 
 
 def _with_nibbles(packed, **changes):
@@ -130,7 +130,7 @@ def test_malformed_coded_planes_raise_format_error(problem):
         "patches_unordered": {"patch_at": np.array([9, 3], np.int64).tobytes(), "patch_values": b"\1\2"},
     }[problem]
     with pytest.raises(FormatError, match="plane 1"):
-        codec.decode(_with_nibbles(packed, **change))
+        decode.decode(_with_nibbles(packed, **change))
 
 
 @pytest.mark.parametrize("field", ["codes", "pairs", "patch_values"])
@@ -140,7 +140,7 @@ def test_a_flipped_code_table_or_patch_byte_fails_the_tensors_crc32(field):
     b = bytearray(bytes(getattr(packed.planes[1].nibbles, field)))
     b[len(b) // 2] ^= 0x01
     with pytest.raises(FormatError, match="crc32"):
-        codec.decode(_with_nibbles(packed, **{field: bytes(b)}))
+        decode.decode(_with_nibbles(packed, **{field: bytes(b)}))
 
 
 @pytest.mark.parametrize("kwargs", [{"coding": "lz4"}, {"coding": "nibble", "frame_nbytes": 4095}])

@@ -17,7 +17,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import codec
+from . import codec, decode
 
 log = logging.getLogger("vzstream")
 
@@ -66,7 +66,7 @@ def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int | None = 
             t0 = time.perf_counter()
             # Each thread into a frame-sized buffer of its own (codec's per-thread scratch):
             # what a decode writes is measured, not where.
-            for _ in pool.map(lambda f: codec.decode_frame_into(f, codec.thread_scratch(largest)[: f.nbytes]), tasks):
+            for _ in pool.map(lambda f: decode.decode_frame_into(f, decode.thread_scratch(largest)[: f.nbytes]), tasks):
                 pass
             times.append(time.perf_counter() - t0)
     return raw / statistics.median(times[1:]) / 1e9

@@ -17,7 +17,8 @@ import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from . import codec, hooks
+from . import hooks
+from .decode import decode
 from .errors import FormatError, VzstreamError
 from .store import in_order, unpermute
 
@@ -64,7 +65,7 @@ class Installed:
     def admit(self, unit) -> None:
         """A streamed unit stays resident from now on: decoded onto the device, its store dropped."""
         for orig in unit.originals:
-            value = unpermute(codec.decode(orig.packed), orig.perm)
+            value = unpermute(decode(orig.packed), orig.perm)
             orig.param.data = self.backend.to_device(value)
             unit.moved.append((orig.param, orig.device))
         unit.originals, unit.store, unit.streamed = [], None, False
@@ -109,7 +110,7 @@ class Original:
 
     def restore(self) -> None:
         try:
-            value = codec.decode(self.packed)
+            value = decode(self.packed)
         except FormatError as exc:
             # Without tracebacks: decode's frames hold `packed`, and so its unit's arena, for
             # as long as the error lives (the messages name the unit, tensor, plane and frame).

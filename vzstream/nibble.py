@@ -16,7 +16,7 @@ Llama alike). So a plane of n bytes is stored as:
 
 It stores n/2 + 512 + 9 * patches bytes, against zstd's ~n/2.9: more host RAM, no host decode.
 Like raw planes, and unlike zstd frames, it carries no checksum: its structure is checked, its
-values are not while streaming. A whole-tensor `codec.decode` (what restoring a parameter runs)
+values are not while streaming. A whole-tensor `decode.decode` (what restoring a parameter runs)
 checks the tensor's crc32.
 """
 

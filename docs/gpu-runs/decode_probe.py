@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vzstream import codec
+from vzstream.decode import decode_frame_into
 
 print(subprocess.run("nproc; lscpu | grep -Ei 'model name|thread|core|socket|mhz|numa'", shell=True,
                      capture_output=True, text=True).stdout, flush=True)
@@ -33,7 +34,7 @@ for mib in (1, 4, 16):
 
 
 def decode(frame) -> None:
-    codec.decode_frame_into(frame, OUT[frame.start : frame.start + frame.nbytes])
+    decode_frame_into(frame, OUT[frame.start : frame.start + frame.nbytes])
 
 
 def threads(frames, n: int, reps: int = 5) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .. import codec
+from .. import decode
 from .base import Backend, chunk_jobs
 
 
@@ -33,9 +33,9 @@ class CpuBackend(Backend):
         items = []
         for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
             chunk_nbytes = packed.frame_elems * packed.itemsize
-            decode = codec.chunk_decoder(packed, out)     # views `out` once, not per chunk
+            decode_chunk = decode.chunk_decoder(packed, out)     # views `out` once, not per chunk
             for j in range(packed.num_chunks):
-                items.append((chunk_nbytes, name, partial(decode, j)))
+                items.append((chunk_nbytes, name, partial(decode_chunk, j)))
         return chunk_jobs(items)
 
     def upload(self, ticket) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.autograd import profiler
 
-from .. import codec
+from .. import codec, decode
 from .upload_plan import Coded
 
 
@@ -31,7 +31,7 @@ def stage_into(buffer: np.ndarray, offset: int, nbytes: int, source, fqn: str = 
     with stage_range("decode", fqn):
         dst = buffer[offset : offset + nbytes]
         if isinstance(source, codec.Frame):
-            codec.decode_frame_into(source, dst)
+            decode.decode_frame_into(source, dst)
         else:
             dst[:] = np.frombuffer(source, dtype=np.uint8)
 

