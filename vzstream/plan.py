@@ -139,6 +139,10 @@ def _size(n: int) -> str:
 def _too_small(sizes, budget, num_slots, act, min_slot, stream_reserve, what, names, prefetch) -> str:
     """The budget error: the smallest budget that fits, its largest parts, and what lowers it."""
     minimum, slot = minimum_budget(sizes, num_slots, act, min_slot, stream_reserve)
+    if not slot:                            # streaming anything costs more than keeping it all
+        return (f"{what} of {budget} bytes ({budget / MIB:.1f} MiB) cannot hold this model: a ring of {num_slots} "
+                f"slots would take more than keeping every unit resident, which needs {minimum} bytes "
+                f"({minimum / MIB:.1f} MiB) with {act} bytes of activation reserve. Raise the budget to {minimum}.")
     slot = max(slot, min_slot)
     names = names or [f"unit {i}" for i in range(len(sizes))]
     forced = sorted(((n, names[u] or "(root)") for u, n in enumerate(sizes) if n > slot), reverse=True)

@@ -104,6 +104,39 @@ class DevicePool:
         member.needs = needs
         self._apply(plans)
 
+    def _more_slots(self, member: Member, partial: bool = False) -> None:
+        """The traced pass needed more slots than `member`'s budgeted plan counted: plan again
+        with that many (keeping fewer units resident), or raise the ConfigError that names the
+        budget that holds them. `partial`: the pass stopped where the slots ran out (a block
+        calling another from inside its forward), so it may need more than it saw: the error
+        also names a budget that holds every streamed unit bound at once."""
+        needed, planned = member.runtime.slots_needed, member.needs.num_slots
+        member.runtime.slots_needed = 0
+        if needed <= planned:
+            return
+        what = (f"the traced first pass {'binds at least' if partial else 'holds'} {needed} units at once "
+                f"(units bound inside one another, or held for reuse under cache='pass', with prefetch in "
+                f"flight), more than the {planned} slots planned at open; nothing was allocated past the budget.")
+        needs = replace(member.needs, num_slots=needed)
+        try:
+            plans = self.plans([needs if m is member else m.needs for m in self.members])
+        except ConfigError as exc:
+            raise ConfigError(f"{what} {exc}{self._sure(member, partial)}") from None
+        member.needs = needs
+        self._apply(plans)
+        if partial:
+            raise ConfigError(f"{what} The next call plans for {needed} slots within `vram_budget`."
+                              f"{self._sure(member, partial)}")
+
+    def _sure(self, member: Member, partial: bool) -> str:
+        """A budget sure to hold every streamed unit of `member` bound at once."""
+        if not partial:
+            return ""
+        count = sum(1 for u in member.units if u.streamed) + member.needs.prefetch + 1
+        sure, _ = minimum_budget(list(member.needs.sizes), count, member.needs.activation_reserve, 0,
+                                 member.needs.stream_reserve)
+        return f" A `vram_budget` of {sure} bytes holds even every streamed unit bound at once."
+
     def leave(self, member: Member | None) -> None:
         """Drop `member`; with no member left, free the ring and scratch (a model that came from
         this device needs the room to be restored there). Caller holds the lock."""
@@ -139,8 +172,7 @@ class DevicePool:
             member.apply(plan, admit=True)
         count = max((p.num_slots for p in plans), default=0)
         for member, plan in zip(self.members, plans):
-            member.runtime.use_ring(self.ring, max(count, plan.num_slots), plan.budget is not None,
-                                    _slots_error(member.needs, self.budget, plan))
+            member.runtime.use_ring(self.ring, max(count, plan.num_slots), plan.budget is not None)
         if any(p.budget is not None for p in plans):   # a budgeted ring is static from here on
             self.ring.reserve(count)
 
@@ -173,8 +205,11 @@ class DevicePool:
                 if member.fit_pending and runtime.activation_nbytes is not None:
                     member.fit_pending = False
                     self.replan(member, replace(member.needs, activation_reserve=runtime.activation_nbytes))
-            except BaseException:
+                self._more_slots(member)
+            except BaseException as exc:
                 runtime.abort()
+                if isinstance(exc, ConfigError) and runtime.slots_needed:
+                    self._more_slots(member, partial=True)      # raises what to do
                 raise
             finally:
                 if self.shared:
@@ -199,20 +234,6 @@ class DevicePool:
     @property
     def peak_device_nbytes(self) -> int:
         return self.backend.peak_device_nbytes
-
-
-def _slots_error(needs: Needs, pool_budget: int | None, plan: MemoryPlan):
-    """needed -> the ConfigError for a trace that holds more units at once than the plan's slots."""
-    def error(needed: int) -> ConfigError:
-        minimum, _ = minimum_budget(list(needs.sizes), needed, needs.activation_reserve, 0, needs.stream_reserve)
-        what = "`vram_budget`" if pool_budget is None or (needs.cap is not None and needs.cap < pool_budget) \
-            else "the pool's `budget`"
-        return ConfigError(
-            f"the traced pass needs {needed} slots at once (units bound inside one another, or held for reuse "
-            f"under cache='pass', with `prefetch={needs.prefetch}` in flight), but the plan for {what} of "
-            f"{plan.budget} bytes counted {plan.num_slots}. The smallest budget that fits is {minimum} bytes "
-            f"({minimum / 2**20:.1f} MiB) for this model alone; raise it, or lower `prefetch`.")
-    return error
 
 
 __all__ = ["DevicePool", "Member"]

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from .errors import TraceError
+from .errors import ConfigError, TraceError
 from .hooks import bind_params, unbind_params
 from .pipeline import Pipeline, Ticket
 from .ring import SlotPool
@@ -90,7 +90,7 @@ class Streamer:
         self.activation_nbytes: int | None = None
         self.ring: SlotPool | None = None
         self.num_slots, self.fixed = 0, False   # the plan's slot count; fixed: under a budget
-        self.slots_error = None                 # needed -> ConfigError naming the budget that fits
+        self.slots_needed = 0                   # a traced pass needed more slots than a budget counted
         self.slots_why = ""
         self.tracer = Tracer()
         self.schedule: Schedule | None = None
@@ -102,9 +102,9 @@ class Streamer:
         self.held: dict[int, list] = {}         # unit -> [ticket, bind_count]
         self.pass_t0 = 0.0
 
-    def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool, slots_error=None) -> None:
+    def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool) -> None:
         """The ring to fetch into, and the plan's slot count (called while parked)."""
-        self.ring, self.num_slots, self.fixed, self.slots_error = ring, num_slots, fixed, slots_error
+        self.ring, self.num_slots, self.fixed = ring, num_slots, fixed
         self.slots_why = ""
 
     # -- passes -----------------------------------------------------------------------------
@@ -147,9 +147,10 @@ class Streamer:
         trace, ends = self.tracer.trace, self.tracer.learned_ends
         schedule = make_schedule(trace, self.prefetch, self.cache, ends)
         if schedule.num_slots > self.num_slots:
-            if self.fixed:                      # the budget counted fewer: say what fits
+            if self.fixed:                      # the budget counted fewer: the pool plans again
+                self.slots_needed = schedule.num_slots      # after this call, or says what fits
                 self.tracer.forget()
-                raise self.slots_error(schedule.num_slots)
+                return
             self.num_slots = schedule.num_slots
             self.slots_why = f"the traced pass holds {schedule.num_slots} units at once"
         self.schedule = schedule
@@ -218,8 +219,9 @@ class Streamer:
     def _acquire(self, unit: int):
         """A slot for a synchronous fetch of `unit`: one beyond the plan only without a budget."""
         slot = self.ring.acquire((id(self), unit), self.num_slots)
-        if slot is None and self.fixed:
-            raise self.slots_error(len(self.held) + len(self.tickets) + 1)
+        if slot is None and self.fixed:         # the traced pass nests deeper than the plan counted
+            self.slots_needed = len(self.held) + len(self.tickets) + 1
+            raise ConfigError(f"the traced first pass binds at least {self.slots_needed} units at once")
         if slot is None:
             self.counters.slot_overflows += 1
             slot = self.ring.acquire((id(self), unit), None)
