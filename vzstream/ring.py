@@ -37,7 +37,7 @@ class SlotPool:
     def acquire(self, key, limit: int | None) -> Slot | None:
         """A free slot for the unit `key` names (its dedicated slot, if it has one), allocating
         one up to `limit` slots (None: no limit); None when every slot it may use is taken."""
-        nbytes = self.dedicated_nbytes.get(key)
+        nbytes = self.dedicated_nbytes.get(key) if self.dedicated_nbytes else None
         if nbytes is not None:
             if key not in self.own:
                 self.own[key] = Slot(-1 - len(self.own), self.backend.device_buffer(nbytes))
