@@ -57,6 +57,10 @@ class Member:
                     self.installed.evict(unit, self.pack(unit))
             self.installed.hook(self.runtime)
             self.runtime.relearn_from_scratch()
+            self.runtime.backend.clear_caches()     # cached jobs would keep dropped stores alive
+            # Staging and merge scratch for the units that now stream (CUDA), sized here on the
+            # thread holding the lock, not by a worker mid-pass.
+            self.runtime.backend.prepare(self.needs.prefetch or 0, [u.store for u in self.units if u.streamed])
             log.info("vzstream: re-planned: %d unit(s) %s", len(changed), "now resident" if admit else "now stream")
         self.plan = plan
 
@@ -161,7 +165,10 @@ class DevicePool:
 
     def _apply(self, plans: list[MemoryPlan]) -> None:
         """Give each member its plan: evictions first, then the ring resized, then admissions,
-        so the device never holds more than the larger of the old and new plans."""
+        so the device never holds more than the larger of the old and new plans. Every member
+        is parked first: no fetch may be in flight into a ring about to be rebuilt."""
+        for member in self.members:
+            member.runtime.park()
         for member, plan in zip(self.members, plans):
             member.apply(plan, admit=False)
         slot = max((p.slot_nbytes for p in plans), default=0)

@@ -104,8 +104,10 @@ class Streamer:
 
     def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool) -> None:
         """The ring to fetch into, and the plan's slot count (called while parked)."""
-        self.ring, self.num_slots, self.fixed = ring, num_slots, fixed
-        self.slots_why = ""
+        learned = self.schedule.num_slots if self.schedule is not None and not fixed else 0
+        self.ring, self.num_slots, self.fixed = ring, max(num_slots, learned), fixed
+        if not learned > num_slots:
+            self.slots_why = ""
 
     # -- passes -----------------------------------------------------------------------------
     def pass_start(self) -> None:
