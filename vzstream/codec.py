@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import zstandard as zstd
 
-from vzstream import nibble
-from vzstream.errors import ConfigError
+from . import nibble
+from .errors import ConfigError
 
 __all__ = ["Frame", "Plane", "Packed", "pack", "nibble_tables", "Codec", "CODECS", "CODINGS",
            "parse_codec", "check_level", "MIN_LEVEL", "MAX_LEVEL"]
