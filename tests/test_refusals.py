@@ -15,8 +15,6 @@ from torch import nn
 
 import vzstream
 
-CONTIGUOUS = torch.contiguous_format
-
 
 def _randn(*shape: int) -> torch.Tensor:
     return make_input(*shape, seed=7)
@@ -78,7 +76,7 @@ def _open_and_close(model: nn.Module, **options) -> None:
 
 def _clone_dense(*params: nn.Parameter) -> None:
     for p in params:
-        p.data = p.data.clone(memory_format=CONTIGUOUS)
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
 # -- item 6: parameters a restore would give back with another layout --------------------------
@@ -241,7 +239,7 @@ def check_model():
     return pytest.importorskip("vzstream.checks").check_model
 
 
-def _with_list(model):
+def _with_module_dict(model):
     model.blocks[0].inner = nn.ModuleDict({"a": nn.Linear(2, 2)})
     return model
 
@@ -286,7 +284,7 @@ def test_check_model_refuses_a_size_one_dim_with_a_stride_a_restore_would_not_ke
 ], ids=["module_dict", "module_list"])
 def test_check_model_refuses_unit_modules_without_a_forward(spec, fragment, check_model):
     with pytest.raises(vzstream.ConfigError, match=fragment):
-        check_model(_with_list(build(Stack)), spec)
+        check_model(_with_module_dict(build(Stack)), spec)
 
 
 @pytest.mark.parametrize("spec", ["blocks", "leaves", ("blocks.0", "blocks.1"), ("no.such.module",)],

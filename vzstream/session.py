@@ -16,6 +16,7 @@ import weakref
 from torch import nn
 
 from .assemble import close_member, install_member, needs_of, new_member
+from .checks import check_model
 from .config import SessionConfig, available_cores, build_config
 from .errors import ConfigError, TraceError
 from .generate import cancellable, close_in_thread, greedy, hf_generate_kwargs, open_in_thread, stream_tokens
@@ -62,6 +63,7 @@ class Session:
 
     def open(self) -> None:
         _check_not_open(self.model)
+        check_model(self.model, self.config.units)       # layouts, meta, lazy, unit modules: refused here
         self.pool = pool = _device_pool(self.config)      # fails before anything is allocated
         self.backend, self._final = pool.backend, None
         with pool.lock:
