@@ -14,6 +14,7 @@ from .backends import Backend, CpuBackend, FakeBackend  # noqa: F401
 from .config import SessionConfig  # noqa: F401
 from .errors import BackendUnavailableError, ConfigError, FormatError, TraceError, VzstreamError
 from .generate import greedy  # noqa: F401
+from .orphans import restore
 from .pool import DevicePool
 from .session import Session, session  # noqa: F401
 from .stats import Stats
@@ -26,6 +27,6 @@ except metadata.PackageNotFoundError:   # a checkout on sys.path, not installed
 # What users call. `Session`, `SessionConfig`, `Backend`, `CpuBackend`, `codec` and `greedy`
 # stay importable (tests, custom backends) but are not advertised.
 __all__ = [
-    "session", "DevicePool", "Stats", "FakeBackend",
+    "session", "restore", "DevicePool", "Stats", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
 ]

@@ -22,6 +22,7 @@ from .backends import make_backend
 from .config import check_device, resolve_budget
 from .errors import ConfigError, TraceError
 from .install import Installed
+from .orphans import run_pending
 from .pipeline import gil_switch_interval
 from .ring import SlotPool
 from .plan import MemoryPlan, Needs, SessionPlan, describe_plan, minimum_budget, plan_pool
@@ -74,6 +75,7 @@ class DevicePool:
         self.gate = Gate()
         self.ring = SlotPool(self.backend, 0)
         self.members: list[Member] = []
+        self.pending: list = []           # closes of collected sessions, waiting for the lock (`orphans`)
 
     @property
     def lock(self):
@@ -90,6 +92,7 @@ class DevicePool:
     def join(self, member: Member, plans: list[MemoryPlan]) -> None:
         """Add `member` with `plans` (one per member, `member`'s last), applied to the others
         first: what they evict makes room for what the newcomer moves in. Caller holds the lock."""
+        run_pending(self)
         for other in self.members:
             other.runtime.park()
         self.members.append(member)
@@ -221,6 +224,7 @@ class DevicePool:
             finally:
                 if self.shared:
                     runtime.park()
+                run_pending(self)
 
     def describe(self, member: Member, spec) -> SessionPlan:
         """`s.plan` of `member`: its units, the slots its runtime uses, and the pool's split."""

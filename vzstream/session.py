@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
+from functools import partial
 
 from torch import nn
 
 from .assemble import close_member, install_member, needs_of, new_member
 from .checks import check_model
 from .config import SessionConfig, available_cores, build_config
+from . import orphans
 from .errors import ConfigError, TraceError
 from .generate import cancellable, close_in_thread, greedy, hf_generate_kwargs, open_in_thread, stream_tokens
 from .plan import SessionPlan
@@ -73,6 +75,8 @@ class Session:
                 self._close_locked()
                 raise
         self.is_open = True
+        orphans.watch(self, self.model, pool, partial(_close_parts, self.model, self.member, pool,
+                                                      self.config.pool is None, self._host_threads(), None))
 
     def _open_locked(self, pool: DevicePool) -> None:
         cfg = self.config
@@ -99,25 +103,13 @@ class Session:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        close_member(self.member, self.pool, self._host_threads(), self._keep_final, self._forget)
+        _close_parts(self.model, self.member, self.pool, self.config.pool is None, self._host_threads(), self)
 
     def _keep_final(self) -> None:
         """What `stats()` and `plan` say after the session."""
         if self.is_open:
             self._final = (self.stats(), self.plan)
 
-    def _forget(self) -> None:
-        """The session's own state first (it cannot fail), then the pool and backend."""
-        member, self.member, self.is_open = self.member, None, False
-        _open_models.discard(self.model)
-        for p in self.model.parameters():
-            _open_params.pop(id(p), None)
-        try:
-            self.pool.leave(member)
-            self.pool.rebalance()                 # the others may keep more resident now
-        finally:
-            if self.config.pool is None:
-                self.pool.backend.close()
 
     def _host_threads(self) -> int:
         """Threads for packing and restoring, while the model runs nothing: every core (≤ 16)."""
@@ -189,7 +181,36 @@ class Session:
         return collect(self.units, runtime, self.calibration, self.backend)
 
 
+def _close_parts(model, member, pool: DevicePool, own_pool: bool, threads: int, session) -> None:
+    """Close a session's parts (the caller holds the pool's lock). `session` is None when it was
+    collected while open (`orphans`): its parts alone put the model back."""
+    close_member(member, pool, threads, session._keep_final if session is not None else _nothing,
+                 partial(_forget, model, member, pool, own_pool, session))
+
+
+def _forget(model, member, pool: DevicePool, own_pool: bool, session) -> None:
+    """The session's own state first (it cannot fail), then the pool and backend."""
+    if session is not None:
+        session.member, session.is_open = None, False
+    orphans.unwatch(model)
+    _open_models.discard(model)
+    for p in model.parameters():
+        _open_params.pop(id(p), None)
+    try:
+        pool.leave(member)
+        pool.rebalance()                  # the others may keep more resident now
+    finally:
+        if own_pool:
+            pool.backend.close()
+
+
+def _nothing() -> None:
+    pass
+
+
 def _check_not_open(model: nn.Module) -> None:
+    if orphans.abandoned(model):          # its session was collected before it could close
+        orphans.restore(model)
     if model in _open_models:
         raise TraceError(
             "`model` already has an open vzstream session; close it (leave its `with` block) "

@@ -1,0 +1,86 @@
+"""A session left open and dropped puts its model back (issue 15, item 3): its finalizer warns
+with ResourceWarning and restores the model, never blocking on the pool's lock; and
+`vzstream.restore(model)` recovers a model whose session object was lost."""
+
+import gc
+import threading
+
+import pytest
+import torch
+from models import TinyLM, build
+
+import vzstream
+
+IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+
+
+def _model_and_reference():
+    model = build(TinyLM, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return model, model(IDS)
+
+
+def _vzstream_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("vzstream-")]
+
+
+def test_a_dropped_open_session_puts_its_model_back(snapshot, open_models):
+    model, ref = _model_and_reference()
+    snap = snapshot(model)
+    s = vzstream.session(model, device="cpu", prefetch=2)
+    s.__enter__()
+    assert torch.equal(s(IDS), ref)
+    with pytest.warns(ResourceWarning, match="collected while still open"):
+        del s
+        gc.collect()
+    snap.check(model)                                   # parameters back, no hook left
+    assert model not in open_models and not _vzstream_threads()
+    with vzstream.session(model, device="cpu") as s:    # and the model opens again
+        assert torch.equal(s(IDS), ref)
+    snap.check(model)
+
+
+def test_a_session_collected_during_another_call_waits_for_that_call(snapshot):
+    # The finalizer runs inside a call that holds the pool's lock: it must not block on it (a
+    # deadlock) nor close then; the model goes back once that call ends.
+    pool = vzstream.DevicePool("cpu")
+    (kept, kept_ref), (dropped, dropped_ref) = _model_and_reference(), _model_and_reference()
+    snap = snapshot(dropped)
+    a = vzstream.session(kept, pool=pool).__enter__()
+    b = vzstream.session(dropped, pool=pool).__enter__()
+    assert torch.equal(b(IDS), dropped_ref)
+    held = []
+
+    def collect_inside(*_):
+        if held == []:
+            held.append(pool.lock.locked())
+            nonlocal b
+            with pytest.warns(ResourceWarning):
+                b = None
+                gc.collect()
+            held.append(len(pool.pending))
+
+    handle = kept.register_forward_hook(collect_inside)
+    try:
+        assert torch.equal(a(IDS), kept_ref)
+    finally:
+        handle.remove()
+    assert held == [True, 1]                            # deferred while the call held the lock
+    assert not pool.pending
+    snap.check(dropped)                                 # ... and done when it ended
+    assert torch.equal(a(IDS), kept_ref)
+    a.close()
+
+
+def test_restore_recovers_a_model_whose_session_was_lost(snapshot):
+    model, ref = _model_and_reference()
+    snap = snapshot(model)
+    lost = [vzstream.session(model, device="cpu", prefetch=1).__enter__()]  # held somewhere unknown
+    assert torch.equal(lost[0](IDS), ref)
+    assert vzstream.restore(model) is True
+    snap.check(model)
+    assert not lost[0].is_open and not _vzstream_threads()
+    assert vzstream.restore(model) is False             # nothing left to restore
+    lost[0].close()                                     # a no-op now
+    with vzstream.session(model, device="cpu") as s:
+        assert torch.equal(s(IDS), ref)
