@@ -84,3 +84,34 @@ def test_restore_recovers_a_model_whose_session_was_lost(snapshot):
     lost[0].close()                                     # a no-op now
     with vzstream.session(model, device="cpu") as s:
         assert torch.equal(s(IDS), ref)
+
+
+@pytest.mark.parametrize("where", ["Workers.shutdown", "Streamer.abort"])
+def test_a_ctrl_c_while_stopping_the_workers_leaves_no_thread(where, monkeypatch, snapshot, open_models):
+    # Issue 15, item 4: a KeyboardInterrupt while leaving used to leave a decode thread alive
+    # after the `with` block, one more at each interrupted close.
+    from vzstream.pipeline import Pipeline, Workers
+    from vzstream.runtime import Streamer
+
+    monkeypatch.setattr(Pipeline, "inline_nbytes", 0)  # every unit decoded by the workers
+
+    owner, name = {"Workers.shutdown": (Workers, "shutdown"), "Streamer.abort": (Streamer, "abort")}[where]
+    original, raised = getattr(owner, name), []
+
+    def interrupted(self, *args):
+        if not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    model, ref = _model_and_reference()
+    snap = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        with vzstream.session(model, device="cpu", prefetch=2) as s:
+            assert torch.equal(s(IDS), ref)
+            assert _vzstream_threads()                  # workers run
+            monkeypatch.setattr(owner, name, interrupted)
+    monkeypatch.undo()
+    assert raised and not _vzstream_threads()
+    snap.check(model)
+    assert model not in open_models

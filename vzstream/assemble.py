@@ -82,8 +82,8 @@ def close_member(member: Member | None, pool: DevicePool, threads: int, before_f
     (a model that came from the device needs the room there), restore every parameter, then
     `forget()`. Putting the model back is not cut short by a Ctrl-C (held, raised at the end; a
     second one is obeyed): half-way, parameters would be left empty with nothing to restore them
-    from. Stopping the workers stays interruptible; the ring is then freed only after the
-    restore, since a worker may still write a slot."""
+    from. Stopping the workers is interruptible; a Ctrl-C there is held while they are joined
+    again, so no thread outlives the session."""
     stopped = False
     try:
         if member is not None:
@@ -93,6 +93,9 @@ def close_member(member: Member | None, pool: DevicePool, threads: int, before_f
     finally:
         with interrupts_deferred():
             try:
+                if member is not None and not stopped:  # a Ctrl-C left workers running: reap them
+                    member.runtime.pipeline.close()     # (a second Ctrl-C is still obeyed at once)
+                    stopped = True
                 before_free()
                 if stopped:
                     pool.leave(member)

@@ -56,6 +56,7 @@ class Workers:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._num_threads, self._name = num_threads, name
         self._threads: list | None = []     # started by the first submit; None once shut down
+        self._stopping: list = []           # told to end, not yet joined
 
     def submit(self, fn, *args) -> None:
         """Queue `fn(*args)`. Called from one thread at a time (the pool's lock holder)."""
@@ -82,12 +83,15 @@ class Workers:
             item = fn = args = None
 
     def shutdown(self) -> None:
-        """Run what was submitted, then join every thread."""
-        threads, self._threads = self._threads or [], None
-        for _ in threads:
-            self._queue.put(None)
-        for t in threads:
-            t.join()
+        """Run what was submitted, then join every thread. Interrupted (a Ctrl-C while joining),
+        calling it again joins what is left."""
+        if self._threads is not None:   # the first call: no new job, each thread told to end
+            self._stopping, self._threads = self._threads, None
+            for _ in self._stopping:
+                self._queue.put(None)
+        while self._stopping:
+            self._stopping[-1].join()
+            self._stopping.pop()
         _live_workers.discard(self)
 
 
