@@ -3,6 +3,7 @@ with ResourceWarning and restores the model, never blocking on the pool's lock; 
 `vzstream.restore(model)` recovers a model whose session object was lost."""
 
 import gc
+import sys
 import threading
 
 import pytest
@@ -115,3 +116,82 @@ def test_a_ctrl_c_while_stopping_the_workers_leaves_no_thread(where, monkeypatch
     assert raised and not _vzstream_threads()
     snap.check(model)
     assert model not in open_models
+
+
+# -- direct calls (issue 15, item 1) --------------------------------------------------------------
+
+def _hammer(calls: dict, errors: list, n: int = 150):
+    """Run each of `calls` (name -> zero-argument call returning (output, reference)) n times
+    on its own thread; record every mismatch or error."""
+    def run(name, call):
+        try:
+            for i in range(n):
+                out, ref = call()
+                if not torch.equal(out, ref):
+                    errors.append(f"{name} call {i}: wrong output")
+        except BaseException as exc:                    # reported below, with its thread
+            errors.append(f"{name}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                         # interleave the threads as much as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("second", ["direct", "session"])
+def test_direct_calls_from_two_threads_wait_for_each_other(second, decode_path, snapshot):
+    # Before: a direct model(x) never took the pool's lock; 42 of 300 outputs were wrong, with
+    # no error, and others raised KeyError or shape errors.
+    model, ref = _model_and_reference()
+    other = IDS.flip(0)
+    with torch.no_grad():
+        other_ref = model(other)
+    snap = snapshot(model)
+    errors: list = []
+    with vzstream.session(model, device="cpu", prefetch=2) as s, torch.no_grad():
+        second_call = (lambda: (model(other), other_ref)) if second == "direct" else (lambda: (s(other), other_ref))
+        _hammer({"direct": lambda: (model(IDS), ref), second: second_call}, errors)
+    assert errors == []
+    snap.check(model)
+
+
+def test_a_ctrl_c_inside_a_direct_call_leaves_the_lock_to_the_next_call(snapshot):
+    # A KeyboardInterrupt inside a forward skips torch's always_call hooks, so a direct call's
+    # hold of the pool is left behind: the next call, on this thread or another, takes it back.
+    model, ref = _model_and_reference()
+    snap = snapshot(model)
+    fired = []
+
+    def interrupt(*_):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    with vzstream.session(model, device="cpu", prefetch=2) as s, torch.no_grad():
+        assert torch.equal(model(IDS), ref)
+        handle = model.blocks[1].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(IDS)
+        handle.remove()
+        errors: list = []
+        _hammer({"other thread": lambda: (model(IDS), ref)}, errors, n=3)    # reclaims the stale hold
+        assert errors == []
+        assert torch.equal(model(IDS), ref) and torch.equal(s(IDS), ref)
+        handle = model.blocks[2].register_forward_pre_hook(interrupt)
+        fired.clear()
+        with pytest.raises(KeyboardInterrupt):
+            model(IDS)
+        handle.remove()
+        assert torch.equal(model(IDS), ref)                                  # this thread takes it back
+        with pytest.raises(KeyboardInterrupt):
+            fired.clear()
+            handle = model.blocks[0].register_forward_pre_hook(interrupt)
+            model(IDS)
+        handle.remove()
+    snap.check(model)                                   # and leaving works with a stale hold

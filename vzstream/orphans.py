@@ -63,7 +63,7 @@ def restore(model) -> bool:
     if session is not None:
         session.close()
     else:
-        with orphan.pool.lock:
+        with orphan.pool.gate.held(None):
             orphan.run_locked()
     return True
 

@@ -96,6 +96,7 @@ class DevicePool:
         for other in self.members:
             other.runtime.park()
         self.members.append(member)
+        self.gate.shared = self.shared
         self._apply(plans)
 
     def replan(self, member: Member, needs: Needs) -> None:
@@ -149,6 +150,7 @@ class DevicePool:
         this device needs the room to be restored there). Caller holds the lock."""
         if member in self.members:
             self.members.remove(member)
+            self.gate.shared = self.shared
             for unit in member.units:           # cached views would keep the slots alive
                 if unit.store is not None:
                     unit.store.forget_slots()
@@ -202,6 +204,7 @@ class DevicePool:
         after it, plan again if the traced pass measured the activations; after an exception,
         tidy up the runtime (a KeyboardInterrupt skips always_call hooks); on a shared pool, hand
         every slot back."""
+        self.gate.reclaim_stale()               # a direct call a Ctrl-C cut short
         if self.gate.owner == threading.get_ident():
             raise TraceError(
                 "a vzstream call was made from inside another call on the same pool (a hook, a callback, "

@@ -68,7 +68,7 @@ class Session:
         check_model(self.model, self.config.units)       # layouts, meta, lazy, unit modules: refused here
         self.pool = pool = _device_pool(self.config)      # fails before anything is allocated
         self.backend, self._final = pool.backend, None
-        with pool.lock:
+        with pool.gate.held(None):
             try:
                 self._open_locked(pool)
             except BaseException:
@@ -94,12 +94,13 @@ class Session:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
         if self.pool is None:
             return
+        self.pool.gate.reclaim_stale()        # a direct call a Ctrl-C cut short
         if self.pool.gate.owner == threading.get_ident():
             raise TraceError("a vzstream session cannot be closed from inside a call on its pool "
                              "(a hook or callback); close it after the call returns.")
         for cancel in list(self._cancels):    # an abandoned stream must not hold the lock
             cancel.set()
-        with self.pool.lock:
+        with self.pool.gate.held(None):
             self._close_locked()
 
     def _close_locked(self) -> None:
