@@ -7,6 +7,7 @@ altered. `transformers` is imported lazily, inside the HF builders only.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -218,3 +219,46 @@ def hf_inputs(batch: int = 2, seq: int = 8, seed: int = 1) -> tuple[torch.Tensor
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     return ids, kwargs
+
+
+# -- budget helpers ---------------------------------------------------------------------------------
+
+def numbers_in(message: str) -> list[int]:
+    """Every whole number an error message names."""
+    return [int(n) for n in re.findall(r"\d+", message)]
+
+
+def opens_at(model, budget: int, **options) -> bool:
+    """Whether a CPU session on `model` opens under `vram_budget=budget`."""
+    import vzstream
+
+    try:
+        with vzstream.session(model, device="cpu", vram_budget=budget, **options):
+            return True
+    except vzstream.ConfigError:
+        return False
+
+
+def named_minimum(model, **options) -> int:
+    """The minimum the ConfigError names for an impossible budget, checked to be exact: a CPU
+    session opens at that budget and not one byte below it."""
+    import pytest
+
+    import vzstream
+
+    with pytest.raises(vzstream.ConfigError, match="vram_budget") as info:
+        vzstream.session(model, device="cpu", vram_budget=1, **options).open()
+    exact = [n for n in set(numbers_in(str(info.value))) if n > 1
+             and opens_at(model, n, **options) and not opens_at(model, n - 1, **options)]
+    assert len(exact) == 1, f"no exact minimum named in: {info.value}"
+    return exact[0]
+
+
+def decodes_per_pass(s, run, passes: int = 3) -> float:
+    """Decodes per pass once the schedule is learned (after two warm-up passes)."""
+    run()
+    run()
+    before = s.stats().decodes
+    for _ in range(passes):
+        run()
+    return (s.stats().decodes - before) / passes

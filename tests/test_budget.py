@@ -6,7 +6,6 @@ The CPU backend counts what would live on the device (resident parameters + ring
 """
 
 import math
-import re
 
 import psutil
 import pytest
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 import vzstream
-from models import Block, NestedLeaves, Scaled, Shared, build, build_hf, hf_inputs, make_input
+from models import (Block, NestedLeaves, Scaled, Shared, build, build_hf, decodes_per_pass, hf_inputs, make_input,
+                    named_minimum, numbers_in)
 from vzstream.plan import unit_nbytes
 from vzstream.units import find_units
 
@@ -36,29 +36,6 @@ def reference():
         return ids, gen_kwargs, model(ids).logits, model.generate(ids, **gen_kwargs)
 
 
-def _numbers(message: str) -> list[int]:
-    return [int(n) for n in re.findall(r"\d+", message)]
-
-
-def _opens(model, budget, **options) -> bool:
-    try:
-        with vzstream.session(model, device="cpu", vram_budget=budget, **options):
-            return True
-    except vzstream.ConfigError:
-        return False
-
-
-def _named_minimum(model, **options) -> int:
-    """The minimum the ConfigError names for an impossible budget, checked to be exact:
-    a session opens at that budget and not one byte below it."""
-    with pytest.raises(vzstream.ConfigError, match="vram_budget") as info:
-        vzstream.session(model, device="cpu", vram_budget=1, **options).open()
-    exact = [n for n in set(_numbers(str(info.value))) if n > 1
-             and _opens(model, n, **options) and not _opens(model, n - 1, **options)]
-    assert len(exact) == 1, f"no exact minimum named in: {info.value}"
-    return exact[0]
-
-
 def _model_nbytes(model, units) -> int:
     """What keeping every unit resident costs the planner (slot-aligned sizes)."""
     return sum(unit_nbytes(u, vzstream.CpuBackend.alignment) for u in find_units(model, units))
@@ -71,7 +48,7 @@ def test_budget_sweep_is_exact_within_budget_and_monotone(units, reference, snap
     ids, gen_kwargs, ref_logits, ref_tokens = reference
     model = _llama()
     snap = snapshot(model)
-    minimum = _named_minimum(model, units=units, prefetch=PREFETCH)
+    minimum = named_minimum(model, units=units, prefetch=PREFETCH)
     total = _model_nbytes(model, units)
     assert minimum < total
     budgets = [minimum + (total - minimum) * i // 5 for i in range(5)] + [total, 2 * total]
@@ -104,14 +81,14 @@ def test_budget_sweep_is_exact_within_budget_and_monotone(units, reference, snap
 @pytest.mark.parametrize("units", ["blocks", "leaves"])
 def test_impossible_budget_names_the_minimum_and_leaves_the_model_alone(units, snapshot, open_models):
     model = _llama()
-    minimum = _named_minimum(model, units=units, prefetch=2)
+    minimum = named_minimum(model, units=units, prefetch=2)
     snap = snapshot(model)
     backend = vzstream.CpuBackend()
     for budget in (minimum - 1, minimum // 2, 0):
         with pytest.raises(vzstream.ConfigError, match="`vram_budget`") as info:
             with vzstream.session(model, vram_budget=budget, units=units, prefetch=2, backend=backend):
                 pytest.fail("the session opened under an impossible budget")
-        assert minimum in _numbers(str(info.value)), str(info.value)
+        assert minimum in numbers_in(str(info.value)), str(info.value)
         assert isinstance(info.value, ValueError)
     assert backend.peak_device_nbytes == 0, "something was allocated before the budget was rejected"
     snap.check(model)
@@ -176,9 +153,9 @@ def test_bad_budget_is_rejected_naming_vram_budget(budget, snapshot):
 def test_activation_reserve_shrinks_the_resident_set(units, reference):
     ids, gen_kwargs, ref_logits, ref_tokens = reference
     model = _llama()
-    minimum = _named_minimum(model, units=units, prefetch=PREFETCH)
+    minimum = named_minimum(model, units=units, prefetch=PREFETCH)
     reserve = 96 * 1024
-    assert _named_minimum(model, units=units, prefetch=PREFETCH, activation_reserve=reserve) == minimum + reserve
+    assert named_minimum(model, units=units, prefetch=PREFETCH, activation_reserve=reserve) == minimum + reserve
 
     budget = _model_nbytes(model, units)              # everything fits without a reserve
     results = {}
@@ -210,16 +187,6 @@ class Twice(nn.Module):
         return self.post(self.block(self.block(self.pre(x))))
 
 
-def _decodes_per_pass(s, run, passes: int = 3) -> float:
-    """Decodes per pass once the schedule is learned (after two warm-up passes)."""
-    run()
-    run()
-    before = s.stats().decodes
-    for _ in range(passes):
-        run()
-    return (s.stats().decodes - before) / passes
-
-
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("cache, expected", [("pass", 1), ("none", 2)])
 def test_block_used_twice_is_decoded_once_per_pass_under_pass_cache(cache, expected, prefetch):
@@ -229,21 +196,21 @@ def test_block_used_twice_is_decoded_once_per_pass_under_pass_cache(cache, expec
         ref = model(x)
     with vzstream.session(model, device="cpu", units=["block"], cache=cache, prefetch=prefetch) as s:
         outputs = []
-        per_pass = _decodes_per_pass(s, lambda: outputs.append(s(x)))
+        per_pass = decodes_per_pass(s, lambda: outputs.append(s(x)))
         assert s.stats().units_streamed == 1
     assert per_pass == expected
     assert all(torch.equal(out, ref) for out in outputs)
 
 
 @pytest.mark.parametrize("cache, extra", [("pass", 0), ("none", 1)])
-def test_shared_module_decodes_per_pass(cache, extra):
+def test_shared_moduledecodes_per_pass(cache, extra):
     model = build(Shared, dtype=torch.bfloat16)       # call order 0, 1, 0, 2
     x = make_input(2, 5, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
     with vzstream.session(model, device="cpu", units="blocks", cache=cache, prefetch=2) as s:
         outputs = []
-        per_pass = _decodes_per_pass(s, lambda: outputs.append(s(x)))
+        per_pass = decodes_per_pass(s, lambda: outputs.append(s(x)))
     assert per_pass == 3 + extra
     assert all(torch.equal(out, ref) for out in outputs)
 
@@ -258,7 +225,7 @@ def test_gpt2_tied_embedding_is_packed_once_and_cached_per_pass(cache, snapshot)
     snap = snapshot(model)
     with vzstream.session(model, device="cpu", units="leaves", cache=cache, prefetch=2) as s:
         logits = []
-        per_pass = _decodes_per_pass(s, lambda: logits.append(s(ids).logits))
+        per_pass = decodes_per_pass(s, lambda: logits.append(s(ids).logits))
         stats = s.stats()
         tokens = [s.generate(ids, **gen_kwargs) for _ in range(2)]
     assert stats.units_streamed == len(find_units(build_hf("gpt2"), "leaves"))
@@ -303,7 +270,7 @@ def test_nested_parameter_owners_stay_within_the_budget(model_cls, prefetch):
     x = make_input(2, 5, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
-    minimum = _named_minimum(model, units="leaves", prefetch=prefetch)
+    minimum = named_minimum(model, units="leaves", prefetch=prefetch)
     with vzstream.session(model, device="cpu", vram_budget=minimum, units="leaves", prefetch=prefetch) as s:
         assert all(torch.equal(s(x), ref) for _ in range(3))
         stats = s.stats()

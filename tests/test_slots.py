@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import vzstream
-from models import DIM, VOCAB, Block, TinyLM, build, hf_config, hf_inputs, make_input, seeded
+from models import (DIM, VOCAB, Block, TinyLM, build, decodes_per_pass, hf_config, hf_inputs, make_input, named_minimum,
+                    numbers_in, seeded)
 from vzstream.units import find_units, unit_nbytes
 
 BIG_VOCAB = 8192          # embeddings of 1 MiB each: larger than a decoder layer (73 KiB)
@@ -89,39 +90,6 @@ def _llama(vocab: int = VOCAB, num_layers: int = 2) -> nn.Module:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def _numbers(message: str) -> list[int]:
-    return [int(n) for n in re.findall(r"\d+", message)]
-
-
-def _opens(model, budget: int, **options) -> bool:
-    try:
-        with vzstream.session(model, device="cpu", vram_budget=budget, **options):
-            return True
-    except vzstream.ConfigError:
-        return False
-
-
-def _open_minimum(model, **options) -> int:
-    """The smallest budget a session opens at, as the budget error names it: checked to open
-    there and not one byte below."""
-    with pytest.raises(vzstream.ConfigError, match="`vram_budget`") as info:
-        vzstream.session(model, device="cpu", vram_budget=1, **options).open()
-    exact = [n for n in set(_numbers(str(info.value))) if n > 1
-             and _opens(model, n, **options) and not _opens(model, n - 1, **options)]
-    assert len(exact) == 1, f"no exact minimum named in: {info.value}"
-    return exact[0]
-
-
-def _decodes_per_pass(s, run, passes: int = 3) -> float:
-    """Decodes per pass once the schedule is learned (after two warm-up passes)."""
-    run()
-    run()
-    before = s.stats().decodes
-    for _ in range(passes):
-        run()
-    return (s.stats().decodes - before) / passes
-
-
 def _ring(plan) -> tuple[int, str]:
     """(slot count, the reason given for it or "") from the head line of `str(s.plan)`."""
     found = re.search(r"ring (\d+) x [^;(]*(?:\(([^)]*)\))?", str(plan).splitlines()[0])
@@ -139,10 +107,10 @@ def test_three_deep_nesting_runs_at_the_smallest_budget_without_dropping_the_cac
     x = make_input(2, 5, DIM, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
-    budget = _open_minimum(model, units="leaves", prefetch=prefetch)
+    budget = named_minimum(model, units="leaves", prefetch=prefetch)
     with vzstream.session(model, device="cpu", vram_budget=budget, units="leaves", prefetch=prefetch) as s:
         outputs = []
-        per_pass = _decodes_per_pass(s, lambda: outputs.append(s(x)))
+        per_pass = decodes_per_pass(s, lambda: outputs.append(s(x)))
         slots_ok(s)
         stats, plan = s.stats(), s.plan
     assert len(outputs) == 5 and all(torch.equal(out, ref) for out in outputs)
@@ -165,7 +133,7 @@ def test_a_trace_needing_more_slots_names_a_budget_that_works(make, units, snaps
     with torch.no_grad():
         ref = model(x)
     snap = snapshot(model)
-    budget = _open_minimum(model, units=units, prefetch=0)
+    budget = named_minimum(model, units=units, prefetch=0)
     with vzstream.session(model, device="cpu", vram_budget=budget, units=units, prefetch=0) as s:
         with pytest.raises(vzstream.ConfigError, match="`vram_budget`") as info:
             s(x)                                  # the traced pass: more bound at once than counted
@@ -175,7 +143,7 @@ def test_a_trace_needing_more_slots_names_a_budget_that_works(make, units, snaps
     snap.check(model)
     # A pass stopped where the slots ran out (a block calling its sibling) cannot know how deep it
     # goes: the message may name the minimum for what it saw and a budget sure to hold it all.
-    named = sorted(n for n in _numbers(str(info.value)) if n > budget)
+    named = sorted(n for n in numbers_in(str(info.value)) if n > budget)
     assert named, f"no budget named in: {info.value}"
     named_budget = named[-1]
     with vzstream.session(model, device="cpu", vram_budget=named_budget, units=units, prefetch=0) as s:
@@ -208,19 +176,19 @@ def test_leaves_never_peak_above_blocks(vocab):
 
 
 @pytest.mark.parametrize("units", ["blocks", "leaves"])
-def test_budget_error_names_the_embeddings_and_a_budget_that_opens(units):
+def test_budget_error_names_the_embeddings_and_a_budget_thatopens_at(units):
     # The issue: at 30 MiB a tiny Llama's error blamed the ring while the embeddings took 29.8 MiB.
     model = _llama(BIG_VOCAB, num_layers=8)
     sizes = {u.fqn: unit_nbytes(u, vzstream.CpuBackend.alignment) for u in find_units(model, units)}
     largest_in_layers = max(n for fqn, n in sizes.items() if fqn.startswith("model.layers."))
     assert sizes["model.embed_tokens"] > largest_in_layers    # outsized: resident under any budget
     ring = (2 + 1 + 1) * largest_in_layers                    # prefetch 2, the bind, nesting 1
-    minimum = _open_minimum(model, units=units)               # also: opens there, not a byte below
+    minimum = named_minimum(model, units=units)               # also: opens there, not a byte below
     assert ring + 1 < minimum
     for budget in (ring + 1, minimum - 1):
         with pytest.raises(vzstream.ConfigError, match="embed_tokens") as info:
             vzstream.session(model, device="cpu", vram_budget=budget, units=units).open()
-        assert minimum in _numbers(str(info.value)), str(info.value)
+        assert minimum in numbers_in(str(info.value)), str(info.value)
     ids, _ = hf_inputs()
     with torch.no_grad():
         ref = model(ids).logits
