@@ -26,7 +26,8 @@ from .orphans import run_pending
 from .pipeline import gil_switch_interval
 from .ring import SlotPool
 from .plan import MemoryPlan, Needs, SessionPlan, describe_plan, minimum_budget, plan_pool
-from .runtime import Gate, Streamer
+from .gate import Gate
+from .runtime import Streamer
 
 log = logging.getLogger("vzstream")
 

@@ -1,0 +1,78 @@
+"""The gate: a pool's lock, and which thread and runtime hold it for a call."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+
+class Gate:
+    """The pool's lock, and which thread and runtime hold it for a call.
+
+    A session call holds it around the call (`held`). A direct `model(x)` takes it in the root
+    pre-hook and gives it back in the end hooks; a KeyboardInterrupt skips those, so such a hold
+    is *stale* once the frame that entered the forward has left its thread's stack. Whoever
+    next needs the lock (that thread or another) then takes it back: the interrupted pass is
+    aborted first, so no call ever computes on another call's weights."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None          # thread id holding `lock` for a call (re-entry check)
+        self.active = None                     # the runtime whose call holds `lock`
+        self.entry = None                      # a direct call's entering frame (None: a session call)
+        self.shared = False                    # several runtimes use the ring: hand slots back after a call
+        self._reclaim = threading.Lock()
+
+    def acquire(self, runtime, entry=None) -> None:
+        """Take the lock for a call of `runtime` (waiting, and taking back a stale hold)."""
+        self.reclaim_stale()
+        while not self.lock.acquire(timeout=0.05):
+            self.reclaim_stale()
+        with self._reclaim:                    # a reclaim never sees half of this
+            self.owner, self.active, self.entry = threading.get_ident(), runtime, entry
+
+    def release(self) -> None:
+        with self._reclaim:
+            self._release()
+
+    def _release(self) -> None:
+        self.owner = self.active = self.entry = None
+        self.lock.release()
+
+    @contextlib.contextmanager
+    def held(self, runtime):
+        """Hold the lock for one call of `runtime`."""
+        self.acquire(runtime)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def take_over(self, frame) -> bool:
+        """This thread's own stale direct hold becomes the hold of the call entering at `frame`."""
+        with self._reclaim:
+            me = threading.get_ident()
+            if self.owner != me or self.entry is None or _on_stack(me, self.entry):
+                return False
+            self.entry = frame
+            return True
+
+    def reclaim_stale(self) -> None:
+        """Abort and release a direct call's hold that a KeyboardInterrupt left behind."""
+        with self._reclaim:
+            entry, owner, runtime = self.entry, self.owner, self.active
+            if entry is None or _on_stack(owner, entry):
+                return
+            runtime.abort()
+            self._release()
+
+
+def _on_stack(thread_id: int | None, frame) -> bool:
+    """Whether `frame` is still running on thread `thread_id`."""
+    f = sys._current_frames().get(thread_id)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
