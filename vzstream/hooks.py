@@ -5,8 +5,9 @@ only: no rewritten `forward`, nothing written onto user modules. Removing the ha
 the modules exactly as they were.
 
 Between uses a streamed parameter points at an *empty* tensor of its dtype on the session's
-device: code that touches it outside its module's forward fails loudly (a shape error) instead
-of reading another unit's bytes from a reused slot.
+device, never at another unit's bytes in a reused slot. Reading it outside its module's forward
+is not supported: a use that needs its shape fails, but a reduction of the empty tensor (say
+`.sum()`) quietly gives 0 (docs/guide.md, "Known limits").
 """
 
 from __future__ import annotations

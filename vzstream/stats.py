@@ -59,9 +59,6 @@ class Stats:
         d["raw_fraction"] = self.raw_fraction
         return d
 
-    def copy(self) -> "Stats":
-        return Stats(**asdict(self))
-
     def _measured(self) -> str:
         """What raw_fraction="auto" measured at open, for the table."""
         if not self.upload_gbps_measured:
