@@ -6,6 +6,8 @@ import contextlib
 import sys
 import threading
 
+from .errors import TraceError
+
 
 class Gate:
     """The pool's lock, and which thread and runtime hold it for a call.
@@ -42,21 +44,16 @@ class Gate:
 
     @contextlib.contextmanager
     def held(self, runtime):
-        """Hold the lock for one call of `runtime`."""
+        """Hold the lock for one call of `runtime` (None: opening or closing a session)."""
+        self.reclaim_stale()
+        if self.owner == threading.get_ident():  # waiting would never end
+            raise TraceError("a vzstream session was opened, closed or called from inside a call on the "
+                             "same pool (a hook or callback); do it after that call returns.")
         self.acquire(runtime)
         try:
             yield
         finally:
             self.release()
-
-    def take_over(self, frame) -> bool:
-        """This thread's own stale direct hold becomes the hold of the call entering at `frame`."""
-        with self._reclaim:
-            me = threading.get_ident()
-            if self.owner != me or self.entry is None or _on_stack(me, self.entry):
-                return False
-            self.entry = frame
-            return True
 
     def reclaim_stale(self) -> None:
         """Abort and release a direct call's hold that a KeyboardInterrupt left behind."""

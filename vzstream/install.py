@@ -3,8 +3,9 @@
 `Installed` owns every change: streamed parameters swapped out for empty stand-ins (their
 `Original`s kept on the unit), resident parameters and buffers moved to the device, the hooks
 that bind and release units, and moving a unit between resident and streamed when the plan
-changes. `restore()` puts everything back bit-exactly, on its original device, under a deferral
-of Ctrl-C: half-way, parameters would be left empty with nothing to restore them from.
+changes. `restore()` puts everything back bit-exactly, on its original device; run it under
+`interrupts_deferred` (as `assemble.close_member` does): half-way, parameters would be left
+empty with nothing to restore them from.
 
 Nothing here refers to a session: the hooks call the runtime they are given.
 """
@@ -63,10 +64,18 @@ class Installed:
         self.swap_out(unit, store, devices)
 
     def admit(self, unit) -> None:
-        """A streamed unit stays resident from now on: decoded onto the device, its store dropped."""
-        for orig in unit.originals:
-            value = unpermute(decode(orig.packed), orig.perm)
-            orig.param.data = self.backend.to_device(value)
+        """A streamed unit stays resident from now on: decoded onto the device, its store dropped.
+        Every parameter is moved before any is bound, so a failure (out of memory) changes nothing."""
+        values = []
+        try:
+            for orig in unit.originals:
+                values.append(self.backend.to_device(unpermute(decode(orig.packed), orig.perm)))
+        except BaseException:
+            for value in values:                # the copies made so far are dropped
+                self.backend.account(-value.numel() * value.element_size())
+            raise
+        for orig, value in zip(unit.originals, values):
+            orig.param.data = value
             unit.moved.append((orig.param, orig.device))
         unit.originals, unit.store, unit.streamed = [], None, False
 

@@ -6,8 +6,9 @@ which refers to no session, so the session can still be collected. A `weakref.fi
 session then warns (ResourceWarning) and closes the parts, if it can take the pool's lock at
 once. It never blocks: a finalizer runs on whatever thread triggered the collection, maybe in
 the middle of a call that holds that lock, or on one of the session's own worker threads (which
-closing would join). Then the close waits in `pool.pending` for the end of that call, the next
-call or join on the pool, `vzstream.restore(model)`, or a new session on the model.
+closing would join). Then the close waits in `pool.pending` for the end of that session call,
+the next session call or join on the pool, `vzstream.restore(model)`, or a new session on the
+model (a direct `model(x)` does not run it).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """DevicePool: device memory shared by several sessions, one of them streaming at a time.
 
 The pool owns the backend, the gate (a lock a session takes for each call), one ring of slots
-and its members. When a member joins or leaves, the pool re-plans every member's resident set
-under its budget (`plan.plan_pool`), between calls, and applies it: units that no longer fit
+and its members. When a member joins or leaves, measures its activations, or traces a pass
+that holds more units than planned, the pool re-plans every member's resident set under its
+budget (`plan.plan_pool`), between calls, and applies it: units that no longer fit
 are packed and stream from then on, units that now fit are decoded onto the device. A member is
 the session's parts below it (units, install, runtime), never the session itself. Between
 calls on a shared pool no member holds a slot, only its resident units.
@@ -52,17 +53,19 @@ class Member:
         if changed:
             self.runtime.park()
             self.installed.unhook()
-            for unit in changed:
-                if admit:
-                    self.installed.admit(unit)
-                else:
-                    self.installed.evict(unit, self.pack(unit))
-            self.installed.hook(self.runtime)
-            self.runtime.relearn_from_scratch()
-            self.runtime.backend.clear_caches()     # cached jobs would keep dropped stores alive
-            # Staging and merge scratch for the units that now stream (CUDA), sized here on the
-            # thread holding the lock, not by a worker mid-pass.
-            self.runtime.backend.prepare(self.needs.prefetch or 0, [u.store for u in self.units if u.streamed])
+            try:
+                for unit in changed:
+                    if admit:
+                        self.installed.admit(unit)
+                    else:
+                        self.installed.evict(unit, self.pack(unit))
+            finally:                            # whatever moved, the units stream as they now are
+                self.installed.hook(self.runtime)
+                self.runtime.relearn_from_scratch()
+                self.runtime.backend.clear_caches()     # cached jobs would keep dropped stores alive
+                # Staging and merge scratch for the units that now stream (CUDA), sized here on
+                # the thread holding the lock, not by a worker mid-pass.
+                self.runtime.backend.prepare(self.needs.prefetch or 0, [u.store for u in self.units if u.streamed])
             log.info("vzstream: re-planned: %d unit(s) %s", len(changed), "now resident" if admit else "now stream")
         self.plan = plan
 
@@ -185,7 +188,7 @@ class DevicePool:
             member.apply(plan, admit=True)
         count = max((p.num_slots for p in plans), default=0)
         for member, plan in zip(self.members, plans):
-            member.runtime.use_ring(self.ring, max(count, plan.num_slots), plan.budget is not None)
+            member.runtime.use_ring(self.ring, count, plan.budget is not None)
         if any(p.budget is not None for p in plans):   # a budgeted ring is static from here on
             self.ring.reserve(count)
 
@@ -198,6 +201,8 @@ class DevicePool:
                     unit.store.forget_slots()
         self.backend.clear_caches()
         self.ring = SlotPool(self.backend, slot_nbytes, dedicated)
+        for member in self.members:          # none may keep the closed ring, whatever fails next
+            member.runtime.ring = self.ring
 
     @contextlib.contextmanager
     def call(self, member: Member, switch_interval: float | None, check_open):

@@ -3,7 +3,8 @@ prefetching units through the pipeline's tickets, over a ring of slots it is han
 
 Invariants:
 - `Streamer` methods run under the pool's lock: from hooks on the forward thread, or from
-  `park`/`close` on the thread that holds the lock.
+  `park`/`close` on the thread that holds the lock (or `abort` from the thread that takes back
+  a hold a Ctrl-C cut short, once that pass has left its thread's stack).
 - Every ticket ends bound-then-released or drained; `close()` drains all of them, so no
   thread or slot outlives the session.
 - On plan, fetch `g` (global: pass * fetches_per_pass + index) is requested when the forward
@@ -11,8 +12,9 @@ Invariants:
   that finds no free slot (a unit's dedicated slot still in use) waits for the next release.
   Off plan (first pass, a miss, calls outside a pass) units are fetched synchronously and
   released after use. Outputs never depend on which path ran.
-- The ring never grows past the plan's slot count under a budget: a trace that needs more
-  raises `ConfigError` with the budget that fits, before anything exceeds it.
+- The ring never grows past the plan's slot count under a budget: a traced pass that needs
+  more records how many (`slots_needed`) and the pool plans again after the call, or raises
+  `ConfigError` naming the budget that fits; nothing exceeds the budget meanwhile.
 - The runtime alone writes the counters (`Counters`); everything else reads them.
 """
 
@@ -93,9 +95,12 @@ class Streamer:
 
     # -- passes -----------------------------------------------------------------------------
     def pass_start(self) -> None:
-        gate, entry = self.gate, sys._getframe(2)   # the root's call: on the stack for the whole forward
-        if gate.owner != threading.get_ident() and not gate.take_over(entry):
-            gate.acquire(self, entry)           # a direct `model(x)` waits for the pool like a session call
+        gate = self.gate
+        gate.reclaim_stale()                    # a direct call a Ctrl-C cut short, on any thread
+        if gate.owner != threading.get_ident():
+            # A direct `model(x)` waits for the pool like a session call; the root's call frame
+            # stays on the stack for the whole forward.
+            gate.acquire(self, sys._getframe(2))
         active = gate.active
         if active is not None and active is not self:
             raise TraceError(
@@ -111,7 +116,9 @@ class Streamer:
         self.pass_t0 = time.perf_counter()
 
     def pass_failed(self) -> None:
-        """The root forward raised (its plain end hook never ran): keep the old trace."""
+        """The root's last hook, run whether the forward returned or raised (then the plain end
+        hook did not run: keep the old trace). A direct call gives the gate back only here: once
+        it is back, another thread's pass may start on this same runtime."""
         if self.in_pass:
             self.abort()
         self._end_direct()
@@ -125,12 +132,6 @@ class Streamer:
             gate.release()
 
     def pass_end(self) -> None:
-        try:
-            self._pass_end()
-        finally:
-            self._end_direct()
-
-    def _pass_end(self) -> None:
         if not self.in_pass:
             return
         self.in_pass = False
@@ -152,6 +153,7 @@ class Streamer:
             if self.fixed:                      # the budget counted fewer: the pool plans again
                 self.slots_needed = schedule.num_slots      # after this call, or says what fits
                 self.tracer.forget()
+                self.schedule = None
                 return
             self.num_slots = schedule.num_slots
             self.slots_why = f"the traced pass holds {schedule.num_slots} units at once"

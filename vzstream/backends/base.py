@@ -79,9 +79,10 @@ class Backend:
         self.account(-buf.numel())
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Move a resident tensor (parameter or buffer) to the device, counting it."""
+        """Move a resident tensor (parameter or buffer) to the device, counting it once it is there."""
+        moved = tensor.to(self.device)
         self.account(tensor.numel() * tensor.element_size())
-        return tensor.to(self.device)
+        return moved
 
     def from_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         self.account(-(tensor.numel() * tensor.element_size()))
