@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-BENCHES = ("codec", "session", "budget", "gpu")
+BENCHES = ("codec", "session", "budget", "gpu", "soak")
 
 
 def _demo_args(argv):
