@@ -42,13 +42,19 @@ class Gate:
         self.owner = self.active = self.entry = None
         self.lock.release()
 
-    @contextlib.contextmanager
-    def held(self, runtime):
-        """Hold the lock for one call of `runtime` (None: opening or closing a session)."""
+    def refuse_reentry(self, message: str = "a vzstream session was opened, closed or called from inside a "
+                       "call on the same pool (a hook or callback); do it after that call returns.") -> None:
+        """Raise TraceError(`message`) if this thread holds the lock: waiting would never end. A
+        hold a Ctrl-C cut short is taken back first."""
         self.reclaim_stale()
-        if self.owner == threading.get_ident():  # waiting would never end
-            raise TraceError("a vzstream session was opened, closed or called from inside a call on the "
-                             "same pool (a hook or callback); do it after that call returns.")
+        if self.owner == threading.get_ident():
+            raise TraceError(message)
+
+    @contextlib.contextmanager
+    def held(self, runtime, reentry: str | None = None):
+        """Hold the lock for one call of `runtime` (None: opening or closing a session);
+        `reentry`: the error to raise from inside a call on this pool."""
+        self.refuse_reentry(*([reentry] if reentry else []))
         self.acquire(runtime)
         try:
             yield

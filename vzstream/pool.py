@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -21,7 +20,7 @@ import torch
 
 from .backends import make_backend
 from .config import check_device, resolve_budget
-from .errors import ConfigError, TraceError
+from .errors import ConfigError
 from .install import Installed
 from .orphans import run_pending
 from .pipeline import gil_switch_interval
@@ -155,9 +154,7 @@ class DevicePool:
         if member in self.members:
             self.members.remove(member)
             self.gate.shared = self.shared
-            for unit in member.units:           # cached views would keep the slots alive
-                if unit.store is not None:
-                    unit.store.forget_slots()
+            _forget_views(member)               # cached views would keep the slots alive
         self.backend.clear_caches()
         if not self.members:
             self._rebuild_ring(0, {})
@@ -196,9 +193,7 @@ class DevicePool:
         # Members are parked (no slot in use) whenever the pool lock is free.
         self.ring.close()
         for member in self.members:          # cached views would keep old slots alive
-            for unit in member.units:
-                if unit.store is not None:
-                    unit.store.forget_slots()
+            _forget_views(member)
         self.backend.clear_caches()
         self.ring = SlotPool(self.backend, slot_nbytes, dedicated)
         for member in self.members:          # none may keep the closed ring, whatever fails next
@@ -210,14 +205,8 @@ class DevicePool:
         after it, plan again if the traced pass measured the activations; after an exception,
         tidy up the runtime (a KeyboardInterrupt skips always_call hooks); on a shared pool, hand
         every slot back."""
-        self.gate.reclaim_stale()               # a direct call a Ctrl-C cut short
-        if self.gate.owner == threading.get_ident():
-            raise TraceError(
-                "a vzstream call was made from inside another call on the same pool (a hook, a callback, "
-                "or another session's forward); a pool runs one call at a time. Make the call after the "
-                "outer one returns, or give the two sessions separate `pool`s.")
         runtime = member.runtime
-        with self.gate.held(runtime), torch.no_grad(), gil_switch_interval(switch_interval):
+        with self.gate.held(runtime, _REENTRY), torch.no_grad(), gil_switch_interval(switch_interval):
             check_open()                          # closed while this call waited for the lock?
             try:
                 yield
@@ -255,5 +244,16 @@ class DevicePool:
     def peak_device_nbytes(self) -> int:
         return self.backend.peak_device_nbytes
 
+
+def _forget_views(member: Member) -> None:
+    """Drop the slot views `member`'s stores cached (the slots are going)."""
+    for unit in member.units:
+        if unit.store is not None:
+            unit.store.forget_slots()
+
+
+_REENTRY = ("a vzstream call was made from inside another call on the same pool (a hook, a callback, "
+            "or another session's forward); a pool runs one call at a time. Make the call after the "
+            "outer one returns, or give the two sessions separate `pool`s.")
 
 __all__ = ["DevicePool", "Member"]

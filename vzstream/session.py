@@ -10,7 +10,6 @@ gate. Nothing reachable from the model refers to the session: hooks call the run
 from __future__ import annotations
 
 import dataclasses
-import threading
 import weakref
 from functools import partial
 
@@ -94,10 +93,8 @@ class Session:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""
         if self.pool is None:
             return
-        self.pool.gate.reclaim_stale()        # a direct call a Ctrl-C cut short
-        if self.pool.gate.owner == threading.get_ident():
-            raise TraceError("a vzstream session cannot be closed from inside a call on its pool "
-                             "(a hook or callback); close it after the call returns.")
+        self.pool.gate.refuse_reentry("a vzstream session cannot be closed from inside a call on its pool "
+                                      "(a hook or callback); close it after the call returns.")
         for cancel in list(self._cancels):    # an abandoned stream must not hold the lock
             cancel.set()
         with self.pool.gate.held(None):
