@@ -130,14 +130,32 @@ def test_codec_is_parsed_to_a_codec(value, member):
     assert cfg.codec is member and isinstance(cfg.codec, Codec)
     assert cfg.codec == member.value and f"{cfg.codec}" == str(cfg.codec) == member.value
     assert {member.value: 1}[cfg.codec] == 1            # hashes as its string
-    assert build_config({}).codec is Codec.ZSTD
+    assert build_config({}).codec is Codec.AUTO
 
 
 def test_codec_names_are_defined_once():
-    assert CODECS == tuple(c.value for c in Codec) == ("zstd", "nibble") == codec.CODINGS
+    assert CODECS == tuple(c.value for c in Codec) == ("zstd", "nibble", "auto")
+    assert codec.CODINGS == ("zstd", "nibble")          # what pack codes with
 
 
-@pytest.mark.parametrize("value", [pytest.param(v, id=repr(v)) for v in ("lz4", "ZSTD", "auto", "", None, 1, ["zstd"])])
+@pytest.mark.parametrize("backend, expected", [("cuda", Codec.NIBBLE), ("cpu", Codec.ZSTD), ("fake", Codec.ZSTD)])
+def test_auto_codec_is_nibble_on_cuda_and_zstd_elsewhere(backend, expected):
+    assert Codec.AUTO.resolve(backend) is expected
+    assert Codec.ZSTD.resolve("cuda") is Codec.ZSTD and Codec.NIBBLE.resolve("cpu") is Codec.NIBBLE
+
+
+def test_a_session_reports_the_codec_auto_resolved_to():
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])
+    with vzstream.session(model, device="cpu", units=["0", "1", "2"]) as s:
+        assert s.config.codec is Codec.ZSTD
+
+
+def test_pack_refuses_auto():
+    with pytest.raises(vzstream.ConfigError, match="resolve it first"):
+        codec.pack(torch.ones(4), coding="auto")
+
+
+@pytest.mark.parametrize("value", [pytest.param(v, id=repr(v)) for v in ("lz4", "ZSTD", "AUTO", "", None, 1, ["zstd"])])
 def test_bad_codec_lists_the_names_and_what_each_trades(value):
     for name, call in (("codec", lambda: build_config({"codec": value})),
                        ("coding", lambda: codec.pack(torch.zeros(4), coding=value))):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import vzstream
-from vzstream import codec
+from vzstream import codec, image
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
 from vzstream.backends import device_ops, upload_plan
@@ -135,22 +135,24 @@ def test_an_upload_is_a_few_calls_however_many_tensors_the_unit_has(monkeypatch)
     backend.close()
 
 
-def test_a_steady_state_fetch_makes_three_events_however_many_batches(monkeypatch):
-    """An Event's destructor hands the GIL over too: the copy->merge handoff and the scratch
-    regions' events are re-recorded; only `copied`, `uploaded` and `used` are new per fetch."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)     # several batches per unit
-    store, _ = _packed_unit(_mixed())
+@pytest.mark.parametrize("coding", ["zstd", "nibble"])
+def test_a_steady_state_fetch_makes_no_event_but_a_staging_fence(coding, monkeypatch):
+    """An Event's destructor hands the GIL over too: the handoff, the scratch regions' and
+    landing buffers' events and each slot's `uploaded` and `used` are made once and re-recorded;
+    only zstd's `copied` (a blocking fence the staging gate waits on) is new per fetch."""
+    _chunks(monkeypatch, coding, 16384 if coding == "zstd" else 150002)     # several batches / chunks
+    store, _ = _packed_unit(_mixed(), coding=coding)
     backend = CudaBackend("cpu", cuda=FakeCuda())
     slot = torch.empty(store.slot_nbytes, dtype=torch.uint8)
-    _fetch_on_fake_cuda(backend, store, slot)                        # the first makes the regions' events
-    assert len(backend._plan(store)[0].batches) > 2
+    _fetch_on_fake_cuda(backend, store, slot)                        # the first makes the events
+    assert len(backend._plan(store)[0].batches) > 2 if coding == "zstd" else len(store.image.chunks) > 2
     made = []
     init = FakeEvent.__init__
     monkeypatch.setattr(FakeEvent, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
     for _ in range(2):
         made.clear()
         _fetch_on_fake_cuda(backend, store, slot)
-        assert len(made) == 3
+        assert len(made) == (1 if coding == "zstd" else 0)
     backend.close()
 
 
@@ -202,18 +204,28 @@ def _run_on_threads(fake: FakeCuda, jobs: list, upload) -> None:
 
 
 CHUNKS = [pytest.param("zstd", upload_plan.MERGE_CHUNK_NBYTES, id="whole"), pytest.param("zstd", 65542, id="odd"),
-          pytest.param("zstd", 16384, id="16k"), pytest.param("nibble", upload_plan.MERGE_CHUNK_NBYTES, id="nibble-whole"),
-          pytest.param("nibble", 300002, id="nibble-300k")]
+          pytest.param("zstd", 16384, id="16k"), pytest.param("nibble", image.CHUNK_ELEMS, id="nibble-whole"),
+          pytest.param("nibble", 150002, id="nibble-150k")]
+
+
+def _chunks(monkeypatch, coding: str, chunk: int) -> None:
+    """Cut merges (zstd) or wire images (nibble: elements per chunk) at `chunk`."""
+    if coding == "nibble":
+        monkeypatch.setattr(image, "CHUNK_ELEMS", chunk)
+        monkeypatch.setattr(cuda_mod, "CHUNK_ELEMS", chunk)
+    else:
+        monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
 
 
 @pytest.mark.parametrize("coding, chunk", CHUNKS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, coding, chunk, monkeypatch):
     """Every dtype, raw, compressed and nibble-coded planes, merges split into chunks that wrap
-    the scratch regions many times (65542: not a multiple of 4 or 8), and no race on the way."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
+    the scratch regions many times (65542: not a multiple of 4 or 8), wire images in chunks that
+    wrap the landing buffers, and no race on the way."""
+    _chunks(monkeypatch, coding, chunk)
     store, tensors = _packed_unit(_mixed(seed), coding=coding)
-    assert (coding == "nibble") == any(p.nibbles is not None for pk in store.packed for p in pk.planes)
+    assert (coding == "nibble") == (store.image is not None and len(store.image.chunks) > 0)
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
     slots = [torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8) for _ in range(2)]
@@ -247,6 +259,14 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
             return next_region()
 
         backend._next_free_region = unordered
+    elif name == "no-landing-wait":     # the copy stream refills a landing buffer an expansion still reads
+        copy_image = backend._copy_image
+
+        def unordered(ticket):
+            backend._landing_free = [None] * cuda_mod.LANDING_BUFFERS
+            copy_image(ticket)
+
+        backend._copy_image = unordered
     elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
         monkeypatch.setattr(StagingRing, "gate", staticmethod(lambda fetch: None))
     elif name == "no-gate-lock":        # a fetch's later jobs pass once the first took the link
@@ -273,10 +293,11 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
 
 MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-gate-lock", "no-bind-wait",
            "drop-records-on-compute"]
+IMAGE_MUTANTS = ["no-used-wait", "no-landing-wait", "no-bind-wait", "drop-records-on-compute"]   # no staging, no merges
 
 
 RACE_CASES = [pytest.param("zstd", m, id=f"zstd-{m}") for m in [None, *MUTANTS]]
-RACE_CASES += [pytest.param("nibble", m, id=f"nibble-{m}") for m in [None, *MUTANTS] if "gate" not in str(m)]   # no staging
+RACE_CASES += [pytest.param("nibble", m, id=f"nibble-{m}") for m in [None, *IMAGE_MUTANTS]]
 
 
 @pytest.mark.parametrize("coding, mutant", RACE_CASES)
@@ -287,7 +308,7 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(coding, mu
     any one of these waits or events, or the gate's lock, makes one, whatever the timing. (Not
     covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)
     Nibble-coded units stage nothing: their copies, expansions and merges are checked alike."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384 if coding == "zstd" else 300002)
+    _chunks(monkeypatch, coding, 16384 if coding == "zstd" else 150002)
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame
     mixed, _ = _packed_unit(_mixed(), coding=coding)
@@ -391,7 +412,7 @@ def test_prepare_allocates_the_merge_scratch_on_the_calling_thread(monkeypatch):
     assert backend.device_nbytes == 0
 
 
-def test_a_shared_pool_frees_the_merge_scratch_when_its_last_member_leaves(snapshot):
+def test_a_shared_pool_frees_the_scratch_when_its_last_member_leaves(snapshot):
     backend = CudaBackend("cpu", cuda=FakeCuda())
     pool = vzstream.DevicePool("cpu", backend=backend)
     model = build(Stack, dtype=torch.bfloat16)
@@ -399,8 +420,8 @@ def test_a_shared_pool_frees_the_merge_scratch_when_its_last_member_leaves(snaps
     snap = snapshot(model)
     with vzstream.session(model, pool=pool, prefetch=1) as s:
         s(x)
-        assert backend._regions and backend.device_nbytes > 0
-    assert backend._regions == [] and backend.device_nbytes == 0
+        assert backend.scratch_held > 0 and backend.device_nbytes > 0     # codec "auto": landing buffers
+    assert backend.scratch_held == 0 and backend.device_nbytes == 0
     with vzstream.session(model, pool=pool, prefetch=1) as s:     # and the pool streams again
         s(x)
         s(x)
@@ -489,7 +510,7 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
     """Log every memory access of `backend`'s data operations with `fake`, which reports races
     (see fake_cuda.py). `pinned`: assert that every host→device copy reads pinned memory."""
     upload_many, merge_many, stage_into = cuda_mod.upload_many, cuda_mod.merge_many, cuda_mod.stage_into
-    expand_codes = cuda_mod.expand_codes
+    expand_chunk = cuda_mod.expand_chunk
 
     def logged_upload(pairs):
         for dst, src in pairs:
@@ -502,10 +523,9 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
             fake.access("interleave", reads=[src], writes=[dst])
         merge_many(pairs)
 
-    def logged_expand(views, layout):
-        codes, index, table, out, plane, at, values = views
-        fake.access("expand", reads=[codes, table, at, values, index, out], writes=[index, out])
-        expand_codes(views, layout)
+    def logged_expand(lo, codes, pairs, at, values, out):
+        fake.access("expand", reads=[lo, codes, pairs, at, values], writes=[out])
+        expand_chunk(lo, codes, pairs, at, values, out)
 
     def logged_stage(buffer, offset, nbytes, source, fqn=""):
         stage_into(buffer, offset, nbytes, source, fqn)
@@ -513,7 +533,7 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
 
     monkeypatch.setattr(cuda_mod, "upload_many", logged_upload)
     monkeypatch.setattr(cuda_mod, "merge_many", logged_merge)
-    monkeypatch.setattr(cuda_mod, "expand_codes", logged_expand)
+    monkeypatch.setattr(cuda_mod, "expand_chunk", logged_expand)
     monkeypatch.setattr(cuda_mod, "stage_into", logged_stage)
     wait, device_buffer, free_device_buffer = backend.wait, backend.device_buffer, backend.free_device_buffer
     pinned_block = backend._pinned_block
@@ -576,8 +596,10 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         ops, used = mine(start), backend._used.get(ticket.slot.index)
         if fetch is None or fetch.bound:      # records `used` on the compute stream, nothing else
             assert ops == [("record", "compute", used)]
-        else:                                 # dropped unbound: the slot's last writer stands for it
-            assert ops == [] and used is (fetch.uploaded or fetch.used or before)
+        elif fetch.uploaded is not None:      # dropped unbound: after its last write
+            assert ops == [("record", "merge", used)]
+        else:                                 # never uploaded: the slot's last writer stands
+            assert ops == [] and used is before
         latest[ticket.slot.index] = used
 
     backend.decode_jobs, backend.upload, backend.wait, backend.release = (
@@ -706,8 +728,10 @@ def test_leaving_unpins_each_units_arena_once_its_parameters_are_back(codec_name
     snap.check(model)
 
 
-def test_profiler_sees_every_stage(monkeypatch):
-    """decode and upload run on worker threads: the profiler records them with profile_all_threads."""
+@pytest.mark.parametrize("coding", ["zstd", "nibble"])
+def test_profiler_sees_every_stage(coding, monkeypatch):
+    """decode and upload run on worker threads: the profiler records them with profile_all_threads
+    (a wire image has nothing to decode on the host)."""
     try:
         all_threads = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
     except TypeError:
@@ -715,87 +739,71 @@ def test_profiler_sees_every_stage(monkeypatch):
     monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)
     model = build(Stack, dtype=torch.bfloat16)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    with vzstream.session(model, backend=CudaBackend("cpu", cuda=FakeCuda()), prefetch=1) as s:
+    with vzstream.session(model, backend=CudaBackend("cpu", cuda=FakeCuda()), prefetch=1, codec=coding) as s:
         s(x)
         cpu = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=cpu, experimental_config=all_threads) as prof:
             s(x)
     names = {e.name for e in prof.events()}
-    for stage in ("decode", "upload", "bind", "release"):
+    for stage in ("decode", "upload", "bind", "release")[coding == "nibble":]:
         assert f"vzstream.{stage}:blocks.1" in names, stage
 
 
-@pytest.mark.parametrize("chunk", [upload_plan.MERGE_CHUNK_NBYTES, 300002, 16384])
-def test_nibble_batches_share_a_table_cover_every_element_and_fit_the_planned_scratch(chunk, monkeypatch):
-    """Coded batches: even piece starts (code bytes are not shared), back to back to each tensor's
-    end, one itemsize and pair table per batch, patches inside the coded plane's area; and every
-    region fits in what the planner reserved before packing (`scratch_nbytes(..., "nibble")`),
-    even where patches crowd a piece."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
+@pytest.mark.parametrize("chunk", [image.CHUNK_ELEMS, 150002, 65536])
+def test_wire_image_chunks_tile_the_coded_region_and_fit_the_planned_landing(chunk, monkeypatch):
+    """A wire image: the 2-byte floats first in the slot, chunks back to back over them (even
+    sizes: a code byte is never shared), patches inside their chunk, every chunk within the
+    landing buffers the planner reserved before packing (`scratch_nbytes(..., "nibble")`), even
+    where patches crowd one; fp32 and the rest ride along raw. One upload reproduces every tensor."""
+    _chunks(monkeypatch, "nibble", chunk)
     tensors = _mixed()
     crowded = (torch.randn(40000, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
     wild = torch.exp(torch.linspace(-80, 80, 2000))      # top bytes over a wide range: patches
     crowded[:2000] = wild[torch.randperm(2000, generator=torch.Generator().manual_seed(6))].to(torch.bfloat16)
     tensors["crowded.bf16"] = crowded
-    tensors["w2.fp32"] = torch.randn(3001, generator=torch.Generator().manual_seed(7)) * 0.02   # codes plane 3
     store, _ = _packed_unit(tensors, coding="nibble")
-    assert store.packed[-2].planes[1].nibbles.num_patches > 1500 and store.packed[-1].planes[3].nibbles
+    img = store.image
+    assert sum(c.patches for c in img.chunks) >= 1500
+    two_byte = [t for t in store.packed if t.dtype.itemsize == 2 and t.dtype.is_floating_point]
+    assert all(t.slot_offset < img.coded_nbytes for t in two_byte)
+    assert all(t.slot_offset >= img.coded_nbytes for t in store.packed if t not in two_byte)
+    assert [c.start for c in img.chunks] == [sum(c.numel for c in img.chunks[:i]) for i in range(len(img.chunks))]
+    assert sum(c.numel for c in img.chunks) * 2 == img.coded_nbytes and all(c.numel % 2 == 0 for c in img.chunks)
+    for c in img.chunks:
+        _, _, _, at, _ = img.chunk_views(c)
+        assert c.offset % 64 == 0 and (at.size == 0 or (0 <= at.min() and at.max() < c.numel))
     backend = CudaBackend("cpu", cuda=FakeCuda())
-    plan = backend._plan(store)[0]
-    covered = {}
-    for pieces, layout in zip(plan.batches, plan.coded):
-        if layout is None:
-            continue
-        assert len({(plan.tensors[p.tensor].itemsize, bytes(store.packed[p.tensor].planes[layout.plane].nibbles.pairs))
-                    for p in pieces}) == 1 and layout.plane == layout.itemsize - 1
-        assert all(p.start % 2 == 0 and p.offset % upload_plan.STAGING_ALIGNMENT == 0 for p in pieces)
-        assert all(0 <= a < layout.span for a in layout.patch_at) and layout.nbytes <= plan.region_nbytes
-        for p in pieces:
-            covered.setdefault(p.tensor, []).append((p.start, p.numel))
-    assert {plan.tensors[i].name for i in covered} == {"big.bf16", "crowded.bf16", "w2.fp32"}
-    for i, pieces in covered.items():
-        assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:j]) for j in range(len(pieces))]
-        assert sum(n for _, n in pieces) == plan.tensors[i].numel
     backend.prepare(2, [store])
     assert 0 < backend.device_nbytes <= backend.scratch_nbytes([store.unit], "nibble")
-    backend.close()
-    slot = torch.zeros(store.slot_nbytes, dtype=torch.uint8)      # and it reproduces every tensor
-    backend = CudaBackend("cpu", cuda=FakeCuda())
+    slot = torch.zeros(store.slot_nbytes, dtype=torch.uint8)
     _fetch_on_fake_cuda(backend, store, slot)
     for (name, expected), got in zip(tensors.items(), store.views(SimpleNamespace(index=0, tensor=slot))):
         assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
     backend.close()
 
 
-def test_ctrl_c_inside_a_nibble_upload_on_the_forward_thread_leaves_no_race(staging, hf_reference, monkeypatch):
-    """The forward thread issues nibble uploads itself, so Ctrl-C can land inside one: after a
-    batch's expansion is enqueued on the merge stream, before its merges. It is raised in that
-    call, and the next calls are exact and race-free. (Here the slot's `used` event also orders
-    the next fetch after the expansion; the test below holds the region's own `free`.)"""
+def test_ctrl_c_inside_a_nibble_upload_leaves_no_race(staging, hf_reference, monkeypatch):
+    """A KeyboardInterrupt inside a wire image's upload, after a chunk's expansion was enqueued
+    (a tiny unit's upload runs on the forward thread): it is raised in that call, and the next
+    calls are exact and race-free."""
     monkeypatch.setattr(vzstream.pipeline.Pipeline, "inline_nbytes", 0)
     ref_logits, ref_tokens = hf_reference("llama")
     ids, gen_kwargs = hf_inputs()
     fake = FakeCuda().instrument(monkeypatch)
     backend = checked_backend(fake, staging, monkeypatch, staging_slots=2)
-    merge_many, expand = cuda_mod.merge_many, cuda_mod.expand_codes         # the logged ones
-    state = {"coded": 0, "fire": None, "expanded": False}
+    expand = cuda_mod.expand_chunk                          # the logged one
+    state = {"expanded": 0, "fire": None}
 
-    def flagged_expand(views, layout):
-        state["expanded"] = True
-        expand(views, layout)
+    def interrupted_expand(*args):
+        expand(*args)
+        state["expanded"] += 1
+        if state["expanded"] == state["fire"]:
+            raise KeyboardInterrupt                 # expansion enqueued, its `free` not yet
 
-    def interrupted_merge(pairs):
-        coded, state["expanded"] = state["expanded"], False
-        state["coded"] += coded
-        if coded and state["coded"] == state["fire"]:
-            raise KeyboardInterrupt                 # expansion enqueued, merges and `free` not yet
-        merge_many(pairs)
-
-    monkeypatch.setattr(cuda_mod, "expand_codes", flagged_expand)
-    monkeypatch.setattr(cuda_mod, "merge_many", interrupted_merge)
+    monkeypatch.setattr(cuda_mod, "expand_chunk", interrupted_expand)
     with vzstream.session(build_hf("llama"), backend=backend, prefetch=2, workers=2, codec="nibble") as s:
         assert torch.equal(s.generate(ids, **gen_kwargs), ref_tokens)
-        state["fire"] = state["coded"] + 3
+        state["fire"] = state["expanded"] + 3
         outcomes = []
         for _ in range(3):
             try:
@@ -805,31 +813,27 @@ def test_ctrl_c_inside_a_nibble_upload_on_the_forward_thread_leaves_no_race(stag
     assert outcomes == ["interrupted", True, True] and fake.races == []
 
 
-def test_an_upload_interrupted_after_an_expansion_still_frees_its_region_after_it(monkeypatch):
-    """Ctrl-C inside a nibble upload, between a batch's expansion and its merges: the region's
-    `free` must still follow the expansion, or the next fetch's batch into that region (a fresh
-    slot: no `used` to wait for) would overwrite it while the expansion still reads it."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 300002)       # several batches per unit
+def test_an_upload_interrupted_after_an_expansion_still_frees_its_landing_after_it(monkeypatch):
+    """Ctrl-C inside a wire image's upload, right after a chunk's expansion was enqueued: the
+    landing buffer's `free` must still follow that expansion, or the next fetch's chunk into it
+    (a fresh slot: no `used` to wait for) would overwrite it while the expansion still reads it."""
+    _chunks(monkeypatch, "nibble", 150002)                  # several chunks per unit
     store, tensors = _packed_unit(_mixed(), coding="nibble")
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
-    merge_many, expand = cuda_mod.merge_many, cuda_mod.expand_codes       # the logged ones
+    expand = cuda_mod.expand_chunk                          # the logged one
     state = {"expanded": 0, "armed": True}
 
-    def counted_expand(views, layout):
+    def interrupted_expand(*args):
+        expand(*args)
         state["expanded"] += 1
-        expand(views, layout)
-
-    def interrupted_merge(pairs):
         if state["armed"] and state["expanded"] == 2:
             state["armed"] = False
             raise KeyboardInterrupt
-        merge_many(pairs)
 
-    monkeypatch.setattr(cuda_mod, "expand_codes", counted_expand)
-    monkeypatch.setattr(cuda_mod, "merge_many", interrupted_merge)
+    monkeypatch.setattr(cuda_mod, "expand_chunk", interrupted_expand)
     slots = [torch.zeros(store.slot_nbytes, dtype=torch.uint8) for _ in range(2)]
-    assert len([c for c in backend._plan(store)[0].coded if c is not None]) > 3
+    assert len(store.image.chunks) > 3
     with pytest.raises(KeyboardInterrupt):
         _fetch_on_fake_cuda(backend, store, slots[0], 0)
     _fetch_on_fake_cuda(backend, store, slots[1], 1)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from models import DIM, NestedLeaves, Routed, Shared, Stack, TinyLM, build, make_input
 
 import vzstream
+from vzstream import image
 from vzstream.pipeline import Workers, gil_switch_interval
 from vzstream.ring import SlotPool
 
@@ -287,6 +288,14 @@ def test_nested_and_cross_block_tied_units_are_exact(prefetch, cache, decode_pat
 
 def frame_in_arena(store) -> tuple[str, int, int]:
     """(tensor fqn, arena offset, nbytes) of the first compressed frame in a unit's store."""
+    if store.image is not None:                      # a low byte of a coded element, mid-tensor
+        for (name, _), t in zip(store.unit.params, store.packed):
+            if t.numel and t.slot_offset < store.image.coded_nbytes:
+                e = t.slot_offset // 2 + t.numel // 2
+                c = next(c for c in store.image.chunks if c.start <= e < c.start + c.numel)
+                at = c.offset + image.PAIRS_NBYTES + e - c.start
+                store.arena[at] ^= 0x01
+                return name, at
     base = store.arena.data_ptr()
     for (name, _), packed in zip(store.unit.params, store.packed):
         for plane in packed.planes:
@@ -305,7 +314,16 @@ def corrupt(store) -> tuple[str, int]:
 
 
 def corrupt_raw(store) -> tuple[str, int]:
-    """Flip one bit of a raw plane (no zstd checksum covers it); returns (tensor fqn, arena offset)."""
+    """Flip one bit of a raw plane or a wire image's low bytes (no zstd checksum covers them);
+    returns (tensor fqn, arena offset)."""
+    if store.image is not None:                      # a low byte of a coded element, mid-tensor
+        for (name, _), t in zip(store.unit.params, store.packed):
+            if t.numel and t.slot_offset < store.image.coded_nbytes:
+                e = t.slot_offset // 2 + t.numel // 2
+                c = next(c for c in store.image.chunks if c.start <= e < c.start + c.numel)
+                at = c.offset + image.PAIRS_NBYTES + e - c.start
+                store.arena[at] ^= 0x01
+                return name, at
     base = store.arena.data_ptr()
     for (name, _), packed in zip(store.unit.params, store.packed):
         for plane in packed.planes:

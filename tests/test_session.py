@@ -694,8 +694,9 @@ def test_raw_fraction_keeps_units_uncompressed_and_outputs_exact(raw_fraction, d
 
 @pytest.mark.parametrize("name, units", [("llama", "blocks"), ("gpt2", "leaves")])
 def test_nibble_codec_streams_bit_exact(name, units, hf_reference, decode_path, snapshot, slots_ok):
-    """codec="nibble": top planes as 4-bit codes, which the CPU backend's workers decode (the
-    reference for what the CUDA backend expands on the device): the same tokens and logits."""
+    """codec="nibble": each unit one wire image, top bytes as 4-bit codes, which the CPU
+    backend's workers expand (the reference for what the CUDA backend expands on the device):
+    the same tokens and logits."""
     ref_logits, ref_tokens = hf_reference(name)
     model = build_hf(name)
     ids, gen_kwargs = hf_inputs()
@@ -704,7 +705,7 @@ def test_nibble_codec_streams_bit_exact(name, units, hf_reference, decode_path, 
         tokens = [s.generate(ids, **gen_kwargs) for _ in range(2)]
         logits = s(ids).logits
         slots_ok(s)
-        coded = [p.nibbles is not None for st in s.stores.values() for pk in st.packed for p in pk.planes]
+        coded = [st.image is not None and bool(st.image.chunks) for st in s.stores.values()]
         stats = s.stats()
     assert all(torch.equal(t, ref_tokens) for t in tokens) and torch.equal(logits, ref_logits)
     assert any(coded)

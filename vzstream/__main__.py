@@ -26,7 +26,8 @@ def _demo_args(argv):
     ap.add_argument("--tokens", type=int, default=32, help="new tokens to generate")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--units", default="blocks", help="blocks or leaves")
-    ap.add_argument("--codec", default="zstd", help="zstd (host threads decode) or nibble (the GPU expands 4-bit codes)")
+    ap.add_argument("--codec", default="auto", help="auto (nibble on CUDA, zstd on CPU), zstd (host threads decode) "
+                                                   "or nibble (the GPU expands 4-bit codes)")
     return ap.parse_args(argv)
 
 
@@ -76,7 +77,7 @@ def demo(argv) -> int:
         st = s.stats()
     stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
     same = torch.equal(out.cpu(), ref.cpu())
-    print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}, codec={args.codec}): "
+    print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}, codec={s.config.codec}): "
           f"{args.tokens / t_str:.1f} tokens/s, "
           f"stall {100 * stall:.1f}% of forward time")
     slots = st.peak_device_nbytes - st.resident_nbytes

@@ -47,6 +47,14 @@ class Codec(str, enum.Enum):
 
     ZSTD = "zstd"      # the least host RAM; host threads decode the frames
     NIBBLE = "nibble"  # the top plane as 4-bit codes the device expands; no host decode, more host RAM
+    AUTO = "auto"      # a session's default: NIBBLE on CUDA, ZSTD on the CPU backend (`resolve`)
+
+    def resolve(self, backend_name: str) -> "Codec":
+        """AUTO for a backend: the GPU decodes on CUDA (the bus, not host threads, sets the pace);
+        the CPU backend has no bus, so the least host RAM wins. Other codecs stay as they are."""
+        if self is not Codec.AUTO:
+            return self
+        return Codec.NIBBLE if backend_name == "cuda" else Codec.ZSTD
 
     # Without these, f"{Codec.ZSTD}" is "Codec.ZSTD" on Python 3.11+ (no StrEnum on 3.10).
     __str__ = str.__str__
@@ -54,7 +62,7 @@ class Codec(str, enum.Enum):
 
 
 CODECS = tuple(c.value for c in Codec)
-CODINGS = CODECS   # the older name, still imported by callers and tests
+CODINGS = (Codec.ZSTD.value, Codec.NIBBLE.value)   # what `pack` codes with (AUTO resolves to one first)
 
 # One range of zstd levels everywhere (pack, SessionConfig). zstd accepts down to -131072, but
 # its fast modes barely shrink byte planes there: a bf16 top plane of N(0, 0.02) weights keeps
@@ -212,14 +220,14 @@ def _crc32(t: torch.Tensor) -> int:
 
 
 def parse_codec(value: Any, name: str = "codec") -> Codec:
-    """`"zstd"` | `"nibble"` (or a Codec) -> the Codec; else ConfigError saying what each trades."""
+    """`"auto"` | `"zstd"` | `"nibble"` (or a Codec) -> the Codec; else ConfigError saying what each trades."""
     try:
         return Codec(value)
     except (ValueError, TypeError):
         raise ConfigError(
             f"`{name}` must be one of {CODECS}; got {value!r}. \"zstd\" stores the least host RAM and "
             f"host threads decode it; \"nibble\" stores 4-bit codes that the device expands (more host RAM, "
-            f"no host decode). Pass {name}=\"zstd\" (the default) or {name}=\"nibble\".") from None
+            f"no host decode); \"auto\" (the default) is nibble on CUDA and zstd on the CPU.") from None
 
 
 def check_level(level: Any) -> None:
@@ -232,6 +240,9 @@ def check_level(level: Any) -> None:
 
 def _check_pack_args(level: int | None, frame_nbytes: int, coding: str) -> None:
     coding = parse_codec(coding, "coding")
+    if coding == Codec.AUTO:
+        raise ConfigError("`coding` must be \"zstd\" or \"nibble\" for `pack`; \"auto\" depends on the "
+                          "backend: resolve it first (`Codec.AUTO.resolve(backend.name)`)")
     if coding == Codec.NIBBLE and isinstance(frame_nbytes, int) and frame_nbytes % 2:
         raise ConfigError(f"`frame_nbytes` must be even with coding='nibble' (a code byte holds two "
                           f"elements), got {frame_nbytes}")

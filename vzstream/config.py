@@ -137,7 +137,8 @@ class SessionConfig:
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
     level: int | None = None        # zstd level; None = match finding off (docs/design.md, "Codec")
-    codec: Codec = Codec.ZSTD       # "zstd": decoded by host threads; "nibble": 4-bit codes the device expands
+    codec: Codec = Codec.AUTO       # "auto": nibble on CUDA, zstd on CPU; "zstd": host threads decode;
+                                    # "nibble": 4-bit codes the device expands
     raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
     vram_budget: Any = None         # bytes | "6GiB" | share of device memory in (0, 1]; None, int or float after
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0

@@ -17,6 +17,7 @@ import zstandard as zstd
 from . import nibble
 from .codec import Frame, Packed, _NUMPY_UINT, _TORCH_UINT, _crc32, _describe
 from .errors import ConfigError, FormatError
+from .image import ImageTensor
 
 # One decompressor and one frame of scratch per thread: a ZstdDecompressor must not be shared
 # across threads, and reusing the scratch keeps the per-chunk temporary at one frame.
@@ -37,9 +38,11 @@ def thread_scratch(nbytes: int) -> np.ndarray:
     return _thread_state(nbytes)[1]
 
 
-def decode(packed: Packed) -> torch.Tensor:
+def decode(packed: Packed | ImageTensor) -> torch.Tensor:
     """A new contiguous CPU tensor, bit-identical to the packed one: checked against the
     tensor's `crc32`, so a corrupt raw plane or nibble code is a FormatError here too."""
+    if isinstance(packed, ImageTensor):
+        return packed.decode()
     out = torch.empty(packed.shape, dtype=packed.dtype)
     decode_into(packed, out)
     if packed.crc32 is not None:

@@ -67,6 +67,7 @@ class Session:
         check_model(self.model, self.config.units)       # layouts, meta, lazy, unit modules: refused here
         self.pool = pool = _device_pool(self.config)      # fails before anything is allocated
         self.backend, self._final = pool.backend, None
+        self.config = dataclasses.replace(self.config, codec=self.config.codec.resolve(pool.backend.name))
         with pool.gate.held(None):
             try:
                 self._open_locked(pool)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from . import calibrate, codec, nibble
+from .codec import Codec
 from .errors import ConfigError
+from .image import Image, pack_image
 from .units import Unit, align, param_offsets, unit_nbytes
 
 log = logging.getLogger("vzstream")
@@ -36,6 +38,7 @@ class UnitStore:
     slot_nbytes: int
     arena: torch.Tensor         # uint8 host buffer holding every frame and raw plane
     perms: list                 # per tensor: dim order it was packed in (storage order), or None
+    image: Image | None = None  # codec="nibble": the unit's wire image (`packed` holds its ImageTensors)
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def targets(self, slot) -> list[torch.Tensor]:
@@ -69,12 +72,16 @@ class UnitStore:
     @property
     def compressed(self) -> bool:
         """Whether fetching the unit decodes anything (False: every plane is stored raw)."""
+        if self.image is not None:
+            return bool(self.image.chunks)
         return any(plane.compressed for p in self.packed for plane in p.planes)
 
     @property
     def wire_nbytes(self) -> int:
         """Bytes one upload of the unit moves host→device on CUDA: nibble-coded planes as stored
         (the device expands them), every other plane at its decoded size."""
+        if self.image is not None:
+            return self.image.wire_nbytes
         return sum(nibble.nbytes(plane.nibbles) if plane.nibbles is not None else plane.nbytes
                    for p in self.packed for plane in p.planes)
 
@@ -130,6 +137,8 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
     frames or, for `coding="nibble"`, with nibble codes sharing one table per dtype. Does not
     touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
+    if coding == Codec.NIBBLE:
+        return _pack_image(unit, backend, [t for t, _ in ordered], [o for _, o in ordered], compress)
     tables = codec.nibble_tables(t for t, _ in ordered) if compress and coding == "nibble" else None
     packed = []
     for (name, _), (t, _) in zip(unit.params, ordered):
@@ -154,6 +163,14 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
         rebased.append(_rebased(p, views))
     offsets = param_offsets(unit, backend.alignment)
     return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
+
+
+def _pack_image(unit: Unit, backend, tensors: list, perms: list, compress: bool) -> UnitStore:
+    """`codec="nibble"`: the unit as one wire image (`image.py`)."""
+    flat = [t.to("cpu").contiguous() for t in tensors]   # evicting packs from device copies
+    img, entries = pack_image(flat, backend.alignment, backend.host_buffer, compress)
+    return UnitStore(unit, entries, [e.slot_offset for e in entries], unit_nbytes(unit, backend.alignment),
+                     img.arena, perms, image=img)
 
 
 @dataclass

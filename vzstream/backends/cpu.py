@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
+
 from .. import decode
 from .base import Backend, chunk_jobs
 
@@ -29,6 +31,8 @@ class CpuBackend(Backend):
         return cached[2]
 
     def _build_jobs(self, ticket) -> list:
+        if ticket.store.image is not None:
+            return _image_jobs(ticket.store.image, ticket.slot.tensor.numpy())
         views = ticket.store.targets(ticket.slot)
         items = []
         for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
@@ -52,3 +56,14 @@ class CpuBackend(Backend):
 
     def release(self, ticket) -> None:
         pass
+
+
+def _image_jobs(image, slot: np.ndarray) -> list:
+    """A wire image into `slot` (uint8 numpy) on the host: each chunk expanded, the raw area copied."""
+    coded = slot[: image.coded_nbytes].view(np.uint16)
+    items = [(2 * c.numel, f"chunk {i}", partial(image.expand_into, c, coded[c.start : c.start + c.numel]))
+             for i, c in enumerate(image.chunks)]
+    if image.raw_nbytes:
+        raw = image.arena.numpy()[image.raw_offset : image.raw_offset + image.raw_nbytes]
+        items.append((image.raw_nbytes, "raw area", partial(np.copyto, slot[image.coded_nbytes :][: image.raw_nbytes], raw)))
+    return chunk_jobs(items)

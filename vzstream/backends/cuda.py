@@ -31,17 +31,17 @@ import logging
 import threading
 from functools import partial
 
-import numpy as np
 import torch
 
 from ..codec import Codec
+from ..image import CHUNK_ELEMS, PAIRS_NBYTES as PAIRS_AT, landing_nbytes
+from ..units import align
 from .base import Backend, chunk_jobs
 # The torch calls that move bytes, imported by name: tests patch them here, on this module.
-from .device_ops import (coded_views, expand_codes, interleave, merge_many, merge_pairs,  # noqa: F401 (interleave re-exported)
-                         stage_into, stage_range, upload_many)
+from .device_ops import interleave, merge_many, merge_pairs, stage_into, stage_range, upload_many  # noqa: F401
+from .expand import expand as expand_chunk
 from .pinned import PAGE_NBYTES, Fetch, PinnedHeap, StagingRing  # noqa: F401 (re-exported)
-from .upload_plan import (Coded, Piece, PlaneCopy, TensorUpload, UploadPlan, coded_region_nbytes, merge_nbytes, plan_upload,
-                          region_nbytes, staging_items)
+from .upload_plan import Piece, PlaneCopy, TensorUpload, UploadPlan, merge_nbytes, plan_upload, region_nbytes, staging_items
 
 log = logging.getLogger("vzstream")
 
@@ -49,6 +49,7 @@ SMALL_STAGING_NBYTES = 1 << 20    # up to this much staging: a caching-allocator
 UPLOAD_PROBE_NBYTES = 64 << 20   # one copy this large runs at full PCIe speed (~1 ms on Gen5)
 _UPLOAD_GBPS: dict = {}          # (cuda module, device) -> measured GB/s, once per process
 SCRATCH_REGIONS = 2               # the copy stream fills one while the merge stream reads the other
+LANDING_BUFFERS = 2               # wire images: one chunk lands while the one before is expanded
 
 
 class CudaBackend(Backend):
@@ -70,14 +71,21 @@ class CudaBackend(Backend):
         self.staging = StagingRing(staging_slots, self.heap.alloc)
         self._plans: dict = {}               # UnitStore -> (UploadPlan, staging items)
         self._fetches: dict = {}             # Ticket -> Fetch
-        self._used: dict[int, object] = {}   # slot index -> `used` event of its latest release
+        # Per slot index, made once and re-recorded: `used` after its latest reader (recorded at
+        # release; absent until then), `uploaded` after a fetch's last write into it.
+        self._used: dict[int, object] = {}
+        self._uploaded: dict[int, object] = {}
         self._regions: list[torch.Tensor] = []   # device scratch for merges, SCRATCH_REGIONS of them
+        self._landing: list[torch.Tensor] = []   # wire images: device buffers chunks land in
+        self._landed = [self.cuda.Event() for _ in range(LANDING_BUFFERS)]   # copy -> expand
+        self._landing_free: list = [None] * LANDING_BUFFERS                  # expand -> next copy
+        self._next_landing = 0
+        self._image_views: dict = {}             # (store, slot index) -> (slot tensor, raw copy, chunks)
         # Events re-recorded rather than made per use: an Event's destructor hands the GIL over
         # (torch/csrc/cuda/Event.cpp), one more wait per use beside a busy forward thread. Safe
         # because each is re-recorded only after every wait on its previous record was enqueued
         # (a wait captures the record current when it is called), all under `_upload_lock`.
         self._region_free: list = []             # per region: merge-stream event after its last read
-        self._coded_views: dict = {}             # (region, Coded layout) -> `coded_views`
         self._handoff = self.cuda.Event()        # copy stream -> merge stream, waited at once
         self._next_region = 0
         self._upload_lock = threading.Lock()
@@ -120,20 +128,20 @@ class CudaBackend(Backend):
         return _UPLOAD_GBPS[key]
 
     def scratch_nbytes(self, units, codec: str = Codec.ZSTD) -> int:
-        """Device memory the uploads of `units` need besides the slots: the merge scratch (for
-        nibble codes also their gather indices and patches: `coded_region_nbytes`, which is
-        largest for the smallest itemsize that may be coded)."""
+        """Device memory the uploads of `units` need besides the slots: the landing buffers of
+        wire images (`codec="nibble"`), sized for their largest chunk, or the merge scratch."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        split = [[(p.element_size(), n) for (_, p), n in zip(u.params, u.param_nbytes)
+        if codec == Codec.NIBBLE:
+            coded = max((sum(align(n, self.alignment) for (_, p), n in zip(u.params, u.param_nbytes)
+                             if p.dtype.is_floating_point and p.element_size() == 2) // 2 for u in units), default=0)
+            return LANDING_BUFFERS * landing_nbytes(min(coded, CHUNK_ELEMS)) if coded else 0
+        split = [[n for (_, p), n in zip(u.params, u.param_nbytes)
                   if p.dtype.is_floating_point and p.element_size() > 1] for u in units]   # per unit
-        region = region_nbytes(max((merge_nbytes(n for _, n in tensors) for tensors in split), default=0))
-        if codec == Codec.NIBBLE and any(split):
-            region = max(region, coded_region_nbytes(region, min(k for tensors in split for k, _ in tensors)))
-        return SCRATCH_REGIONS * region
+        return SCRATCH_REGIONS * region_nbytes(max((merge_nbytes(sizes) for sizes in split), default=0))
 
     @property
     def scratch_held(self) -> int:
-        return sum(region.numel() for region in self._regions)
+        return sum(buf.numel() for buf in self._regions + self._landing)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
@@ -170,9 +178,19 @@ class CudaBackend(Backend):
         """Scratch regions of at least `size` bytes (an upload plan's `region_nbytes`)."""
         if self._regions and self._regions[0].numel() >= size:
             return
-        self.free_scratch()
+        for region in self._regions:
+            self.free_device_buffer(region)      # record_stream: pending merges finish first
         self._regions = [self.device_buffer(size) for _ in range(SCRATCH_REGIONS)]
-        self._region_free = [None] * SCRATCH_REGIONS
+        self._region_free, self._next_region = [None] * SCRATCH_REGIONS, 0
+
+    def _grow_landing(self, size: int) -> None:
+        """Landing buffers of at least `size` bytes (a wire image's largest chunk)."""
+        if self._landing and self._landing[0].numel() >= size:
+            return
+        for buf in self._landing:
+            self.free_device_buffer(buf)
+        self._landing = [self.device_buffer(size) for _ in range(LANDING_BUFFERS)]
+        self._image_views.clear()                # they view the old buffers
 
     def _pinned_block(self, nbytes: int) -> torch.Tensor:
         """Small staging from torch's pinned caching allocator, which recycles a block only once
@@ -182,7 +200,10 @@ class CudaBackend(Backend):
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
         store, fqn = ticket.store, ticket.store.unit.fqn
-        plan, items, _ = self._plan(store)
+        if store.image is not None:              # the device expands it: nothing for the host
+            self._fetches[ticket] = Fetch(None, ticket.ready, self._used.get(ticket.slot.index))
+            return []
+        plan, items = self._plan(store)
         fetch = self._fetches[ticket] = Fetch(plan, ticket.ready, self._used.get(ticket.slot.index))
         gate = []
         if plan.staging_nbytes > SMALL_STAGING_NBYTES:
@@ -196,27 +217,12 @@ class CudaBackend(Backend):
         work = [(n, name, partial(stage_into, dst, off, n, src, fqn)) for n, name, src, off in items]
         return [gate + job for job in chunk_jobs(work)]
 
-    def _plan(self, store) -> tuple[UploadPlan, list, list]:
-        """The store's upload plan, staging items and, per batch, its nibble patches in pinned
-        memory (None: no patches), computed once."""
+    def _plan(self, store) -> tuple[UploadPlan, list]:
+        """The store's upload plan and staging items, computed once."""
         if store not in self._plans:
             plan = plan_upload(store)
-            self._plans[store] = (plan, staging_items(store, plan), self._pinned_patches(plan))
+            self._plans[store] = (plan, staging_items(store, plan))
         return self._plans[store]
-
-    def _pinned_patches(self, plan: UploadPlan) -> list:
-        """Each coded batch's patches (int64 offsets, then uint8 values) in one pinned buffer."""
-        layouts = [c if c is not None and c.patch_at.size else None for c in plan.coded]
-        sizes = [9 * c.patch_at.size if c is not None else 0 for c in layouts]
-        if not any(sizes):
-            return [None] * len(layouts)
-        buf, out, off = self.host_buffer(sum(sizes)), [], 0
-        for c, n in zip(layouts, sizes):
-            if c is not None:
-                buf[off : off + n].numpy()[:] = np.concatenate([c.patch_at.view(np.uint8), c.patch_values])
-            out.append(buf[off : off + n] if n else None)
-            off += n
-        return out
 
     def _gate(self, fetch: Fetch) -> None:
         with self.cuda.device(self.device):            # the event wait runs on a worker thread
@@ -227,9 +233,13 @@ class CudaBackend(Backend):
         merge scratch for `stores`, allocated here on the forward thread from the compute
         stream's pool (not on a worker in the middle of a pass)."""
         self.staging.grow(prefetch + 1)
-        region = max((self._plan(store)[0].region_nbytes for store in stores), default=0)
+        images = [s.image for s in stores if s.image is not None]
+        region = max((self._plan(store)[0].region_nbytes for store in stores if store.image is None), default=0)
         if region:
             self._grow_regions(region)
+        landing = max((c.nbytes for image in images for c in image.chunks), default=0)
+        if landing:
+            self._grow_landing(landing)
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
@@ -240,22 +250,70 @@ class CudaBackend(Backend):
             try:
                 if fetch.used is not None:
                     self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
-                fetch.copied = self._copy_planes(ticket, fetch)
+                if fetch.plan is None:
+                    self._copy_image(ticket)
+                else:
+                    fetch.copied = self._copy_planes(ticket, fetch)
             finally:
                 # Also after a failure: whatever was enqueued must finish before the staging
                 # is decoded into again, and before the slot's `used` passes.
-                if fetch.copied is None and fetch.plan.last_staged >= 0:
+                if fetch.copied is None and fetch.plan is not None and fetch.plan.last_staged >= 0:
                     fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
                 self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
-                fetch.uploaded = self.merge_stream.record_event()
+                fetch.uploaded = self.merge_stream.record_event(self._slot_event(self._uploaded, ticket.slot.index))
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
+
+    def _slot_event(self, events: dict, index: int):
+        event = events.get(index)
+        if event is None:
+            event = events[index] = self.cuda.Event()
+        return event
+
+    def _copy_image(self, ticket) -> None:
+        """A wire image into its slot: the raw area in one copy, then each chunk into a landing
+        buffer (the copy stream) and expanded from there into the slot (the merge stream) while
+        the next chunk crosses the bus. A landing buffer is refilled only after the expansion
+        that read it (its `free` event); every view and event was made before."""
+        raw, chunks = self._views_of_image(ticket.store, ticket.slot)
+        if raw is not None:
+            upload_many([raw])
+        for src, per_landing in chunks:
+            k, self._next_landing = self._next_landing, (self._next_landing + 1) % LANDING_BUFFERS
+            wire, args = per_landing[k]
+            if self._landing_free[k] is not None:
+                self.copy_stream.wait_event(self._landing_free[k])
+            upload_many([(wire, src)])
+            self.merge_stream.wait_event(self.copy_stream.record_event(self._landed[k]))
+            try:
+                with self.cuda.stream(self.merge_stream):
+                    expand_chunk(*args)
+            finally:                             # also when interrupted: after what was enqueued
+                if self._landing_free[k] is None:
+                    self._landing_free[k] = self.cuda.Event()
+                self.merge_stream.record_event(self._landing_free[k])
+
+    def _views_of_image(self, store, slot) -> tuple:
+        """(raw area (slot view, arena view) or None, per chunk (arena view, per landing buffer
+        (its wire view, the expansion's arguments))), made once per (store, slot)."""
+        entry = self._image_views.get((store, slot.index))
+        if entry is None or entry[0] is not slot.tensor:
+            image, dst = store.image, slot.tensor
+            self._grow_landing(max((c.nbytes for c in image.chunks), default=0))   # a no-op after `prepare`
+            raw = None
+            if image.raw_nbytes:
+                raw = (dst[image.coded_nbytes : image.coded_nbytes + image.raw_nbytes],
+                       image.arena[image.raw_offset : image.raw_offset + image.raw_nbytes])
+            chunks = [(image.arena[c.offset : c.offset + c.nbytes],
+                       [_landing_views(land, c, dst[2 * c.start : 2 * (c.start + c.numel)]) for land in self._landing])
+                      for c in image.chunks]
+            entry = self._image_views[(store, slot.index)] = (slot.tensor, raw, chunks)
+        return entry[1], entry[2]
 
     def _copy_planes(self, ticket, fetch: Fetch):
         """Enqueue every copy and merge of the fetch, a few calls per unit: the single-plane
         tensors' copies in one call, then per batch one call of plane copies into a scratch region
         and one of merges out of it. Returns `copied` (None: nothing staged)."""
         plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
-        patches = self._plan(ticket.store)[2]
 
         def source(p: PlaneCopy) -> torch.Tensor:
             return (fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
@@ -271,10 +329,7 @@ class CudaBackend(Backend):
         if plan.last_staged >= 0 and plan.last_staged_batch < 0:
             copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         for b, batch in enumerate(plan.batches):
-            if plan.coded[b] is None:
-                self._merge_batch(batch, plan.tensors, source, target)
-            else:
-                self._coded_batch(batch, plan.coded[b], plan.tensors, source, target, arena, patches[b])
+            self._merge_batch(batch, plan.tensors, source, target)
             if b == plan.last_staged_batch:
                 copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
         return copied
@@ -286,15 +341,13 @@ class CudaBackend(Backend):
             self.copy_stream.wait_event(self._region_free[r])
         return r
 
-    def _merge_then_free(self, r: int, merges: list, expand=None) -> None:
-        """Hand the region over to the merge stream, merge (after `expand`), and record `free`:
+    def _merge_then_free(self, r: int, merges: list) -> None:
+        """Hand the region over to the merge stream, merge, and record `free`:
         also when interrupted (Ctrl-C on the forward thread), after whatever was enqueued, or the
         next batch into the region would wait on an older `free` and overwrite it under them."""
         self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
         try:
             with self.cuda.stream(self.merge_stream):
-                if expand is not None:
-                    expand()
                 merge_many(merges)
         finally:
             if self._region_free[r] is None:
@@ -318,32 +371,6 @@ class CudaBackend(Backend):
         upload_many(copies)
         self._merge_then_free(r, merges)
 
-    def _coded_batch(self, batch: tuple[Piece, ...], layout: Coded, tensors, source, target, arena, patches) -> None:
-        """A batch of nibble-coded pieces: the copy stream uploads their plain planes, codes,
-        pair table and patches into a region (plane-major, `Coded`); the merge stream expands the
-        codes into the coded plane (`expand_codes`), then interleaves the planes into the slot."""
-        r = self._next_free_region()
-        region, span, k = self._regions[r], layout.span, layout.itemsize
-        copies, merges = [], []
-        for piece in batch:
-            t, n, s = tensors[piece.tensor], piece.numel, piece.start
-            for i, p in enumerate(t.planes):
-                if i == layout.plane:
-                    c = layout.codes + piece.offset // 2
-                    copies.append((region[c : c + (n + 1) // 2], arena[p.offset + s // 2 : p.offset + (s + n + 1) // 2]))
-                else:
-                    copies.append((region[i * span + piece.offset :][:n], source(p)[s : s + n]))
-            dst = target(t)[s * k : (s + n) * k]
-            merges += [(dst[i::k], region[i * span + piece.offset :][:n]) for i in range(k)]
-        copies.append((region[layout.table : layout.table + 512], arena[layout.pairs : layout.pairs + 512]))
-        if patches is not None:
-            copies.append((region[layout.patches : layout.nbytes], patches))
-        upload_many(copies)
-        key = (r, layout)
-        if key not in self._coded_views:
-            self._coded_views[key] = coded_views(region, layout)
-        self._merge_then_free(r, merges, partial(expand_codes, self._coded_views[key], layout))
-
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
         fetch.bound = True
@@ -354,13 +381,13 @@ class CudaBackend(Backend):
         fetch = self._fetches.pop(ticket, None)
         with stage_range("release", ticket.store.unit.fqn):
             if fetch is None or fetch.bound:
-                used = self.cuda.current_stream(self.device).record_event()
+                stream = self.cuda.current_stream(self.device)
             else:
-                # Dropped unbound: nothing read the slot. Its last writes end at `uploaded`; with
-                # no upload, the slot's previous `used` (maybe a drained merge) still stands.
-                used = fetch.uploaded if fetch.uploaded is not None else fetch.used
-            if used is not None:
-                self._used[ticket.slot.index] = used
+                # Dropped unbound: nothing read the slot. Its last writes end on the merge stream;
+                # with no upload, the slot's previous `used` (maybe a drained merge) still stands.
+                stream = self.merge_stream if fetch.uploaded is not None else None
+            if stream is not None:
+                stream.record_event(self._slot_event(self._used, ticket.slot.index))
         if fetch is not None:
             fetch.released = True
 
@@ -368,7 +395,7 @@ class CudaBackend(Backend):
         # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
         # `_used` stays: the events order the ring's slots for whichever session uses them next.
         self._plans.clear()
-        self._coded_views.clear()
+        self._image_views.clear()
         with self.cuda.device(self.device):
             self.heap.reclaim(self._fence, wait=True)
 
@@ -380,12 +407,23 @@ class CudaBackend(Backend):
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
             self.free_scratch()
-            for state in (self._fetches, self._plans, self._used, self._coded_views):
+            for state in (self._fetches, self._plans, self._used, self._uploaded, self._image_views):
                 state.clear()
 
     def free_scratch(self) -> None:
-        """Free the merge scratch (nothing streams any more); `prepare` allocates it again."""
-        for region in self._regions:
-            self.free_device_buffer(region)      # record_stream: pending merges finish first
+        """Free the merge scratch and landing buffers (nothing streams any more); `prepare`
+        allocates them again."""
+        for buf in self._regions + self._landing:
+            self.free_device_buffer(buf)         # record_stream: pending merges finish first
         self._regions, self._region_free, self._next_region = [], [], 0
-        self._coded_views.clear()
+        self._landing, self._landing_free, self._next_landing = [], [None] * LANDING_BUFFERS, 0
+        self._image_views.clear()
+
+
+def _landing_views(wire: torch.Tensor, c, out: torch.Tensor) -> tuple:
+    """(the chunk's wire view of a landing buffer, `expand_chunk`'s arguments for it into `out`)."""
+    wire = wire[: c.nbytes]
+    at = c.patch_at
+    return wire, (wire[PAIRS_AT : c.codes_at], wire[c.codes_at : c.codes_at + c.numel // 2], wire[:PAIRS_AT],
+                  wire[at : at + 8 * c.patches].view(torch.int64), wire[at + 8 * c.patches : c.nbytes],
+                  out.view(torch.int16))
