@@ -93,7 +93,7 @@ def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_a
 
 
 def test_plan_stages_raw_planes_that_live_outside_the_arena():
-    store, _ = _packed_unit({"w": torch.randn(64, dtype=torch.bfloat16)})
+    store, _ = _packed_unit({"w": (torch.randn(4096) * 0.02).to(torch.bfloat16)})    # 8 KiB: zstd codes its top plane
     packed = store.packed[0]
     planes = tuple(p if p.compressed else codec.Plane(p.index, p.nbytes, bytes(p.raw), ()) for p in packed.planes)
     store.packed[0] = codec.Packed(packed.dtype, packed.shape, planes, packed.frame_elems)
@@ -161,6 +161,7 @@ class _Ticket:
 
     def __init__(self, store, index: int, tensor: torch.Tensor) -> None:
         self.store, self.slot, self.ready = store, SimpleNamespace(index=index, tensor=tensor), threading.Event()
+        self.inline = False                     # fetched by a worker (the pipeline's default)
 
 
 def _fetch_on_fake_cuda(backend: CudaBackend, store, slot: torch.Tensor, index: int = 0, bind: bool = True,
@@ -581,13 +582,17 @@ def checked_backend(fake: FakeCuda, staging: str, monkeypatch, **kwargs) -> Cuda
         start = len(fake.ops)
         upload(ticket)
         ops, want = mine(start), expected.pop(ticket)
+        if backend._fetches[ticket].on_compute:      # a small raw image inline: in compute-stream order
+            assert ops in ([], [("wait_event", "compute", want)])
+            return
         assert want is None or ops[0] == ("wait_event", "copy", want)
         assert ops[-2][:2] == ("wait_event", "merge") and ops[-1][:2] == ("record", "merge")
 
     def checked_wait(ticket):                 # the compute stream waits; nothing else happens
         start = len(fake.ops)
+        on_compute = backend._fetches[ticket].on_compute
         wait(ticket)
-        assert [op[:2] for op in mine(start)] == [("wait_event", "compute")]
+        assert [op[:2] for op in mine(start)] == ([] if on_compute else [("wait_event", "compute")])
 
     def checked_release(ticket):
         fetch, before = backend._fetches.get(ticket), backend._used.get(ticket.slot.index)
@@ -634,13 +639,13 @@ def test_hf_session_on_fake_cuda_is_bit_exact_and_never_syncs_the_forward_thread
     assert torch.equal(first, ref_tokens) and torch.equal(second, ref_tokens)
     if raw_fraction == "auto":
         assert 0 < kept_raw < 1
-    else:                                            # 2 blocks: 0.5 is one of them
-        assert kept_raw == raw_fraction
+    else:                       # 2 blocks: 0.5 is one of them; units under 4 KiB (norms) stay raw too
+        assert raw_fraction <= kept_raw < raw_fraction + 0.01
     assert torch.equal(logits, ref_logits)
     assert syncs == [] and fake.races == []
-    # Nothing to decode with nibble codes: the forward thread issues every upload; else workers do.
+    # Nothing to decode with nibble codes, and yet workers issue every upload (none is inline here).
     forward = threading.get_ident()
-    assert {t == forward for t in backend.upload_threads} == {codec == "nibble"}
+    assert forward not in backend.upload_threads
     if staging == "ring" and codec == "zstd":        # workers gated on the ring: the log shows it
         assert any(op[1] == "event.synchronize" for op in fake.ops)
     assert not fake.pinned, "pinned host memory left registered after exit"

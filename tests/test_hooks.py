@@ -113,8 +113,10 @@ def test_bind_and_unbind_params():
     ids = [id(p) for _, p in params]
     bind_params(params, views)
     assert all(p.data.data_ptr() == v.data_ptr() for (_, p), v in zip(params, views))
-    unbind_params(params)
+    empties = [placeholder(p.dtype, p.device) for _, p in params]
+    unbind_params(params, empties)
     assert all(p.numel() == 0 and p.dtype == v.dtype for (_, p), v in zip(params, views))
+    assert all(p.data is e or p.data.data_ptr() == e.data_ptr() for (_, p), e in zip(params, empties))
     assert [id(p) for _, p in params] == ids                 # same Parameter objects throughout
 
 

@@ -540,12 +540,11 @@ def test_workers_left_running_finish_their_jobs_before_the_interpreter_exits():
     assert proc.stdout == "job done\n"
 
 
-@pytest.mark.parametrize("caller_uploads", [False, True])
-def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_the_caller(caller_uploads):
-    """codec="nibble" leaves the host nothing to decode: its uploads are issued by the forward
-    thread at `start`, once the streamer holds the ticket (no GIL ping-pong with a worker);
-    otherwise a worker runs an empty job and uploads. Either way the ticket is ready for `wait`
-    only once its upload was issued."""
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_unless_inline(inline):
+    """A wire image on CUDA leaves the host nothing to decode: a worker runs an empty job and
+    uploads (the forward thread only waits), except a unit small enough to be fetched inline.
+    Either way the ticket is ready for `wait` only once its upload was issued."""
     from vzstream.pipeline import Pipeline
     from vzstream.ring import Slot
     from vzstream.runtime import Counters
@@ -562,35 +561,29 @@ def test_a_fetch_with_nothing_to_decode_is_uploaded_by_a_worker_or_at_once_by_th
     model = build(Stack)
     with vzstream.session(model, device="cpu") as s:
         store = next(iter(s.stores.values()))
-    pipeline = Pipeline(NothingToDecode(), 2, Counters(), caller_uploads=caller_uploads)
-    pipeline.inline_nbytes = 0
+    pipeline = Pipeline(NothingToDecode(), 2, Counters())
+    pipeline.inline_nbytes = store.raw_nbytes + 1 if inline else 0
     try:
         ticket = pipeline.submit(store, Slot(0, torch.empty(store.slot_nbytes, dtype=torch.uint8)))
-        if caller_uploads:
-            assert uploaded == [] and not ticket.ready.is_set()
-            pipeline.start(ticket)
-            assert uploaded == [threading.get_ident()] and ticket.ready.is_set()
         pipeline.wait(ticket)
-        assert len(uploaded) == 1 and (uploaded[0] == threading.get_ident()) == caller_uploads
+        assert ticket.ready.is_set() and len(uploaded) == 1
+        assert (uploaded[0] == threading.get_ident()) == inline
     finally:
         pipeline.close()
 
 
-@pytest.mark.parametrize("where", ["upload", "before_upload"])
 @pytest.mark.parametrize("direct", [False, True], ids=["session_call", "direct_model_call"])
-def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_and_leaks_no_slot(
-        direct, where, slots_ok, monkeypatch):
-    """codec="nibble": the forward thread issues prefetch uploads. A KeyboardInterrupt inside one
-    (here the wrap-around prefetch issued as the first pass ends) surfaces in that call, not at
-    the unit's bind in a later call, nor lost in a drain; also when the model is called directly
-    (no session call to abort) and when it lands before the upload began (its ticket not yet
-    ready). The session then runs on exactly, with every slot accounted for."""
+def test_an_interrupt_inside_a_workers_upload_is_raised_at_that_units_bind_and_leaks_no_slot(direct, slots_ok):
+    """A fetch with nothing to decode (a wire image on CUDA) is uploaded by a worker. A
+    KeyboardInterrupt inside one (here the wrap-around prefetch issued as the first pass ends)
+    is raised where that unit is bound, in the next call, also when the model is called directly
+    (no session call to abort). The session then runs on exactly, with every slot accounted for."""
     class InterruptOnce(vzstream.FakeBackend):
         calls = 0
 
         def decode_jobs(self, ticket):
             super().decode_jobs(ticket)
-            return []                               # nothing to decode, as with nibble codes
+            return []                               # nothing to decode, as with a wire image
 
         def upload(self, ticket):
             InterruptOnce.calls += 1
@@ -600,19 +593,7 @@ def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_an
                 for _, work in job:
                     work()
 
-    from vzstream.pipeline import Pipeline
-
     InterruptOnce.calls = 0
-    if where == "before_upload":                 # the interrupt before `_finish` could set ready
-        finish = Pipeline._finish
-
-        def interrupted_finish(self, ticket):
-            if InterruptOnce.calls == 6:
-                InterruptOnce.calls += 1
-                raise KeyboardInterrupt
-            finish(self, ticket)
-
-        monkeypatch.setattr(Pipeline, "_finish", interrupted_finish)
     model, x = build(Stack, num_blocks=6), make_input(2, DIM)
     with torch.no_grad():
         ref = model(x)
@@ -629,4 +610,4 @@ def test_ctrl_c_while_the_forward_thread_uploads_a_prefetch_is_raised_at_once_an
             except KeyboardInterrupt:
                 outcomes.append("interrupted")
             slots_ok(s)
-    assert outcomes == ["interrupted", True, True, True], outcomes      # raised in the call it hit
+    assert outcomes == [True, "interrupted", True, True], outcomes      # raised at that unit's bind

@@ -33,9 +33,11 @@ def bind_params(params: list[tuple[str, nn.Parameter]], views: list[torch.Tensor
         p.data = view
 
 
-def unbind_params(params: list[tuple[str, nn.Parameter]]) -> None:
-    for _, p in params:
-        p.data = placeholder(p.dtype, p.device)
+def unbind_params(params: list[tuple[str, nn.Parameter]], empties: list[torch.Tensor]) -> None:
+    """Point each parameter back at its placeholder (`empties`, made at install: reading a
+    parameter's dtype or device here would cost a torch call each, per unit, per pass)."""
+    for (_, p), empty in zip(params, empties):
+        p.data = empty
 
 
 def install(model: nn.Module, units, streamer) -> list:

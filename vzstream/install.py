@@ -41,7 +41,8 @@ class Installed:
         for (name, p), packed, perm in zip(unit.params, store.packed, store.perms):
             device = p.device if devices is None else devices[id(p)]
             unit.originals.append(Original(p, packed, perm, device, unit.fqn, name))
-            p.data = hooks.placeholder(p.dtype, self.backend.device)  # frees the original storage
+            store.empties.append(hooks.placeholder(p.dtype, self.backend.device))
+            p.data = store.empties[-1]          # frees the original storage
 
     def move_resident(self, unit) -> None:
         for _, p in unit.params:

@@ -26,8 +26,7 @@ log = logging.getLogger("vzstream")
 class Ticket:
     """One fetch of one unit into one slot, from decode request to release."""
 
-    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline",
-                 "caller")
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline")
 
     def __init__(self, store, slot) -> None:
         self.store, self.slot = store, slot
@@ -39,7 +38,6 @@ class Ticket:
         self.position = -1          # trace position of the latest bind (for the release rule)
         self.deferred = None        # jobs of a small unit, run on the forward thread at wait
         self.inline = False         # decoded on the forward thread: no worker ever writes its slot
-        self.caller = False         # nothing to decode: the caller uploads it at `start` (or `wait`)
 
 
 class Workers:
@@ -49,6 +47,9 @@ class Workers:
 
     Like the executor's, the threads are joined before the interpreter shuts down (a session
     left open at exit): a daemon thread still inside a torch call then would abort the process."""
+
+    around = None       # None, or a context manager factory every job runs inside (tests count
+                        # the torch calls of the workers with it)
 
     def __init__(self, num_threads: int, name: str) -> None:
         if num_threads < 1:
@@ -75,7 +76,11 @@ class Workers:
         while (item := self._queue.get()) is not None:
             fn, args = item
             try:
-                fn(*args)
+                if self.around is None:
+                    fn(*args)
+                else:
+                    with self.around():
+                        fn(*args)
             except BaseException:       # a job reports its own errors; never lose the thread
                 log.exception("vzstream: a decode worker's job raised")
             # An idle worker must not keep its last job alive: the ticket holds a slot and, on
@@ -116,28 +121,23 @@ class Pipeline:
     Units smaller than `inline_nbytes` are decoded on the forward thread at `wait`: handing a
     ~10 us decode to a worker costs more (submit, wake-up, GIL hand-over) than it saves.
 
-    A fetch with nothing to decode is uploaded by a worker, or, with `caller_uploads` (no unit
-    of the session decodes on the host: `codec="nibble"`), by the forward thread itself at
-    `start`, which the streamer calls once it holds the ticket (an interrupted upload then
-    leaves nothing unowned). An upload is a few dozen torch calls, each of which hands the GIL
-    over: a worker must win it back from the forward thread after each (on the H100 host, beside
-    15 decode workers, ~60 us a call), the forward thread just goes on (docs/probes/upload_issue.py:
-    ~5x less time on the CPU VM).
+    A fetch with nothing to decode (a wire image on CUDA) is uploaded by a worker too: its
+    upload is a few calls per 32 MiB chunk, so the forward thread's work per unit stays one
+    event wait, the binding and one event record, however large the unit (issue 14; the
+    forward thread issued them itself when an upload cost dozens of calls per unit).
     """
 
     inline_nbytes = 64 << 10
 
-    def __init__(self, backend, workers: int, counters, caller_uploads: bool = False) -> None:
-        self.backend, self.counters, self.caller_uploads = backend, counters, caller_uploads
+    def __init__(self, backend, workers: int, counters) -> None:
+        self.backend, self.counters = backend, counters
         self.workers = Workers(workers, "vzstream-decode")
 
     def submit(self, store, slot) -> Ticket:
         ticket = Ticket(store, slot)
         jobs = self.backend.decode_jobs(ticket)
         self.counters.decodes += 1
-        if not jobs and self.caller_uploads:
-            ticket.caller = ticket.inline = True      # no worker ever writes its slot
-        elif store.raw_nbytes < self.inline_nbytes:
+        if store.raw_nbytes < self.inline_nbytes:
             ticket.deferred, ticket.inline = jobs, True
         elif not jobs:
             jobs = [[]]                 # an empty job: the worker that runs it uploads
@@ -161,6 +161,20 @@ class Pipeline:
         if last:
             self._finish(ticket)
 
+    def _run_inline(self, ticket: Ticket) -> None:
+        """A small unit's jobs, then its upload, here on the forward thread: no other thread
+        touches the ticket, so no lock; the same errors as from workers."""
+        jobs, ticket.deferred = ticket.deferred, None
+        t0 = time.perf_counter()
+        try:
+            for job in jobs:
+                for name, work in job:
+                    _run_named(name, work)
+        except BaseException as exc:
+            ticket.error = exc
+        ticket.decode_s, ticket.pending = time.perf_counter() - t0, 0
+        self._finish(ticket)
+
     def _finish(self, ticket: Ticket) -> None:
         try:
             if ticket.error is None:
@@ -172,29 +186,10 @@ class Pipeline:
             self.counters.add_decode_s(ticket.decode_s)
             ticket.ready.set()
 
-    def start(self, ticket: Ticket) -> None:
-        """Issue the upload of a `caller` ticket on this thread (once; a no-op otherwise). A
-        Ctrl-C during it is raised here, now, not at that unit's bind in some later call."""
-        if not ticket.caller:
-            return
-        ticket.caller = False
-        t0 = time.perf_counter()
-        try:
-            self._finish(ticket)
-        finally:
-            self.counters.upload_issue_s += time.perf_counter() - t0
-        if ticket.error is not None and not isinstance(ticket.error, Exception):
-            raise ticket.error
-
     def wait(self, ticket: Ticket) -> None:
         """Block until `ticket` is decoded and its upload issued; re-raise a worker's error."""
-        self.start(ticket)              # a synchronous fetch with nothing to decode
         if ticket.deferred is not None:
-            jobs, ticket.deferred = ticket.deferred, None
-            for job in jobs:
-                self._run(ticket, job)
-            if not jobs:
-                self._finish(ticket)
+            self._run_inline(ticket)
         if not ticket.ready.is_set():
             t0 = time.perf_counter()
             ticket.ready.wait()
@@ -209,7 +204,7 @@ class Pipeline:
 
     def settle(self, ticket: Ticket) -> None:
         """Let an unwanted ticket finish (workers may be writing its slot) or never start."""
-        ticket.deferred, ticket.caller = None, False
+        ticket.deferred = None
         if not ticket.inline:
             ticket.ready.wait()
 

@@ -50,7 +50,6 @@ class Counters:
     slot_overflows: int = 0          # slots allocated beyond the plan's count (no budget, off plan only)
     decode_s: float = 0.0            # worker time spent decoding (summed over threads)
     stall_s: float = 0.0             # forward-thread time spent waiting for a unit
-    upload_issue_s: float = 0.0      # forward-thread time issuing uploads itself (codec="nibble")
     wall_s: float = 0.0              # time inside root forwards
     _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
 
@@ -216,7 +215,7 @@ class Streamer:
     def _release_slot(self, unit: int) -> None:
         ticket = self.held.pop(unit)[0]
         self.pipeline.settle(ticket)            # a wait interrupted by Ctrl-C leaves workers writing this slot
-        unbind_params(ticket.store.unit.params)
+        unbind_params(ticket.store.unit.params, ticket.store.empties)
         self.backend.release(ticket)
         self.ring.release(ticket.slot)
 
@@ -244,13 +243,7 @@ class Streamer:
         if slot is None:
             return False                        # asked again at the next release, or at its bind
         self.requested = g
-        ticket = self.tickets[g] = self.pipeline.submit(unit.store, slot)
-        try:
-            self.pipeline.start(ticket)         # after it is held: an interrupt drops it, no leak
-        except BaseException:                   # Ctrl-C: drop it now (a direct model call has no
-            self._drop(self.tickets.pop(g))     # abort to do it), request it again
-            self.requested = g - 1
-            raise
+        self.tickets[g] = self.pipeline.submit(unit.store, slot)
         return True
 
     def _drop(self, ticket: Ticket) -> None:

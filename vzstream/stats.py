@@ -26,7 +26,7 @@ class Stats:
     packed_nbytes: int = 0           # compressed size of the streamed units in host RAM
     raw_nbytes: int = 0              # their size uncompressed
     uncompressed_nbytes: int = 0     # of raw_nbytes, units stored with nothing to decode (kept raw by
-                                     # `raw_fraction`, or no plane of them compresses, e.g. int weights)
+                                     # `raw_fraction`, under 4 KiB, or no plane of them compresses)
     decode_gbps_measured: float = 0.0   # raw_fraction="auto": the workers' decode rate at open (0: not measured)
     upload_gbps_measured: float = 0.0   # raw_fraction="auto": the host->device rate at open (0: not measured)
     resident_nbytes: int = 0         # parameters kept on the device
@@ -36,7 +36,6 @@ class Stats:
     host_rss_nbytes: int = 0         # process RSS when stats() was called
     decode_s: float = 0.0            # worker time spent decoding (summed over threads)
     stall_s: float = 0.0             # forward-thread time spent waiting for a unit
-    upload_issue_s: float = 0.0      # forward-thread time issuing uploads itself (codec="nibble")
     wall_s: float = 0.0              # time inside root forwards
 
     @property
@@ -84,8 +83,6 @@ class Stats:
             ("decode time (workers)", f"{self.decode_s:.3f} s"),
             ("stall", f"{self.stall_s:.3f} s of {self.wall_s:.3f} s ({100 * self.stall_fraction:.1f}%)"),
         ]
-        if self.upload_issue_s:         # codec="nibble" on CUDA: no worker has anything to decode
-            rows.append(("uploads issued by the forward thread", f"{self.upload_issue_s:.3f} s"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,12 @@ from .units import Unit, align, param_offsets, unit_nbytes
 log = logging.getLogger("vzstream")
 
 
+# A unit smaller than this is stored raw: compressing it would save at most ~1.3 KiB, less than
+# the records of its frames and planes take in host RAM, and decoding its few bytes costs the
+# forward thread more than copying them (a norm-sized unit is bound inline, on that thread).
+SMALL_UNIT_NBYTES = 4 << 10
+
+
 @dataclass(eq=False)
 class UnitStore:
     """The compressed form of one unit plus where each tensor sits inside a slot."""
@@ -39,6 +46,7 @@ class UnitStore:
     arena: torch.Tensor         # uint8 host buffer holding every frame and raw plane
     perms: list                 # per tensor: dim order it was packed in (storage order), or None
     image: Image | None = None  # codec="nibble": the unit's wire image (`packed` holds its ImageTensors)
+    empties: list = dataclasses.field(default_factory=list)   # each parameter's placeholder (install)
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def targets(self, slot) -> list[torch.Tensor]:
@@ -65,8 +73,8 @@ class UnitStore:
     def packed_nbytes(self) -> int:
         return self.arena.numel()
 
-    @property
-    def raw_nbytes(self) -> int:
+    @functools.cached_property
+    def raw_nbytes(self) -> int:            # read at every fetch (the pipeline's inline rule)
         return sum(p.raw_nbytes for p in self.packed)
 
     @property
@@ -133,19 +141,23 @@ def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
 
 
 def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, coding: str = "zstd") -> UnitStore:
-    """Pack `unit`'s parameters into one arena (every plane raw unless `compress`), with zstd
-    frames or, for `coding="nibble"`, with nibble codes sharing one table per dtype. Does not
-    touch the parameters themselves."""
+    """Pack `unit`'s parameters into one arena: zstd frames (raw planes where they do not save
+    enough), or for `coding="nibble"` one wire image. A unit with nothing compressed (`compress`
+    False, or no plane worth it) is a wire image too, all raw: a fetch is then one copy, on any
+    backend, not a merge per plane. Does not touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
-    if coding == Codec.NIBBLE:
-        return _pack_image(unit, backend, [t for t, _ in ordered], [o for _, o in ordered], compress)
-    tables = codec.nibble_tables(t for t, _ in ordered) if compress and coding == "nibble" else None
+    tensors, perms = [t for t, _ in ordered], [o for _, o in ordered]
+    compress = compress and unit.raw_nbytes >= SMALL_UNIT_NBYTES
+    if coding == Codec.NIBBLE or not compress:
+        return _pack_image(unit, backend, tensors, perms, compress and coding == Codec.NIBBLE)
     packed = []
-    for (name, _), (t, _) in zip(unit.params, ordered):
+    for (name, _), t in zip(unit.params, tensors):
         try:
-            packed.append(codec.pack(t, level=level, compress=compress, coding=coding, tables=tables))
+            packed.append(codec.pack(t, level=level, coding=coding))
         except ConfigError as exc:
             raise ConfigError(f"unit `{unit.fqn}`, parameter `{name}`: {exc}") from exc
+    if not any(plane.compressed for p in packed for plane in p.planes):
+        return _pack_image(unit, backend, tensors, perms, False)
     buffers = [_buffers(p) for p in packed]
     # Each buffer 8-byte aligned: numpy reads a misaligned int64 array (nibble patch indices)
     # through a copy on every search, and the arena costs at most 7 bytes more per buffer.

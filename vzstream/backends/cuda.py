@@ -75,6 +75,8 @@ class CudaBackend(Backend):
         # release; absent until then), `uploaded` after a fetch's last write into it.
         self._used: dict[int, object] = {}
         self._uploaded: dict[int, object] = {}
+        self._used_on: dict[int, object] = {}    # the stream each slot's `used` was last recorded on
+        self._compute_streams: set = set()       # streams inline copies read pinned arenas on
         self._regions: list[torch.Tensor] = []   # device scratch for merges, SCRATCH_REGIONS of them
         self._landing: list[torch.Tensor] = []   # wire images: device buffers chunks land in
         self._landed = [self.cuda.Event() for _ in range(LANDING_BUFFERS)]   # copy -> expand
@@ -151,7 +153,11 @@ class CudaBackend(Backend):
             return self.heap.alloc(nbytes)
 
     def _fence(self):
-        return self.copy_stream.record_event()     # after every copy issued so far
+        """An event after every copy issued so far: on the copy stream, and on the streams that
+        inline copies ran on (`_upload_on_compute`), which read arenas too."""
+        for stream in list(self._compute_streams):
+            self.copy_stream.wait_stream(stream)
+        return self.copy_stream.record_event()
 
     def _cudart(self, name: str, *args) -> None:
         with self.cuda.device(self.device):
@@ -243,6 +249,8 @@ class CudaBackend(Backend):
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
+        if ticket.inline and fetch.plan is None and not ticket.store.image.chunks:
+            return self._upload_on_compute(ticket, fetch)
         # torch.cuda.device first: leaving `stream(...)` alone would restore device 0's stream
         # on this worker and so create a context on GPU 0.
         with stage_range("upload", ticket.store.unit.fqn), self._upload_lock, \
@@ -262,6 +270,21 @@ class CudaBackend(Backend):
                 self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
                 fetch.uploaded = self.merge_stream.record_event(self._slot_event(self._uploaded, ticket.slot.index))
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
+
+    def _upload_on_compute(self, ticket, fetch) -> None:
+        """A small all-raw image fetched inline (on the forward thread, at its bind): one copy on
+        the compute stream, which orders it after the slot's last reader and before the unit's
+        compute by itself; no event to record or wait, unless the slot's last `used` was
+        recorded on another stream (a drained prefetch's writes)."""
+        compute, index = self.cuda.current_stream(self.device), ticket.slot.index
+        with stage_range("upload", ticket.store.unit.fqn), self.cuda.device(self.device):
+            if fetch.used is not None and self._used_on.get(index) != compute:
+                compute.wait_event(fetch.used)
+            raw, _ = self._views_of_image(ticket.store, ticket.slot)
+            if raw is not None:
+                self._compute_streams.add(compute)       # the heap's fence must cover it
+                upload_many([raw])
+            fetch.on_compute = True
 
     def _slot_event(self, events: dict, index: int):
         event = events.get(index)
@@ -298,7 +321,8 @@ class CudaBackend(Backend):
         entry = self._image_views.get((store, slot.index))
         if entry is None or entry[0] is not slot.tensor:
             image, dst = store.image, slot.tensor
-            self._grow_landing(max((c.nbytes for c in image.chunks), default=0))   # a no-op after `prepare`
+            if image.chunks:
+                self._grow_landing(max(c.nbytes for c in image.chunks))   # a no-op after `prepare`
             raw = None
             if image.raw_nbytes:
                 raw = (dst[image.coded_nbytes : image.coded_nbytes + image.raw_nbytes],
@@ -374,13 +398,15 @@ class CudaBackend(Backend):
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
         fetch.bound = True
+        if fetch.on_compute:                                 # in stream order already
+            return
         with stage_range("bind", ticket.store.unit.fqn):    # the pipeline saw the upload issued
             self.cuda.current_stream(self.device).wait_event(fetch.uploaded)
 
     def release(self, ticket) -> None:
         fetch = self._fetches.pop(ticket, None)
         with stage_range("release", ticket.store.unit.fqn):
-            if fetch is None or fetch.bound:
+            if fetch is None or fetch.bound or fetch.on_compute:
                 stream = self.cuda.current_stream(self.device)
             else:
                 # Dropped unbound: nothing read the slot. Its last writes end on the merge stream;
@@ -388,6 +414,7 @@ class CudaBackend(Backend):
                 stream = self.merge_stream if fetch.uploaded is not None else None
             if stream is not None:
                 stream.record_event(self._slot_event(self._used, ticket.slot.index))
+                self._used_on[ticket.slot.index] = stream
         if fetch is not None:
             fetch.released = True
 
@@ -401,13 +428,14 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         try:
-            for stream in (self.copy_stream, self.merge_stream):
+            for stream in (self.copy_stream, self.merge_stream, *self._compute_streams):
                 stream.synchronize()         # nothing may still read memory unpinned or freed below
         finally:
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
             self.free_scratch()
-            for state in (self._fetches, self._plans, self._used, self._uploaded, self._image_views):
+            for state in (self._fetches, self._plans, self._used, self._used_on, self._uploaded, self._image_views,
+                          self._compute_streams):
                 state.clear()
 
     def free_scratch(self) -> None:

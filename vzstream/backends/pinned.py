@@ -92,7 +92,8 @@ class Fetch:
     """Backend state of one ticket, from `decode_jobs` to `release`. A fetch staged through the
     ring is linked to the slot's previous fetch (`prev`) until its jobs pass the gate."""
 
-    __slots__ = ("plan", "ready", "used", "buffer", "prev", "copied", "uploaded", "bound", "released", "lock")
+    __slots__ = ("plan", "ready", "used", "buffer", "prev", "copied", "uploaded", "bound", "released", "lock",
+                 "on_compute")
 
     def __init__(self, plan, ready, used=None) -> None:
         self.plan, self.ready, self.used = plan, ready, used   # used: the slot's `used` event
@@ -100,6 +101,7 @@ class Fetch:
         self.copied = self.uploaded = None   # events, recorded by `upload`
         self.bound = False                   # the compute stream waited `uploaded`
         self.released = False                # released: nothing will read or write it again
+        self.on_compute = False              # copied on the compute stream (a small raw image, inline)
         self.lock = threading.Lock()
 
 
