@@ -6,6 +6,7 @@ Toy models and HF builders live in `tests/models.py` (import them as `from model
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -24,6 +25,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:   # not `in item.keywords`: ids match too
             item.add_marker(skip)
+
+
+# -- the codec "auto" stands for -----------------------------------------------------------------
+# `VZSTREAM_TEST_CODEC=nibble pytest tests/` runs the whole suite with every session that leaves
+# `codec` at its default ("auto", zstd on the CPU) packing wire images instead: the CPU backend
+# then expands them as the GPU would. Tests that name a codec keep it.
+
+_TEST_CODEC = os.environ.get("VZSTREAM_TEST_CODEC")
+
+
+@pytest.fixture(autouse=True)
+def _auto_codec(monkeypatch):
+    if _TEST_CODEC:
+        from vzstream.codec import Codec
+
+        resolve = Codec.resolve
+        monkeypatch.setattr(Codec, "resolve", lambda self, backend: Codec(_TEST_CODEC) if self is Codec.AUTO
+                            else resolve(self, backend))
+    yield
 
 
 # -- residue checks ---------------------------------------------------------------------------

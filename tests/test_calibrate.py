@@ -63,7 +63,7 @@ def test_auto_session_measures_keeps_raw_what_decode_cannot_carry_and_stays_exac
     model, ids, ref = _tiny_lm_and_reference()
     snap = snapshot(model)
     backend = FakeBackend(upload_gbps=upload_gbps)
-    with vzstream.session(model, backend=backend, prefetch=2, units="leaves", raw_fraction="auto") as s:
+    with vzstream.session(model, backend=backend, prefetch=2, units="leaves", raw_fraction="auto", codec="zstd") as s:
         for _ in range(2):
             assert torch.equal(s(ids), ref)
             slots_ok(s)
@@ -90,7 +90,7 @@ def test_auto_under_a_budget_measures_on_a_streamed_unit(snapshot):
     snap = snapshot(model)
     backend = FakeBackend(upload_gbps=1e6)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    with vzstream.session(model, backend=backend, prefetch=1, units="leaves", raw_fraction="auto",
+    with vzstream.session(model, backend=backend, prefetch=1, units="leaves", raw_fraction="auto", codec="zstd",
                           vram_budget=total * 4 // 5, activation_reserve=0) as s:
         assert torch.equal(s(ids), ref)
         streamed = [u for u in s.units if u.streamed]

@@ -347,7 +347,7 @@ def test_corrupt_frame_surfaces_at_that_units_bind(decode_path, snapshot, slots_
     ran = []
     handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.blocks)]
     snap = snapshot(model)
-    with vzstream.session(model, device="cpu", prefetch=2) as s:
+    with vzstream.session(model, device="cpu", prefetch=2, codec="zstd") as s:
         assert torch.equal(s(x), ref)                  # learned; blocks.0 and .1 already prefetched
         store = s.stores[unit_index(s, "blocks.3")]
         tensor, at = corrupt(store)
@@ -372,7 +372,7 @@ def _exit_with_corrupt_unit(model, x):
     """Open a session, corrupt blocks.1 once learned, hit the error at its bind, then leave.
     Returns (the error raised on leaving, the corrupted tensor's fqn)."""
     with pytest.raises(vzstream.FormatError) as err:
-        with vzstream.session(model, device="cpu", prefetch=1) as s:
+        with vzstream.session(model, device="cpu", prefetch=1, codec="zstd") as s:   # corrupts a frame
             s(x)
             tensor, _ = corrupt(s.stores[unit_index(s, "blocks.1")])
             with pytest.raises(vzstream.FormatError):

@@ -364,7 +364,7 @@ def test_a_kept_format_error_keeps_no_store_alive(numpy_arenas, snapshot):
     model = build(TinyLM, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     with pytest.raises(vzstream.FormatError) as err:
-        with vzstream.session(model, device="cpu", prefetch=2) as s:
+        with vzstream.session(model, device="cpu", prefetch=2, codec="zstd") as s:
             s(ids)
             store = next(st for st in s.stores.values() if st.unit.fqn == "blocks.1")
             frame = next(f for p in store.packed for plane in p.planes for f in plane.frames)
@@ -678,7 +678,7 @@ def test_raw_fraction_keeps_units_uncompressed_and_outputs_exact(raw_fraction, d
     snap = snapshot(model)
     held = {}
     for fraction in (0.0, raw_fraction):
-        with vzstream.session(model, device="cpu", prefetch=2, units="leaves", raw_fraction=fraction) as s:
+        with vzstream.session(model, device="cpu", prefetch=2, units="leaves", raw_fraction=fraction, codec="zstd") as s:
             for _ in range(2):
                 assert torch.equal(s(ids), ref)
                 slots_ok(s)
