@@ -102,7 +102,7 @@ def test_auto_under_a_budget_measures_on_a_streamed_unit(snapshot):
 
 def test_decode_gbps_caps_the_sample_and_gives_each_worker_four_frames(monkeypatch):
     stores = _stores(compress=True)
-    frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
+    frames = [f for s in stores for f in s.image.frames]
     assert len(frames) > 1
     decoded = []
     monkeypatch.setattr(calibrate.decode, "decode_frame_into", lambda f, dst: decoded.append(f))

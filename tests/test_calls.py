@@ -4,9 +4,9 @@ A `TorchFunctionMode` (per thread) counts every torch-level call the forward thr
 attribute getters included, except `.data` sets (the binding, one per parameter each way).
 Wrapping the runtime's hooks attributes each call to the unit (or pass) that made it. The
 workers are counted the same way, through `Workers.around`. A steady-state unit, however large,
-may cost the forward thread at most 12 calls and no new CUDA event; its upload at most 2
-host→device copies per 32 MiB chunk; nobody synchronises with the device. Every count is
-written out exactly, so a change that adds a call fails here first.
+with either code, may cost the forward thread at most 12 calls and no new CUDA event; its upload
+at most 2 host→device copies per 32 MiB chunk; nobody synchronises with the device. Every count
+is written out exactly, so a change that adds a call fails here first.
 """
 
 import threading
@@ -96,8 +96,9 @@ def _counted(monkeypatch, forward: dict, workers: Counter, ops: list) -> None:
                         lambda self, *a, **k: ops.append(("event", threading.get_ident())) or init(self, *a, **k))
 
 
+@pytest.mark.parametrize("codec", ["auto", "zstd"])
 @pytest.mark.parametrize("dims, chunks", [(TINYLLAMA, 3), (FOUR_TIMES, 11)], ids=["tinyllama", "4x"])
-def test_a_steady_state_unit_costs_the_forward_thread_a_fixed_handful_of_calls(dims, chunks, monkeypatch):
+def test_a_steady_state_unit_costs_the_forward_thread_a_fixed_handful_of_calls(dims, chunks, codec, monkeypatch):
     torch.manual_seed(0)
     model = Stack(3, **dims).to(torch.bfloat16).eval()
     x = torch.randn(1, 1, dims["hidden"], dtype=torch.bfloat16)
@@ -108,8 +109,8 @@ def test_a_steady_state_unit_costs_the_forward_thread_a_fixed_handful_of_calls(d
     _counted(monkeypatch, forward, workers, ops)
     fake = FakeCuda()
     backend = CudaBackend("cpu", cuda=fake)
-    with vzstream.session(model, backend=backend, prefetch=1, workers=2) as s, torch.no_grad():
-        assert s.config.codec == "nibble"                 # "auto" on a CUDA backend
+    with vzstream.session(model, backend=backend, prefetch=1, workers=2, codec=codec) as s, torch.no_grad():
+        assert s.config.codec == {"auto": "nibble", "zstd": "zstd"}[codec]      # "auto" on a CUDA backend
         stores = list(s.stores.values())
         assert [len(st.image.chunks) for st in stores] == [chunks] * 3
         for _ in range(8):            # trace; then the schedule runs until every (unit, slot) was seen
@@ -127,22 +128,34 @@ def test_a_steady_state_unit_costs_the_forward_thread_a_fixed_handful_of_calls(d
     assert torch.equal(out, ref)
     units, mine = 3, threading.get_ident()
     # The forward thread: per unit, a bind and a release; besides, per pass, its start and end.
+    want = EXPECTED[s.config.codec]
     per_unit = (forward["bind"] + forward["release"]) / units
-    assert per_unit <= 12 and per_unit == 0, (forward, streamed - resident)   # the budget, and today's count
+    assert per_unit <= 12 and per_unit == want["forward"], (forward, streamed - resident)   # the budget, today's count
     assert forward["pass_start"] == forward["pass_end"] == forward["pass_failed"] == 0, forward
-    assert streamed - resident == Counter(_set_grad_enabled=2)    # the call's `no_grad`, nothing else
+    assert streamed - resident == Counter(_set_grad_enabled=2, **want["forward_calls"])   # and nothing else
     assert [op for op in ops if op == ("event", mine)] == []          # no event made by the forward thread
-    # The workers: one copy per chunk (each <= 32 MiB of output); no raw area (the norms are bf16).
-    assert [op for op in ops if op[0] == "h2d"] == [("h2d", 1)] * units * chunks
-    assert not [op for op in ops if op[0] == "event"]                  # nor by the workers
+    # The workers: per chunk (each <= 32 MiB of output) one copy (nibble: the chunk as stored) or
+    # two (zstd: the low plane from the arena, the top plane from staging); no raw area (the
+    # norms are bf16); zstd alone makes an event per fetch (`copied`, the staging gate's fence).
+    assert [op for op in ops if op[0] == "h2d"] == [("h2d", want["copies"])] * units * chunks
+    assert len([op for op in ops if op[0] == "event"]) == want["events"] * units
     per_chunk = {k: v / (units * chunks) for k, v in workers.items()}
-    assert per_chunk == EXPANSION_CALLS, per_chunk
-    assert not [op for op in during if "synchronize" in op[1]]         # nobody waits for the device
-    assert image.CHUNK_ELEMS * 2 == 32 << 20
+    assert per_chunk == want["workers"], per_chunk
+    syncs = [op for op in during if "synchronize" in op[1]]
+    assert not [op for op in syncs if op[0] == mine]                   # the forward thread never waits
+    assert bool(syncs) == (s.config.codec == "zstd")                   # workers: only zstd's staging gate
+    assert image.CHUNK_NBYTES == 32 << 20
 
 
-# A worker's torch calls per chunk: its copy, then the torch fallback's expansion (the CPU has no
-# Triton device): 4 kernels (to, index_select, stack, _index_put_impl_) and the views and sizes
-# around them; on CUDA with Triton, 1 or 2 launches replace the kernels. Events are not torch calls.
-EXPANSION_CALLS = {"copy_": 1, "__get__": 1, "numel": 2, "to": 1, "view": 4, "index_select": 1, "__getitem__": 2,
-                   "stack": 1, "_index_put_impl_": 1}
+# Per codec: the forward thread's calls per unit (and which), the copies per chunk, the events the
+# workers make per unit, and the workers' torch calls per chunk. nibble's are its copy, then the
+# torch fallback's expansion (the CPU has no Triton device): 4 kernels (to, index_select, stack,
+# _index_put_impl_) and the views and sizes around them; on CUDA with Triton, 1 or 2 launches
+# replace the kernels. Events are not torch calls.
+EXPECTED = {
+    "nibble": dict(forward=0, forward_calls={}, copies=1, events=0,
+                   workers={"copy_": 1, "__get__": 1, "numel": 2, "to": 1, "view": 4, "index_select": 1,
+                            "__getitem__": 2, "stack": 1, "_index_put_impl_": 1}),
+    "zstd": dict(forward=0, forward_calls={}, copies=2, events=1,             # the top plane sliced from staging,
+                 workers={"numel": 1, "__getitem__": 1, "copy_": 2, "stack": 1}),   # one merge kernel
+}

@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vzstream import nibble
 from vzstream.codec import Frame, Packed, Plane, pack
 from vzstream.decode import decode, decode_chunk_into, decode_frame_into, decode_into
 from vzstream.errors import ConfigError, FormatError
-from vzstream.store import _buffers, _rebased
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 OTHERS = [torch.int8, torch.uint8, torch.bool, torch.int64]
@@ -216,16 +216,25 @@ def test_decode_frame_into_rejects_wrong_dst():
 
 
 def _rebuild_in_arena(packed: Packed) -> Packed:
-    """What a store does (its own `_buffers`/`_rebased`): copy every buffer into one arena and
-    point the Packed at views into it; here at unaligned offsets."""
-    buffers = _buffers(packed)
+    """Copy every buffer into one arena and point the Packed at views into it, here at
+    unaligned offsets: decoding reads buffers through the buffer protocol only."""
+    buffers = [b for plane in packed.planes for b in plane.buffers()]
     arena = np.zeros(sum(len(b) for b in buffers) + 3, np.uint8)  # +3: unaligned offsets
     offset, placed = 3, []
     for b in buffers:
         arena[offset:offset + len(b)] = np.frombuffer(b, np.uint8)
         placed.append(memoryview(arena)[offset:offset + len(b)])
         offset += len(b)
-    return _rebased(packed, placed)
+    views, planes = iter(placed), []
+    for plane in packed.planes:
+        if plane.raw is not None:
+            planes.append(dataclasses.replace(plane, raw=next(views)))
+        elif plane.nibbles is not None:
+            planes.append(dataclasses.replace(plane, nibbles=nibble.Nibbles(*(next(views) for _ in range(4)))))
+        else:
+            planes.append(dataclasses.replace(plane, frames=tuple(dataclasses.replace(f, data=next(views))
+                                                                  for f in plane.frames)))
+    return dataclasses.replace(packed, planes=tuple(planes))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.int64], ids=_id)

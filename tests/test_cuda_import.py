@@ -16,10 +16,7 @@ import vzstream
 from vzstream import codec, image
 from vzstream.backends import CpuBackend
 from vzstream.backends import cuda as cuda_mod
-from vzstream.backends import device_ops, upload_plan
 from vzstream.backends.cuda import PAGE_NBYTES, CudaBackend, Fetch, PinnedHeap, StagingRing
-from vzstream.backends.upload_plan import plan_upload
-from vzstream.units import align
 from vzstream.units import Unit
 from vzstream.store import pack_unit
 from fake_cuda import FakeCuda, FakeEvent
@@ -65,87 +62,42 @@ def _mixed(seed=0):
     }
 
 
-def test_plan_routes_compressed_planes_through_staging_and_raw_planes_from_the_arena():
-    store, _ = _packed_unit(_mixed())
-    plan = plan_upload(store)
-    arena = store.arena.numpy()
-    staged = []
-    for t, packed, off in zip(plan.tensors, store.packed, store.offsets):
-        assert (t.slot_offset, t.numel, t.itemsize) == (off, packed.numel, packed.itemsize)
-        assert len(t.planes) == (0 if packed.numel == 0 else len(packed.planes))
-        for pc, plane in zip(t.planes, packed.planes):
-            assert (pc.index, pc.nbytes, pc.staged) == (plane.index, plane.nbytes, plane.compressed)
-            if pc.staged:
-                staged.append((pc.offset, pc.nbytes))
-            else:   # uploaded in place: the offset points at the plane's own bytes in the arena
-                assert arena[pc.offset : pc.offset + pc.nbytes].tobytes() == bytes(plane.raw)
-    assert any(t.name == "big.bf16" and t.planes[1].staged and not t.planes[0].staged for t in plan.tensors)
-    staged.sort()
-    assert all(off % upload_plan.STAGING_ALIGNMENT == 0 for off, _ in staged)
-    assert all(a + n <= b for (a, n), (b, _) in zip(staged, staged[1:])), "staged planes overlap"
-    assert staged[-1][0] + staged[-1][1] <= plan.staging_nbytes
-    split = [align(p.raw_nbytes, upload_plan.STAGING_ALIGNMENT)
-             for p in store.packed if p.numel and len(p.planes) > 1]
-    assert plan.merge_nbytes == sum(split)           # one batch holds them all, up to a chunk
-    scratch = CudaBackend("cpu", cuda=FakeCuda()).scratch_nbytes([store.unit])
-    assert scratch == cuda_mod.SCRATCH_REGIONS * min(sum(split), upload_plan.MERGE_CHUNK_NBYTES)
-    assert plan.last_staged == max(i for i, t in enumerate(plan.tensors) if any(p.staged for p in t.planes))
-
-
-def test_plan_stages_raw_planes_that_live_outside_the_arena():
-    store, _ = _packed_unit({"w": (torch.randn(4096) * 0.02).to(torch.bfloat16)})    # 8 KiB: zstd codes its top plane
-    packed = store.packed[0]
-    planes = tuple(p if p.compressed else codec.Plane(p.index, p.nbytes, bytes(p.raw), ()) for p in packed.planes)
-    store.packed[0] = codec.Packed(packed.dtype, packed.shape, planes, packed.frame_elems)
-    plan = plan_upload(store)
-    assert all(pc.staged for pc in plan.tensors[0].planes)
-
-
-@pytest.mark.parametrize("region", [1000, 1 << 20])
-def test_merge_batches_cover_every_element_once_within_a_region(region):
-    store, _ = _packed_unit(_mixed())
-    tensors = plan_upload(store).tensors
-    batches = upload_plan.merge_batches(tensors, region)
-    covered = {i: [] for i, t in enumerate(tensors) if len(t.planes) > 1}
-    for batch in batches:
-        ends = [p.offset + p.numel * tensors[p.tensor].itemsize for p in batch]
-        assert all(e <= region for e in ends) and all(p.numel > 0 for p in batch)
-        assert all(e <= q.offset for e, q in zip(ends, batch[1:])), "pieces of a batch overlap"
-        for p in batch:
-            covered[p.tensor].append((p.start, p.numel))
-    for i, pieces in covered.items():       # in order, back to back, to the tensor's end
-        assert [s for s, _ in pieces] == [sum(n for _, n in pieces[:j]) for j in range(len(pieces))]
-        assert sum(n for _, n in pieces) == tensors[i].numel
-
-
-def test_an_upload_is_a_few_calls_however_many_tensors_the_unit_has(monkeypatch):
-    """Each torch call hands the GIL over and waits to win it back (docs/benchmarks.md): a unit
-    whose multi-plane tensors fit one scratch region is uploaded with one call of copies and one
-    of merges, besides the single-plane tensors' one call."""
-    store, _ = _packed_unit(_mixed())
-    calls = []
-    monkeypatch.setattr(device_ops, "_copy_many", lambda pairs: calls.append(len(pairs)))
+def test_a_zstd_image_lands_in_two_copies_a_chunk_and_one_merge(monkeypatch):
+    """zstd on the wire image: the lane (here the 2-byte floats) in chunks, each landing as its
+    low plane from the arena and its top plane, decoded frame by frame into staging at its lane
+    offset, from there; one merge kernel a chunk; every other tensor in one copy of the raw area.
+    However many tensors the unit has."""
+    tensors = _mixed()                                  # before: its sizes follow FRAME_NBYTES
+    _chunks(monkeypatch, 300000, frame=40000)
+    store, tensors = _packed_unit(tensors, coding="zstd")
+    img = store.image
+    assert img.coding == "zstd" and img.itemsize == 2 and len(img.chunks) > 3 and img.raw_nbytes
+    assert all(len(c.frames) == -(-c.numel // 40000) for c in img.chunks)
+    copies, merges = [], []
+    upload_many, merge_planes = cuda_mod.upload_many, cuda_mod.merge_planes
+    monkeypatch.setattr(cuda_mod, "upload_many", lambda pairs: copies.append(len(pairs)) or upload_many(pairs))
+    monkeypatch.setattr(cuda_mod, "merge_planes", lambda planes, out: merges.append(len(planes)) or merge_planes(planes, out))
     backend = CudaBackend("cpu", cuda=FakeCuda())
-    _fetch_on_fake_cuda(backend, store, torch.empty(store.slot_nbytes, dtype=torch.uint8))
-    plan = backend._plan(store)[0]
-    multi = [t for t in plan.tensors if len(t.planes) > 1]
-    assert len(plan.batches) == 1 and len(multi) >= 3
-    single = sum(len(t.planes) == 1 for t in plan.tensors)
-    assert calls == [single, sum(len(t.planes) for t in multi), sum(t.itemsize for t in multi)]
+    slot = torch.zeros(store.slot_nbytes, dtype=torch.uint8)
+    _fetch_on_fake_cuda(backend, store, slot)
+    assert copies == [1] + [2] * len(img.chunks) and merges == [2] * len(img.chunks)
+    for (name, expected), got in zip(tensors.items(), store.views(SimpleNamespace(index=0, tensor=slot))):
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    assert backend.scratch_nbytes([store.unit], "zstd") == cuda_mod.LANDING_BUFFERS * 300000
     backend.close()
 
 
 @pytest.mark.parametrize("coding", ["zstd", "nibble"])
 def test_a_steady_state_fetch_makes_no_event_but_a_staging_fence(coding, monkeypatch):
-    """An Event's destructor hands the GIL over too: the handoff, the scratch regions' and
-    landing buffers' events and each slot's `uploaded` and `used` are made once and re-recorded;
-    only zstd's `copied` (a blocking fence the staging gate waits on) is new per fetch."""
-    _chunks(monkeypatch, coding, 16384 if coding == "zstd" else 150002)     # several batches / chunks
+    """An Event's destructor hands the GIL over too: the handoff, the landing buffers' events
+    and each slot's `uploaded` and `used` are made once and re-recorded; only zstd's `copied`
+    (a blocking fence the staging gate waits on) is new per fetch."""
+    _chunks(monkeypatch, 300004)                                      # several chunks
     store, _ = _packed_unit(_mixed(), coding=coding)
     backend = CudaBackend("cpu", cuda=FakeCuda())
     slot = torch.empty(store.slot_nbytes, dtype=torch.uint8)
     _fetch_on_fake_cuda(backend, store, slot)                        # the first makes the events
-    assert len(backend._plan(store)[0].batches) > 2 if coding == "zstd" else len(store.image.chunks) > 2
+    assert len(store.image.chunks) > 2
     made = []
     init = FakeEvent.__init__
     monkeypatch.setattr(FakeEvent, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
@@ -204,29 +156,27 @@ def _run_on_threads(fake: FakeCuda, jobs: list, upload) -> None:
         worker.join()                           # no edge back: the pipeline never joins a worker
 
 
-CHUNKS = [pytest.param("zstd", upload_plan.MERGE_CHUNK_NBYTES, id="whole"), pytest.param("zstd", 65542, id="odd"),
-          pytest.param("zstd", 16384, id="16k"), pytest.param("nibble", image.CHUNK_ELEMS, id="nibble-whole"),
-          pytest.param("nibble", 150002, id="nibble-150k")]
+CHUNKS = [pytest.param("zstd", image.CHUNK_NBYTES, None, id="whole"), pytest.param("zstd", 65542, 10001, id="odd"),
+          pytest.param("zstd", 16384, 3000, id="16k"), pytest.param("nibble", image.CHUNK_NBYTES, None, id="nibble-whole"),
+          pytest.param("nibble", 300004, None, id="nibble-300k")]
 
 
-def _chunks(monkeypatch, coding: str, chunk: int) -> None:
-    """Cut merges (zstd) or wire images (nibble: elements per chunk) at `chunk`."""
-    if coding == "nibble":
-        monkeypatch.setattr(image, "CHUNK_ELEMS", chunk)
-        monkeypatch.setattr(cuda_mod, "CHUNK_ELEMS", chunk)
-    else:
-        monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", chunk)
+def _chunks(monkeypatch, chunk_nbytes: int, frame: int | None = None) -> None:
+    """Cut wire images into chunks of `chunk_nbytes` of output, and zstd top planes into frames
+    of `frame` elements."""
+    monkeypatch.setattr(image, "CHUNK_NBYTES", chunk_nbytes)
+    if frame is not None:
+        monkeypatch.setattr(codec, "FRAME_NBYTES", frame)
 
 
-@pytest.mark.parametrize("coding, chunk", CHUNKS)
+@pytest.mark.parametrize("coding, chunk, frame", CHUNKS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, coding, chunk, monkeypatch):
-    """Every dtype, raw, compressed and nibble-coded planes, merges split into chunks that wrap
-    the scratch regions many times (65542: not a multiple of 4 or 8), wire images in chunks that
-    wrap the landing buffers, and no race on the way."""
-    _chunks(monkeypatch, coding, chunk)
+def test_staging_and_merge_reproduce_every_tensor_bit_exactly(seed, coding, chunk, frame, monkeypatch):
+    """Every dtype, in wire images of either code, in chunks that wrap the landing buffers many
+    times (65542: not a multiple of 4 or 8), zstd frames cut across chunks, and no race."""
+    _chunks(monkeypatch, chunk, frame)
     store, tensors = _packed_unit(_mixed(seed), coding=coding)
-    assert (coding == "nibble") == (store.image is not None and len(store.image.chunks) > 0)
+    assert store.image.coding == coding and store.image.chunks
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)
     slots = [torch.full((store.slot_nbytes,), 0xCD, dtype=torch.uint8) for _ in range(2)]
@@ -252,20 +202,12 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
             return jobs
 
         backend.decode_jobs = no_used
-    elif name == "no-region-wait":      # the copy stream refills a region a merge still reads
-        next_region = backend._next_free_region
-
-        def unordered():
-            backend._region_free = [None] * cuda_mod.SCRATCH_REGIONS
-            return next_region()
-
-        backend._next_free_region = unordered
     elif name == "no-landing-wait":     # the copy stream refills a landing buffer an expansion still reads
         copy_image = backend._copy_image
 
-        def unordered(ticket):
+        def unordered(ticket, fetch):
             backend._landing_free = [None] * cuda_mod.LANDING_BUFFERS
-            copy_image(ticket)
+            copy_image(ticket, fetch)
 
         backend._copy_image = unordered
     elif name == "no-staging-gate":     # a worker decodes into staging a copy still reads
@@ -292,13 +234,12 @@ def _mutant(name: str, backend: CudaBackend, monkeypatch) -> None:
         backend.release = as_if_bound
 
 
-MUTANTS = ["no-used-wait", "no-region-wait", "no-staging-gate", "no-gate-lock", "no-bind-wait",
+MUTANTS = ["no-used-wait", "no-landing-wait", "no-staging-gate", "no-gate-lock", "no-bind-wait",
            "drop-records-on-compute"]
-IMAGE_MUTANTS = ["no-used-wait", "no-landing-wait", "no-bind-wait", "drop-records-on-compute"]   # no staging, no merges
 
 
 RACE_CASES = [pytest.param("zstd", m, id=f"zstd-{m}") for m in [None, *MUTANTS]]
-RACE_CASES += [pytest.param("nibble", m, id=f"nibble-{m}") for m in [None, *IMAGE_MUTANTS]]
+RACE_CASES += [pytest.param("nibble", m, id=f"nibble-{m}") for m in [None, *MUTANTS] if "gate" not in str(m)]   # no staging
 
 
 @pytest.mark.parametrize("coding, mutant", RACE_CASES)
@@ -309,10 +250,11 @@ def test_race_check_passes_the_backend_and_catches_each_missing_order(coding, mu
     any one of these waits or events, or the gate's lock, makes one, whatever the timing. (Not
     covered: the allocator's side, `wait_stream` at allocation and `record_stream` at free.)
     Nibble-coded units stage nothing: their copies, expansions and merges are checked alike."""
-    _chunks(monkeypatch, coding, 16384 if coding == "zstd" else 150002)
+    tensors = _mixed()                                  # before: its sizes follow FRAME_NBYTES
+    _chunks(monkeypatch, 300004, frame=40000)           # 28 chunks, 4 frames each
     monkeypatch.setattr(cuda_mod, "SMALL_STAGING_NBYTES", 0)
     monkeypatch.setattr(cuda_mod, "chunk_jobs", lambda work: [[(name, fn)] for _, name, fn in work])  # a job per frame
-    mixed, _ = _packed_unit(_mixed(), coding=coding)
+    mixed, _ = _packed_unit(tensors, coding=coding)
     flat = _flat_store_over(mixed)
     fake = FakeCuda().instrument(monkeypatch)
     backend = CudaBackend("cpu", cuda=fake, staging_slots=1)
@@ -339,8 +281,9 @@ def _flat_store_over(store):
 def test_a_drop_that_never_uploaded_keeps_the_slots_last_writer(monkeypatch):
     """A drained fetch's merges, then a fetch into the same slot dropped before it ever ran
     (an inline prefetch, or a failed decode): the slot's `used` must still follow those merges."""
-    monkeypatch.setattr(upload_plan, "MERGE_CHUNK_NBYTES", 16384)
-    mixed, _ = _packed_unit(_mixed())
+    tensors = _mixed()
+    _chunks(monkeypatch, 300004, frame=40000)
+    mixed, _ = _packed_unit(tensors)
     flat = _flat_store_over(mixed)
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake, staging_slots=1), fake, monkeypatch)
@@ -381,7 +324,7 @@ def test_every_job_of_a_fetch_waits_at_the_gate_not_only_the_first():
     fetch's copies, the others must wait too (the race check above sees only the interleaving
     that happened to run, so this is checked directly)."""
     ring = StagingRing(1, lambda n: torch.empty(n, dtype=torch.uint8))
-    prev, fetch = Fetch(None, threading.Event()), Fetch(None, threading.Event())
+    prev, fetch = Fetch(threading.Event()), Fetch(threading.Event())
     for f in (prev, fetch):
         ring.acquire(f, 10)
     passed = []
@@ -399,16 +342,16 @@ def test_every_job_of_a_fetch_waits_at_the_gate_not_only_the_first():
     assert sorted(passed) == [0, 1, 2] and fetch.prev is None
 
 
-def test_prepare_allocates_the_merge_scratch_on_the_calling_thread(monkeypatch):
+def test_prepare_allocates_the_landing_buffers_on_the_calling_thread(monkeypatch):
     mixed, _ = _packed_unit(_mixed())
     fake = FakeCuda()
     backend = CudaBackend("cpu", cuda=fake)
     backend.prepare(2, [mixed])
-    regions = list(backend._regions)
-    assert len(regions) == cuda_mod.SCRATCH_REGIONS and backend.device_nbytes == backend.scratch_nbytes([mixed.unit])
+    landing = list(backend._landing)
+    assert len(landing) == cuda_mod.LANDING_BUFFERS and backend.device_nbytes == backend.scratch_nbytes([mixed.unit])
     assert fake.streams[1].priority < fake.streams[0].priority == 0    # merges ahead of compute's queue
     _fetch_on_fake_cuda(backend, mixed, torch.zeros(mixed.slot_nbytes, dtype=torch.uint8))
-    assert [r.data_ptr() for r in backend._regions] == [r.data_ptr() for r in regions]   # no allocation mid-pass
+    assert [r.data_ptr() for r in backend._landing] == [r.data_ptr() for r in landing]   # no allocation mid-pass
     backend.close()
     assert backend.device_nbytes == 0
 
@@ -459,12 +402,12 @@ def test_pinned_heap_pins_whole_private_pages_and_reclaims_after_a_fence():
 def test_staging_ring_gates_each_slot_on_its_previous_fetch():
     fake = FakeCuda()
     ring = StagingRing(2, lambda n: torch.empty(n, dtype=torch.uint8))
-    fetches = [Fetch(None, threading.Event()) for _ in range(5)]
+    fetches = [Fetch(threading.Event()) for _ in range(5)]
     for f in fetches:
         ring.acquire(f, 100)
     assert [f.prev for f in fetches] == [None, None, fetches[0], fetches[1], fetches[2]]
     assert fetches[2].buffer is fetches[0].buffer and fetches[3].buffer is fetches[1].buffer
-    bigger = Fetch(None, threading.Event())
+    bigger = Fetch(threading.Event())
     ring.acquire(bigger, 300)                      # slot 1 grows; its previous fetch keeps the old one
     assert bigger.buffer.numel() == 300 and fetches[3].buffer.numel() == 100
     StagingRing.gate(fetches[0])                   # first use of its slot: no wait
@@ -482,7 +425,7 @@ def test_staging_ring_gates_each_slot_on_its_previous_fetch():
 
 def test_staging_ring_gate_passes_a_previous_fetch_that_failed_or_was_dropped():
     ring = StagingRing(1, lambda n: torch.empty(n, dtype=torch.uint8))
-    failed, dropped, after_failed, after_dropped = (Fetch(None, threading.Event()) for _ in range(4))
+    failed, dropped, after_failed, after_dropped = (Fetch(threading.Event()) for _ in range(4))
     for f in (failed, after_failed):
         ring.acquire(f, 10)
     failed.ready.set()                             # ready without an upload: copied stays None
@@ -510,7 +453,7 @@ def staging(request, monkeypatch):
 def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bool = False) -> CudaBackend:
     """Log every memory access of `backend`'s data operations with `fake`, which reports races
     (see fake_cuda.py). `pinned`: assert that every host→device copy reads pinned memory."""
-    upload_many, merge_many, stage_into = cuda_mod.upload_many, cuda_mod.merge_many, cuda_mod.stage_into
+    upload_many, merge_planes, stage_into = cuda_mod.upload_many, cuda_mod.merge_planes, cuda_mod.stage_into
     expand_chunk = cuda_mod.expand_chunk
 
     def logged_upload(pairs):
@@ -519,10 +462,9 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
             fake.access("copy", reads=[src], writes=[dst])
         upload_many(pairs)
 
-    def logged_merge(pairs):
-        for dst, src in pairs:
-            fake.access("interleave", reads=[src], writes=[dst])
-        merge_many(pairs)
+    def logged_merge(planes, out):
+        fake.access("merge", reads=list(planes), writes=[out])
+        merge_planes(planes, out)
 
     def logged_expand(lo, codes, pairs, at, values, out):
         fake.access("expand", reads=[lo, codes, pairs, at, values], writes=[out])
@@ -533,7 +475,7 @@ def logged_backend(backend: CudaBackend, fake: FakeCuda, monkeypatch, pinned: bo
         fake.access("decode", writes=[torch.from_numpy(buffer[offset : offset + nbytes])], host=True)   # after: done
 
     monkeypatch.setattr(cuda_mod, "upload_many", logged_upload)
-    monkeypatch.setattr(cuda_mod, "merge_many", logged_merge)
+    monkeypatch.setattr(cuda_mod, "merge_planes", logged_merge)
     monkeypatch.setattr(cuda_mod, "expand_chunk", logged_expand)
     monkeypatch.setattr(cuda_mod, "stage_into", logged_stage)
     wait, device_buffer, free_device_buffer = backend.wait, backend.device_buffer, backend.free_device_buffer
@@ -754,13 +696,13 @@ def test_profiler_sees_every_stage(coding, monkeypatch):
         assert f"vzstream.{stage}:blocks.1" in names, stage
 
 
-@pytest.mark.parametrize("chunk", [image.CHUNK_ELEMS, 150002, 65536])
+@pytest.mark.parametrize("chunk", [image.CHUNK_NBYTES, 300004, 131072])
 def test_wire_image_chunks_tile_the_coded_region_and_fit_the_planned_landing(chunk, monkeypatch):
     """A wire image: the 2-byte floats first in the slot, chunks back to back over them (even
     sizes: a code byte is never shared), patches inside their chunk, every chunk within the
     landing buffers the planner reserved before packing (`scratch_nbytes(..., "nibble")`), even
     where patches crowd one; fp32 and the rest ride along raw. One upload reproduces every tensor."""
-    _chunks(monkeypatch, "nibble", chunk)
+    _chunks(monkeypatch, chunk)
     tensors = _mixed()
     crowded = (torch.randn(40000, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
     wild = torch.exp(torch.linspace(-80, 80, 2000))      # top bytes over a wide range: patches
@@ -775,7 +717,7 @@ def test_wire_image_chunks_tile_the_coded_region_and_fit_the_planned_landing(chu
     assert [c.start for c in img.chunks] == [sum(c.numel for c in img.chunks[:i]) for i in range(len(img.chunks))]
     assert sum(c.numel for c in img.chunks) * 2 == img.coded_nbytes and all(c.numel % 2 == 0 for c in img.chunks)
     for c in img.chunks:
-        _, _, _, at, _ = img.chunk_views(c)
+        _, _, _, at, _ = img.nibble_views(c)
         assert c.offset % 64 == 0 and (at.size == 0 or (0 <= at.min() and at.max() < c.numel))
     backend = CudaBackend("cpu", cuda=FakeCuda())
     backend.prepare(2, [store])
@@ -822,7 +764,7 @@ def test_an_upload_interrupted_after_an_expansion_still_frees_its_landing_after_
     """Ctrl-C inside a wire image's upload, right after a chunk's expansion was enqueued: the
     landing buffer's `free` must still follow that expansion, or the next fetch's chunk into it
     (a fresh slot: no `used` to wait for) would overwrite it while the expansion still reads it."""
-    _chunks(monkeypatch, "nibble", 150002)                  # several chunks per unit
+    _chunks(monkeypatch, 300004)                            # several chunks per unit
     store, tensors = _packed_unit(_mixed(), coding="nibble")
     fake = FakeCuda()
     backend = logged_backend(CudaBackend("cpu", cuda=fake), fake, monkeypatch)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from vzstream import codec, decode, nibble
 from vzstream.errors import ConfigError, FormatError
-from vzstream.store import _buffers, _rebased
 
 SMALL_FRAME = 4096
 
@@ -96,20 +95,6 @@ def test_any_bits_round_trip(data, frame_nbytes):
     t = torch.frombuffer(bytearray(data), dtype=torch.bfloat16) if data else torch.empty(0, dtype=torch.bfloat16)
     packed = codec.pack(t, coding="nibble", frame_nbytes=frame_nbytes)
     assert torch.equal(_bytes(decode.decode(packed)), _bytes(t))
-
-
-def test_store_rebases_coded_planes_into_an_arena():
-    t = weights(9000)
-    packed = codec.pack(t, coding="nibble")
-    bufs = _buffers(packed)
-    arena = np.concatenate([np.frombuffer(b, np.uint8) for b in bufs])
-    views, off = [], 0
-    for b in bufs:
-        views.append(memoryview(arena[off : off + len(bytes(b))]))
-        off += len(bytes(b))
-    rebased = _rebased(packed, views)
-    assert rebased.planes[1].nibbles.codes is views[1]
-    assert torch.equal(_bytes(decode.decode(rebased)), _bytes(t))
 
 
 def _with_nibbles(packed, **changes):

@@ -287,21 +287,15 @@ def test_nested_and_cross_block_tied_units_are_exact(prefetch, cache, decode_pat
 # -- worker failures ------------------------------------------------------------------------
 
 def frame_in_arena(store) -> tuple[str, int, int]:
-    """(tensor fqn, arena offset, nbytes) of the first compressed frame in a unit's store."""
-    if store.image is not None:                      # a low byte of a coded element, mid-tensor
-        for (name, _), t in zip(store.unit.params, store.packed):
-            if t.numel and t.slot_offset < store.image.coded_nbytes:
-                e = t.slot_offset // 2 + t.numel // 2
-                c = next(c for c in store.image.chunks if c.start <= e < c.start + c.numel)
-                at = c.offset + image.PAIRS_NBYTES + e - c.start
-                store.arena[at] ^= 0x01
-                return name, at
-    base = store.arena.data_ptr()
-    for (name, _), packed in zip(store.unit.params, store.packed):
-        for plane in packed.planes:
-            for frame in plane.frames:
-                data = np.frombuffer(frame.data, dtype=np.uint8)
-                return name, data.ctypes.data - base, data.size
+    """(fqn of a tensor it codes, arena offset, nbytes) of the first zstd frame of a unit's image."""
+    img = store.image
+    for c in img.chunks:
+        for f in c.frames:
+            data = np.frombuffer(f.data, dtype=np.uint8)
+            first, last = (c.start + f.start) * img.itemsize, (c.start + f.start + f.nbytes) * img.itemsize
+            name = next(n for (n, _), t in zip(store.unit.params, store.packed)
+                        if t.raw_nbytes and t.slot_offset < last and first < t.slot_offset + t.raw_nbytes)
+            return name, data.ctypes.data - store.arena.data_ptr(), data.size
     raise AssertionError(f"unit {store.unit.fqn} has no compressed frame")
 
 
@@ -314,25 +308,22 @@ def corrupt(store) -> tuple[str, int]:
 
 
 def corrupt_raw(store) -> tuple[str, int]:
-    """Flip one bit of a raw plane or a wire image's low bytes (no zstd checksum covers them);
-    returns (tensor fqn, arena offset)."""
-    if store.image is not None:                      # a low byte of a coded element, mid-tensor
-        for (name, _), t in zip(store.unit.params, store.packed):
-            if t.numel and t.slot_offset < store.image.coded_nbytes:
-                e = t.slot_offset // 2 + t.numel // 2
-                c = next(c for c in store.image.chunks if c.start <= e < c.start + c.numel)
-                at = c.offset + image.PAIRS_NBYTES + e - c.start
-                store.arena[at] ^= 0x01
-                return name, at
-    base = store.arena.data_ptr()
-    for (name, _), packed in zip(store.unit.params, store.packed):
-        for plane in packed.planes:
-            if plane.raw is not None:
-                data = np.frombuffer(plane.raw, dtype=np.uint8)
-                at = data.ctypes.data - base + data.size // 2
-                store.arena[at] ^= 0x01
-                return name, at
-    raise AssertionError(f"unit {store.unit.fqn} has no raw plane")
+    """Flip one bit that no zstd checksum covers, mid-tensor: a low byte of a coded element (a
+    nibble chunk's `lo`, a zstd chunk's plane 0) or a byte of the raw area. Returns (tensor fqn,
+    arena offset)."""
+    img = store.image
+    for (name, _), t in zip(store.unit.params, store.packed):
+        if not t.numel:
+            continue
+        if t.slot_offset >= img.coded_nbytes:
+            at = img.raw_offset + t.slot_offset - img.coded_nbytes + t.raw_nbytes // 2
+        else:
+            e = t.slot_offset // img.itemsize + t.numel // 2
+            c = next(c for c in img.chunks if c.start <= e < c.start + c.numel)
+            at = c.offset + (image.PAIRS_NBYTES if img.coding == "nibble" else 0) + e - c.start
+        store.arena[at] ^= 0x01
+        return name, at
+    raise AssertionError(f"unit {store.unit.fqn} has no tensor")
 
 
 def unit_index(s, fqn: str) -> int:

@@ -51,7 +51,7 @@ def decode_gbps(stores, workers: int, rounds: int = 3, max_nbytes: int | None = 
     sample still loads every thread); the median of `rounds`, after a warm-up round. Raw bytes
     per decoded byte are the stores' own (2 for bf16 with a raw `lo` plane). Timed with the host
     otherwise idle: in a session the forward thread competes for the GIL."""
-    frames = [f for s in stores for pk in s.packed for pl in pk.planes for f in pl.frames]
+    frames = [f for s in stores for f in s.image.frames]
     if not frames:
         return None
     raw_per_byte = sum(s.raw_nbytes for s in stores) / sum(f.nbytes for f in frames)

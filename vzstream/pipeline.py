@@ -249,8 +249,9 @@ def gil_switch_interval(seconds: float | None):
                 sys.setswitchinterval(_switch["saved"] or 1e-7)
 
 
-def _run_named(name: str, work) -> None:
+def _run_named(what: str, work) -> None:
+    """`work()`; a FormatError says `what` it was decoding (the tensors a frame covers)."""
     try:
         work()
     except FormatError as exc:
-        raise FormatError(f"tensor `{name}`: {exc}") from exc
+        raise FormatError(f"{what}: {exc}") from exc

@@ -1,10 +1,5 @@
-"""Packing: each unit's compressed storage in host RAM.
-
-`pack_unit` packs every parameter of a unit with the codec, then copies all of its frames and
-raw planes into ONE host buffer from the backend (pinned on CUDA, in exact size: the pinned
-caching allocator would round each small block up to a power of two). The `Packed` records are
-rebuilt to point into that arena, so the store holds nothing else.
-"""
+"""Packing: each unit's compressed storage in host RAM, as one wire image (`image.py`) in one
+arena, and where each tensor sits inside a slot."""
 
 from __future__ import annotations
 
@@ -17,14 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
-from . import calibrate, codec, nibble
+from . import calibrate
 from .codec import Codec
-from .errors import ConfigError
-from .image import Image, pack_image
-from .units import Unit, align, param_offsets, unit_nbytes
+from .image import Image, ImageTensor, pack_image
+from .units import Unit, unit_nbytes
 
 log = logging.getLogger("vzstream")
 
@@ -40,12 +33,12 @@ class UnitStore:
     """The compressed form of one unit plus where each tensor sits inside a slot."""
 
     unit: Unit
-    packed: list[codec.Packed]
+    packed: list[ImageTensor]   # per parameter: where it lies in the image and in a slot
     offsets: list[int]          # byte offset of each tensor in a slot (aligned)
     slot_nbytes: int
-    arena: torch.Tensor         # uint8 host buffer holding every frame and raw plane
+    arena: torch.Tensor         # uint8 host buffer holding the image
     perms: list                 # per tensor: dim order it was packed in (storage order), or None
-    image: Image | None = None  # codec="nibble": the unit's wire image (`packed` holds its ImageTensors)
+    image: Image
     empties: list = dataclasses.field(default_factory=list)   # each parameter's placeholder (install)
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -69,6 +62,12 @@ class UnitStore:
             self._views[slot.index] = entry
         return entry[1]
 
+    def tensors_in(self, first: int, last: int) -> str:
+        """The parameters whose slot bytes overlap [first, last), for an error message."""
+        names = [f"`{n}`" for (n, _), t in zip(self.unit.params, self.packed)
+                 if t.raw_nbytes and t.slot_offset < last and first < t.slot_offset + t.raw_nbytes]
+        return f"tensor{'s' if len(names) > 1 else ''} {', '.join(names) or '(padding)'}"
+
     @property
     def packed_nbytes(self) -> int:
         return self.arena.numel()
@@ -79,19 +78,14 @@ class UnitStore:
 
     @property
     def compressed(self) -> bool:
-        """Whether fetching the unit decodes anything (False: every plane is stored raw)."""
-        if self.image is not None:
-            return bool(self.image.chunks)
-        return any(plane.compressed for p in self.packed for plane in p.planes)
+        """Whether fetching the unit decodes or expands anything (False: all raw)."""
+        return bool(self.image.chunks)
 
     @property
     def wire_nbytes(self) -> int:
-        """Bytes one upload of the unit moves host→device on CUDA: nibble-coded planes as stored
-        (the device expands them), every other plane at its decoded size."""
-        if self.image is not None:
-            return self.image.wire_nbytes
-        return sum(nibble.nbytes(plane.nibbles) if plane.nibbles is not None else plane.nbytes
-                   for p in self.packed for plane in p.planes)
+        """Bytes one upload of the unit moves host→device on CUDA: nibble chunks as stored (the
+        device expands them), zstd's at their decoded size."""
+        return self.image.wire_nbytes
 
 
 def slot_views(slot: torch.Tensor, packed: list, offsets: list[int]) -> list[torch.Tensor]:
@@ -120,69 +114,17 @@ def unpermute(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     return t.permute(inverse)
 
 
-def _buffers(packed: codec.Packed) -> list:
-    return [b for plane in packed.planes for b in plane.buffers()]
-
-
-def _rebased(packed: codec.Packed, views: list) -> codec.Packed:
-    """`packed` with each buffer replaced, in `_buffers` order, by the matching arena view."""
-    it = iter(views)
-    planes = []
-    for plane in packed.planes:
-        if plane.raw is not None:
-            planes.append(dataclasses.replace(plane, raw=next(it)))
-        elif plane.nibbles is not None:
-            codes, pairs, at, values = (next(it) for _ in plane.nibbles.buffers())
-            planes.append(dataclasses.replace(plane, nibbles=nibble.Nibbles(codes, pairs, at, values)))
-        else:
-            frames = tuple(dataclasses.replace(f, data=next(it)) for f in plane.frames)
-            planes.append(dataclasses.replace(plane, frames=frames))
-    return dataclasses.replace(packed, planes=tuple(planes))
-
-
 def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, coding: str = "zstd") -> UnitStore:
-    """Pack `unit`'s parameters into one arena: zstd frames (raw planes where they do not save
-    enough), or for `coding="nibble"` one wire image. A unit with nothing compressed (`compress`
-    False, or no plane worth it) is a wire image too, all raw: a fetch is then one copy, on any
-    backend, not a merge per plane. Does not touch the parameters themselves."""
+    """Pack `unit`'s parameters into one wire image (`image.py`) in one host buffer from the
+    backend (pinned on CUDA, in exact size: the pinned caching allocator would round each block
+    up to a power of two), coded with `coding`, or all raw (`compress` False, or a unit under
+    SMALL_UNIT_NBYTES). Does not touch the parameters themselves."""
     ordered = [storage_order(p.detach()) for _, p in unit.params]
-    tensors, perms = [t for t, _ in ordered], [o for _, o in ordered]
     compress = compress and unit.raw_nbytes >= SMALL_UNIT_NBYTES
-    if coding == Codec.NIBBLE or not compress:
-        return _pack_image(unit, backend, tensors, perms, compress and coding == Codec.NIBBLE)
-    packed = []
-    for (name, _), t in zip(unit.params, tensors):
-        try:
-            packed.append(codec.pack(t, level=level, coding=coding))
-        except ConfigError as exc:
-            raise ConfigError(f"unit `{unit.fqn}`, parameter `{name}`: {exc}") from exc
-    if not any(plane.compressed for p in packed for plane in p.planes):
-        return _pack_image(unit, backend, tensors, perms, False)
-    buffers = [_buffers(p) for p in packed]
-    # Each buffer 8-byte aligned: numpy reads a misaligned int64 array (nibble patch indices)
-    # through a copy on every search, and the arena costs at most 7 bytes more per buffer.
-    total = sum(align(memoryview(b).nbytes, 8) for bufs in buffers for b in bufs)
-    arena = backend.host_buffer(total)
-    flat = arena.numpy()
-    rebased, off = [], 0
-    for p, bufs in zip(packed, buffers):
-        views = []
-        for b in bufs:
-            n = memoryview(b).nbytes
-            flat[off : off + n] = np.frombuffer(b, dtype=np.uint8)
-            views.append(memoryview(flat[off : off + n]))
-            off += align(n, 8)
-        rebased.append(_rebased(p, views))
-    offsets = param_offsets(unit, backend.alignment)
-    return UnitStore(unit, rebased, offsets, unit_nbytes(unit, backend.alignment), arena, [o for _, o in ordered])
-
-
-def _pack_image(unit: Unit, backend, tensors: list, perms: list, compress: bool) -> UnitStore:
-    """`codec="nibble"`: the unit as one wire image (`image.py`)."""
-    flat = [t.to("cpu").contiguous() for t in tensors]   # evicting packs from device copies
-    img, entries = pack_image(flat, backend.alignment, backend.host_buffer, compress)
+    flat = [t.to("cpu").contiguous() for t, _ in ordered]    # evicting packs from device copies
+    img, entries = pack_image(flat, backend.alignment, backend.host_buffer, Codec(coding) if compress else None, level)
     return UnitStore(unit, entries, [e.slot_offset for e in entries], unit_nbytes(unit, backend.alignment),
-                     img.arena, perms, image=img)
+                     img.arena, [o for _, o in ordered], image=img)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from functools import partial
 
 import numpy as np
 
-from .. import decode
 from .base import Backend, chunk_jobs
 
 
@@ -26,21 +25,10 @@ class CpuBackend(Backend):
         key = (id(ticket.store), ticket.slot.index)   # the value keeps the store alive
         cached = self._jobs.get(key)
         if cached is None or cached[0] is not ticket.store or cached[1] is not ticket.slot.tensor:
-            cached = (ticket.store, ticket.slot.tensor, self._build_jobs(ticket))
+            cached = (ticket.store, ticket.slot.tensor, image_jobs(ticket.store.image, ticket.slot.tensor.numpy(),
+                                                                   ticket.store.tensors_in))
             self._jobs[key] = cached
         return cached[2]
-
-    def _build_jobs(self, ticket) -> list:
-        if ticket.store.image is not None:
-            return _image_jobs(ticket.store.image, ticket.slot.tensor.numpy())
-        views = ticket.store.targets(ticket.slot)
-        items = []
-        for (name, _), packed, out in zip(ticket.store.unit.params, ticket.store.packed, views):
-            chunk_nbytes = packed.frame_elems * packed.itemsize
-            decode_chunk = decode.chunk_decoder(packed, out)     # views `out` once, not per chunk
-            for j in range(packed.num_chunks):
-                items.append((chunk_nbytes, name, partial(decode_chunk, j)))
-        return chunk_jobs(items)
 
     def upload(self, ticket) -> None:
         pass
@@ -58,12 +46,18 @@ class CpuBackend(Backend):
         pass
 
 
-def _image_jobs(image, slot: np.ndarray) -> list:
-    """A wire image into `slot` (uint8 numpy) on the host: each chunk expanded, the raw area copied."""
-    coded = slot[: image.coded_nbytes].view(np.uint16)
-    items = [(2 * c.numel, f"chunk {i}", partial(image.expand_into, c, coded[c.start : c.start + c.numel]))
-             for i, c in enumerate(image.chunks)]
+def image_jobs(image, slot: np.ndarray, what=lambda first, last: "the unit") -> list:
+    """A wire image into `slot` (uint8 numpy) on the host: each nibble chunk expanded, or each
+    zstd frame decoded and merged with its low planes; the raw area copied. `what(first, last)`
+    names the tensors a job writes (slot bytes [first, last)), for its errors."""
+    k, items = image.itemsize, []
+    for c in image.chunks:
+        out = slot[c.start * k : (c.start + c.numel) * k]
+        for a, b in [(f.start, f.start + f.nbytes) for f in c.frames] or [(0, c.numel)]:
+            work = partial(image.expand_into, c, out[a * k : b * k], a, b)
+            items.append((k * (b - a), what((c.start + a) * k, (c.start + b) * k), work))
     if image.raw_nbytes:
         raw = image.arena.numpy()[image.raw_offset : image.raw_offset + image.raw_nbytes]
-        items.append((image.raw_nbytes, "raw area", partial(np.copyto, slot[image.coded_nbytes :][: image.raw_nbytes], raw)))
+        work = partial(np.copyto, slot[image.coded_nbytes :][: image.raw_nbytes], raw)
+        items.append((image.raw_nbytes, what(image.coded_nbytes, image.coded_nbytes + image.raw_nbytes), work))
     return chunk_jobs(items)

@@ -1,21 +1,27 @@
-"""CUDA backend: pinned host memory, a pinned staging ring, a copy stream and events (docs/design.md, "Memory" and "Backends").
+"""CUDA backend: pinned host memory, a pinned staging ring, a copy stream, a merge stream and
+events (docs/design.md, "Memory" and "Backends").
 
-Mechanism only: the pipeline decides which unit goes into which device slot, and when. Per fetch:
+Mechanism only: the pipeline decides which unit goes into which device slot, and when. Every
+unit is a wire image (`image.py`). Per fetch:
 
-  decode   workers decode compressed planes into a pinned staging slot of a ring. Each job first
-           gates on the slot's previous fetch: its ticket's `ready` (set once its upload was
-           issued, so its `copied` event is recorded by then), then `copied.synchronize()`.
-  upload   the worker that ran the last job (with nothing to decode, `codec="nibble"`: the
-           forward thread, as it requests the fetch), on the copy stream: wait the device slot's
-           `used` event, copy planes host→device (compressed ones from staging, raw ones from the pinned
-           arena), record `copied`. A tensor of several planes goes chunk by chunk through a
-           device scratch region in planar layout, which the merge stream interleaves into the
-           slot while the copy stream goes on: the copy engine never idles for a merge kernel.
-           Nibble-coded planes are expanded there too, before their merge (`expand_codes`).
-           `uploaded` is recorded on the merge stream, after every copy and merge of the fetch.
+  decode   zstd: workers decode the top planes' frames into a pinned staging slot of a ring.
+           Each job first gates on the slot's previous fetch: its ticket's `ready` (set once its
+           upload was issued, so its `copied` event is recorded by then), then
+           `copied.synchronize()`. Nibble and raw images have nothing to decode.
+  upload   a worker (the one that ran the last job), on the copy stream: wait the slot's `used`
+           event, copy the raw area into the slot, then each chunk into a landing buffer (nibble:
+           its bytes as stored; zstd: its low planes from the arena and its top plane from
+           staging, then `copied` after the last). The merge stream expands (nibble) or merges
+           (zstd) each landed chunk into the slot while the next one crosses the bus; a landing
+           buffer is refilled after its `free` event. `uploaded` is recorded on the merge stream,
+           after every write of the fetch. A small raw image fetched inline is one copy on the
+           compute stream instead, in stream order (no event).
   bind     forward thread: the compute stream waits `uploaded`. The host does not wait.
   release  forward thread: record `used` on the compute stream, for the slot's next upload (a
-           fetch dropped unbound: its `uploaded`, which follows every write to the slot).
+           fetch dropped unbound: on the merge stream, after every write to the slot).
+
+Every event but zstd's `copied` is made once and re-recorded (per slot: `uploaded`, `used`; per
+landing buffer: `landed`, `free`): an Event's destructor hands the GIL over.
 
 Invariants: the forward thread never blocks on the GPU (event waits happen on workers; staging
 of at most 1 MiB, which the pipeline may decode on the forward thread, comes from torch's pinned
@@ -34,21 +40,19 @@ from functools import partial
 import torch
 
 from ..codec import Codec
-from ..image import CHUNK_ELEMS, PAIRS_NBYTES as PAIRS_AT, landing_nbytes
+from ..image import PAIRS_NBYTES as PAIRS_AT, landing_nbytes, lane_itemsize
 from ..units import align
 from .base import Backend, chunk_jobs
 # The torch calls that move bytes, imported by name: tests patch them here, on this module.
-from .device_ops import interleave, merge_many, merge_pairs, stage_into, stage_range, upload_many  # noqa: F401
-from .expand import expand as expand_chunk
+from .device_ops import stage_into, stage_range, upload_many
+from .expand import expand as expand_chunk, merge_planes
 from .pinned import PAGE_NBYTES, Fetch, PinnedHeap, StagingRing  # noqa: F401 (re-exported)
-from .upload_plan import Piece, PlaneCopy, TensorUpload, UploadPlan, merge_nbytes, plan_upload, region_nbytes, staging_items
 
 log = logging.getLogger("vzstream")
 
 SMALL_STAGING_NBYTES = 1 << 20    # up to this much staging: a caching-allocator block, no ring
 UPLOAD_PROBE_NBYTES = 64 << 20   # one copy this large runs at full PCIe speed (~1 ms on Gen5)
 _UPLOAD_GBPS: dict = {}          # (cuda module, device) -> measured GB/s, once per process
-SCRATCH_REGIONS = 2               # the copy stream fills one while the merge stream reads the other
 LANDING_BUFFERS = 2               # wire images: one chunk lands while the one before is expanded
 
 
@@ -69,7 +73,6 @@ class CudaBackend(Backend):
         self.heap = PinnedHeap(lambda ptr, nbytes: self._cudart("cudaHostRegister", ptr, nbytes, 0),
                                lambda ptr: self._cudart("cudaHostUnregister", ptr))
         self.staging = StagingRing(staging_slots, self.heap.alloc)
-        self._plans: dict = {}               # UnitStore -> (UploadPlan, staging items)
         self._fetches: dict = {}             # Ticket -> Fetch
         # Per slot index, made once and re-recorded: `used` after its latest reader (recorded at
         # release; absent until then), `uploaded` after a fetch's last write into it.
@@ -77,19 +80,17 @@ class CudaBackend(Backend):
         self._uploaded: dict[int, object] = {}
         self._used_on: dict[int, object] = {}    # the stream each slot's `used` was last recorded on
         self._compute_streams: set = set()       # streams inline copies read pinned arenas on
-        self._regions: list[torch.Tensor] = []   # device scratch for merges, SCRATCH_REGIONS of them
         self._landing: list[torch.Tensor] = []   # wire images: device buffers chunks land in
         self._landed = [self.cuda.Event() for _ in range(LANDING_BUFFERS)]   # copy -> expand
         self._landing_free: list = [None] * LANDING_BUFFERS                  # expand -> next copy
         self._next_landing = 0
         self._image_views: dict = {}             # (store, slot index) -> (slot tensor, raw copy, chunks)
+        self._frames: dict = {}                  # store -> [(staging offset, zstd frame, its tensors)]
         # Events re-recorded rather than made per use: an Event's destructor hands the GIL over
         # (torch/csrc/cuda/Event.cpp), one more wait per use beside a busy forward thread. Safe
         # because each is re-recorded only after every wait on its previous record was enqueued
         # (a wait captures the record current when it is called), all under `_upload_lock`.
-        self._region_free: list = []             # per region: merge-stream event after its last read
         self._handoff = self.cuda.Event()        # copy stream -> merge stream, waited at once
-        self._next_region = 0
         self._upload_lock = threading.Lock()
 
     measures_activations = True
@@ -130,20 +131,20 @@ class CudaBackend(Backend):
         return _UPLOAD_GBPS[key]
 
     def scratch_nbytes(self, units, codec: str = Codec.ZSTD) -> int:
-        """Device memory the uploads of `units` need besides the slots: the landing buffers of
-        wire images (`codec="nibble"`), sized for their largest chunk, or the merge scratch."""
+        """Device memory the uploads of `units` need besides the slots: two landing buffers of
+        the largest chunk a unit's lane can have (`image.landing_nbytes`)."""
         # param_nbytes, not p.numel(): streamed params are empty placeholders after packing.
-        if codec == Codec.NIBBLE:
-            coded = max((sum(align(n, self.alignment) for (_, p), n in zip(u.params, u.param_nbytes)
-                             if p.dtype.is_floating_point and p.element_size() == 2) // 2 for u in units), default=0)
-            return LANDING_BUFFERS * landing_nbytes(min(coded, CHUNK_ELEMS)) if coded else 0
-        split = [[n for (_, p), n in zip(u.params, u.param_nbytes)
-                  if p.dtype.is_floating_point and p.element_size() > 1] for u in units]   # per unit
-        return SCRATCH_REGIONS * region_nbytes(max((merge_nbytes(sizes) for sizes in split), default=0))
+        largest = 0
+        for u in units:
+            k = lane_itemsize([(p.dtype, n) for (_, p), n in zip(u.params, u.param_nbytes)], codec)
+            lane = sum(align(n, self.alignment) for (_, p), n in zip(u.params, u.param_nbytes)
+                       if p.dtype.is_floating_point and p.element_size() == k)
+            largest = max(largest, landing_nbytes(codec, k, lane // k) if k else 0)
+        return LANDING_BUFFERS * largest
 
     @property
     def scratch_held(self) -> int:
-        return sum(buf.numel() for buf in self._regions + self._landing)
+        return sum(buf.numel() for buf in self._landing)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         # Runs on pack threads, whose current device is 0: without this, a session on cuda:1
@@ -180,15 +181,6 @@ class CudaBackend(Backend):
             buf.record_stream(self.merge_stream)
         super().free_device_buffer(buf)
 
-    def _grow_regions(self, size: int) -> None:
-        """Scratch regions of at least `size` bytes (an upload plan's `region_nbytes`)."""
-        if self._regions and self._regions[0].numel() >= size:
-            return
-        for region in self._regions:
-            self.free_device_buffer(region)      # record_stream: pending merges finish first
-        self._regions = [self.device_buffer(size) for _ in range(SCRATCH_REGIONS)]
-        self._region_free, self._next_region = [None] * SCRATCH_REGIONS, 0
-
     def _grow_landing(self, size: int) -> None:
         """Landing buffers of at least `size` bytes (a wire image's largest chunk)."""
         if self._landing and self._landing[0].numel() >= size:
@@ -205,30 +197,27 @@ class CudaBackend(Backend):
 
     # -- the five ops -------------------------------------------------------------------------
     def decode_jobs(self, ticket) -> list:
-        store, fqn = ticket.store, ticket.store.unit.fqn
-        if store.image is not None:              # the device expands it: nothing for the host
-            self._fetches[ticket] = Fetch(None, ticket.ready, self._used.get(ticket.slot.index))
-            return []
-        plan, items = self._plan(store)
-        fetch = self._fetches[ticket] = Fetch(plan, ticket.ready, self._used.get(ticket.slot.index))
-        gate = []
-        if plan.staging_nbytes > SMALL_STAGING_NBYTES:
-            self.staging.acquire(fetch, plan.staging_nbytes)
-            gate = [(fqn, partial(self._gate, fetch))]
-        elif plan.staging_nbytes:
-            fetch.buffer = self._pinned_block(plan.staging_nbytes)
-        else:
+        """zstd: a job per frame of the top planes, each decoded into the fetch's staging at the
+        frame's lane offset (its first job gates on the staging slot's previous fetch). Nibble
+        and raw images: nothing for the host."""
+        store = ticket.store
+        fetch = self._fetches[ticket] = Fetch(ticket.ready, self._used.get(ticket.slot.index))
+        frames = self._frames.get(store)
+        if frames is None:
+            frames = self._frames[store] = _frames_of(store)
+        if not frames:
             return []                      # nothing to decode: the pipeline picks the thread that uploads
-        dst = fetch.buffer.numpy()                     # one view per fetch: see stage_into
-        work = [(n, name, partial(stage_into, dst, off, n, src, fqn)) for n, name, src, off in items]
+        nbytes = store.image.coded_nbytes // store.image.itemsize   # the top plane: a byte per lane element
+        gate = []
+        if nbytes > SMALL_STAGING_NBYTES:
+            self.staging.acquire(fetch, nbytes)
+            gate = [(store.unit.fqn, partial(self._gate, fetch))]
+        else:
+            fetch.buffer = self._pinned_block(nbytes)
+            fetch.array = fetch.buffer.numpy()
+        dst, fqn = fetch.array, store.unit.fqn                      # numpy: see stage_into
+        work = [(f.nbytes, what, partial(stage_into, dst, at, f.nbytes, f, fqn)) for at, f, what in frames]
         return [gate + job for job in chunk_jobs(work)]
-
-    def _plan(self, store) -> tuple[UploadPlan, list]:
-        """The store's upload plan and staging items, computed once."""
-        if store not in self._plans:
-            plan = plan_upload(store)
-            self._plans[store] = (plan, staging_items(store, plan))
-        return self._plans[store]
 
     def _gate(self, fetch: Fetch) -> None:
         with self.cuda.device(self.device):            # the event wait runs on a worker thread
@@ -236,20 +225,16 @@ class CudaBackend(Backend):
 
     def prepare(self, prefetch: int, stores=()) -> None:
         """A staging slot per fetch in flight, plus one, so decoding runs `prefetch` ahead; the
-        merge scratch for `stores`, allocated here on the forward thread from the compute
+        landing buffers for `stores`, allocated here on the forward thread from the compute
         stream's pool (not on a worker in the middle of a pass)."""
         self.staging.grow(prefetch + 1)
-        images = [s.image for s in stores if s.image is not None]
-        region = max((self._plan(store)[0].region_nbytes for store in stores if store.image is None), default=0)
-        if region:
-            self._grow_regions(region)
-        landing = max((c.nbytes for image in images for c in image.chunks), default=0)
+        landing = max((_landing_need(s.image) for s in stores), default=0)
         if landing:
             self._grow_landing(landing)
 
     def upload(self, ticket) -> None:
         fetch = self._fetches[ticket]
-        if ticket.inline and fetch.plan is None and not ticket.store.image.chunks:
+        if ticket.inline and not ticket.store.image.chunks:
             return self._upload_on_compute(ticket, fetch)
         # torch.cuda.device first: leaving `stream(...)` alone would restore device 0's stream
         # on this worker and so create a context on GPU 0.
@@ -258,14 +243,11 @@ class CudaBackend(Backend):
             try:
                 if fetch.used is not None:
                     self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
-                if fetch.plan is None:
-                    self._copy_image(ticket)
-                else:
-                    fetch.copied = self._copy_planes(ticket, fetch)
+                self._copy_image(ticket, fetch)
             finally:
                 # Also after a failure: whatever was enqueued must finish before the staging
                 # is decoded into again, and before the slot's `used` passes.
-                if fetch.copied is None and fetch.plan is not None and fetch.plan.last_staged >= 0:
+                if fetch.buffer is not None and fetch.copied is None:
                     fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
                 self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
                 fetch.uploaded = self.merge_stream.record_event(self._slot_event(self._uploaded, ticket.slot.index))
@@ -292,108 +274,51 @@ class CudaBackend(Backend):
             event = events[index] = self.cuda.Event()
         return event
 
-    def _copy_image(self, ticket) -> None:
+    def _copy_image(self, ticket, fetch: Fetch) -> None:
         """A wire image into its slot: the raw area in one copy, then each chunk into a landing
-        buffer (the copy stream) and expanded from there into the slot (the merge stream) while
-        the next chunk crosses the bus. A landing buffer is refilled only after the expansion
-        that read it (its `free` event); every view and event was made before."""
+        buffer (the copy stream: its bytes from the arena, and for zstd its decoded top plane
+        from staging) and expanded or merged from there into the slot (the merge stream) while
+        the next chunk crosses the bus. A landing buffer is refilled only after the kernel that
+        read it (its `free` event); every view and event was made before, but zstd's `copied`
+        (the staging gate's fence, after the last copy out of staging)."""
         raw, chunks = self._views_of_image(ticket.store, ticket.slot)
         if raw is not None:
             upload_many([raw])
-        for src, per_landing in chunks:
+        staged = None if fetch.buffer is None else fetch.buffer
+        for i, (copies, per_landing) in enumerate(chunks):
             k, self._next_landing = self._next_landing, (self._next_landing + 1) % LANDING_BUFFERS
-            wire, args = per_landing[k]
+            into, kernel, args = per_landing[k]
             if self._landing_free[k] is not None:
                 self.copy_stream.wait_event(self._landing_free[k])
-            upload_many([(wire, src)])
+            upload_many([(into[0], copies[0])] if staged is None else
+                         [(into[0], copies[0]), (into[1], staged[copies[1] : copies[1] + into[1].numel()])])
+            if staged is not None and i == len(chunks) - 1:
+                fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
             self.merge_stream.wait_event(self.copy_stream.record_event(self._landed[k]))
             try:
                 with self.cuda.stream(self.merge_stream):
-                    expand_chunk(*args)
+                    kernel(*args)
             finally:                             # also when interrupted: after what was enqueued
                 if self._landing_free[k] is None:
                     self._landing_free[k] = self.cuda.Event()
                 self.merge_stream.record_event(self._landing_free[k])
 
     def _views_of_image(self, store, slot) -> tuple:
-        """(raw area (slot view, arena view) or None, per chunk (arena view, per landing buffer
-        (its wire view, the expansion's arguments))), made once per (store, slot)."""
+        """(raw area (slot view, arena view) or None, per chunk ((arena view, staging offset),
+        per landing buffer (its views to copy into, the kernel, its arguments))), made once per
+        (store, slot)."""
         entry = self._image_views.get((store, slot.index))
         if entry is None or entry[0] is not slot.tensor:
             image, dst = store.image, slot.tensor
             if image.chunks:
-                self._grow_landing(max(c.nbytes for c in image.chunks))   # a no-op after `prepare`
+                self._grow_landing(_landing_need(image))        # a no-op after `prepare`
             raw = None
             if image.raw_nbytes:
                 raw = (dst[image.coded_nbytes : image.coded_nbytes + image.raw_nbytes],
                        image.arena[image.raw_offset : image.raw_offset + image.raw_nbytes])
-            chunks = [(image.arena[c.offset : c.offset + c.nbytes],
-                       [_landing_views(land, c, dst[2 * c.start : 2 * (c.start + c.numel)]) for land in self._landing])
-                      for c in image.chunks]
+            chunks = [_chunk_views(image, c, dst, self._landing) for c in image.chunks]
             entry = self._image_views[(store, slot.index)] = (slot.tensor, raw, chunks)
         return entry[1], entry[2]
-
-    def _copy_planes(self, ticket, fetch: Fetch):
-        """Enqueue every copy and merge of the fetch, a few calls per unit: the single-plane
-        tensors' copies in one call, then per batch one call of plane copies into a scratch region
-        and one of merges out of it. Returns `copied` (None: nothing staged)."""
-        plan, arena, slot = fetch.plan, ticket.store.arena, ticket.slot.tensor
-
-        def source(p: PlaneCopy) -> torch.Tensor:
-            return (fetch.buffer if p.staged else arena)[p.offset : p.offset + p.nbytes]
-
-        def target(t: TensorUpload) -> torch.Tensor:
-            return slot[t.slot_offset : t.slot_offset + t.numel * t.itemsize]
-
-        if plan.batches:
-            self._grow_regions(plan.region_nbytes)   # a no-op after `prepare` saw this store
-        upload_many([(target(t), source(t.planes[0])) for t in plan.tensors if len(t.planes) == 1])
-        # Blocking: the worker that waits on it sleeps instead of spinning a decode core.
-        copied = None
-        if plan.last_staged >= 0 and plan.last_staged_batch < 0:
-            copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
-        for b, batch in enumerate(plan.batches):
-            self._merge_batch(batch, plan.tensors, source, target)
-            if b == plan.last_staged_batch:
-                copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
-        return copied
-
-    def _next_free_region(self) -> int:
-        """The next scratch region, once the merges that last read it are done (copy stream)."""
-        r, self._next_region = self._next_region, (self._next_region + 1) % SCRATCH_REGIONS
-        if self._region_free[r] is not None:
-            self.copy_stream.wait_event(self._region_free[r])
-        return r
-
-    def _merge_then_free(self, r: int, merges: list) -> None:
-        """Hand the region over to the merge stream, merge, and record `free`:
-        also when interrupted (Ctrl-C on the forward thread), after whatever was enqueued, or the
-        next batch into the region would wait on an older `free` and overwrite it under them."""
-        self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
-        try:
-            with self.cuda.stream(self.merge_stream):
-                merge_many(merges)
-        finally:
-            if self._region_free[r] is None:
-                self._region_free[r] = self.cuda.Event()
-            self.merge_stream.record_event(self._region_free[r])
-
-    def _merge_batch(self, batch: tuple[Piece, ...], tensors, source, target) -> None:
-        """The copy stream copies the batch's planes into a scratch region, the merge stream
-        interleaves them into the slot; a region is refilled only after the merges that read it
-        (its `free` event), so SCRATCH_REGIONS batches are in flight."""
-        r = self._next_free_region()
-        region = self._regions[r]
-        copies, merges = [], []
-        for piece in batch:
-            t, n = tensors[piece.tensor], piece.numel
-            planar = region[piece.offset : piece.offset + n * t.itemsize]
-            copies += [(planar[i * n : (i + 1) * n], source(p)[piece.start : piece.start + n])
-                       for i, p in enumerate(t.planes)]
-            merges += merge_pairs(target(t)[piece.start * t.itemsize : (piece.start + n) * t.itemsize],
-                                  planar, n, t.itemsize)
-        upload_many(copies)
-        self._merge_then_free(r, merges)
 
     def wait(self, ticket) -> None:
         fetch = self._fetches[ticket]
@@ -419,10 +344,10 @@ class CudaBackend(Backend):
             fetch.released = True
 
     def clear_caches(self) -> None:
-        # Plans hold their stores: drop them so a leaving session's arenas can be reclaimed.
+        # The caches hold their stores: drop them so a leaving session's arenas can be reclaimed.
         # `_used` stays: the events order the ring's slots for whichever session uses them next.
-        self._plans.clear()
         self._image_views.clear()
+        self._frames.clear()
         with self.cuda.device(self.device):
             self.heap.reclaim(self._fence, wait=True)
 
@@ -434,24 +359,53 @@ class CudaBackend(Backend):
             self.heap.close()
             self.staging = None                        # its buffers are unpinned now
             self.free_scratch()
-            for state in (self._fetches, self._plans, self._used, self._used_on, self._uploaded, self._image_views,
+            for state in (self._fetches, self._used, self._used_on, self._uploaded, self._image_views, self._frames,
                           self._compute_streams):
                 state.clear()
 
     def free_scratch(self) -> None:
         """Free the merge scratch and landing buffers (nothing streams any more); `prepare`
         allocates them again."""
-        for buf in self._regions + self._landing:
+        for buf in self._landing:
             self.free_device_buffer(buf)         # record_stream: pending merges finish first
-        self._regions, self._region_free, self._next_region = [], [], 0
         self._landing, self._landing_free, self._next_landing = [], [None] * LANDING_BUFFERS, 0
         self._image_views.clear()
 
 
-def _landing_views(wire: torch.Tensor, c, out: torch.Tensor) -> tuple:
-    """(the chunk's wire view of a landing buffer, `expand_chunk`'s arguments for it into `out`)."""
-    wire = wire[: c.nbytes]
+def _frames_of(store) -> list:
+    """(staging offset: its first lane element, frame, the tensors it codes) of every zstd frame."""
+    image, k = store.image, store.image.itemsize
+    return [(c.start + f.start, f, store.tensors_in((c.start + f.start) * k, (c.start + f.start + f.nbytes) * k))
+            for c in image.chunks for f in c.frames]
+
+
+def _landing_need(image) -> int:
+    """Landing bytes the largest chunk of `image` needs (nibble: as stored; zstd: decoded)."""
+    k = image.itemsize
+    return max((c.nbytes(k) if image.coding == Codec.NIBBLE else k * c.numel for c in image.chunks), default=0)
+
+
+def _chunk_views(image, c, slot: torch.Tensor, landing: list) -> tuple:
+    """Chunk `c`'s copy sources ((its arena bytes, or zstd's low planes), its staging offset)
+    and, per landing buffer, (what the copies write, the kernel, its arguments into `slot`)."""
+    k, n = image.itemsize, c.numel
+    out = slot[c.start * k : (c.start + n) * k]
+    if image.coding == Codec.NIBBLE:
+        src = image.arena[c.offset : c.offset + c.nbytes(k)]
+        return (src, 0), [_nibble_views(land[: c.nbytes(k)], c, out) for land in landing]
+    src = image.arena[c.offset : c.offset + (k - 1) * n]            # the low planes, as stored
+    return (src, c.start), [_zstd_views(land[: k * n], k, n, out) for land in landing]
+
+
+def _nibble_views(wire: torch.Tensor, c, out: torch.Tensor) -> tuple:
     at = c.patch_at
-    return wire, (wire[PAIRS_AT : c.codes_at], wire[c.codes_at : c.codes_at + c.numel // 2], wire[:PAIRS_AT],
-                  wire[at : at + 8 * c.patches].view(torch.int64), wire[at + 8 * c.patches : c.nbytes],
-                  out.view(torch.int16))
+    args = (wire[PAIRS_AT : c.codes_at], wire[c.codes_at : c.codes_at + c.codes_nbytes], wire[:PAIRS_AT],
+            wire[at : at + 8 * c.patches].view(torch.int64), wire[at + 8 * c.patches : c.nbytes(2)], out.view(torch.int16))
+    return (wire,), expand_chunk, args
+
+
+def _zstd_views(wire: torch.Tensor, k: int, n: int, out: torch.Tensor) -> tuple:
+    """The low planes land in [0, (k-1) n), the decoded top plane after them; the merge writes
+    plane i to byte i of every element: one kernel (`merge_planes`)."""
+    planes = tuple(wire[i * n : (i + 1) * n] for i in range(k))
+    return (wire[: (k - 1) * n], wire[(k - 1) * n :]), merge_planes, (planes, out.view(n, k))

@@ -36,7 +36,7 @@ except ImportError:                     # vzstream runs without Triton: `expand_
 BLOCK = 2048                            # elements per Triton program
 _PATCH_BLOCK = 256                      # patches per Triton program
 
-__all__ = ["HAVE_TRITON", "expand", "expand_torch", "expand_triton"]
+__all__ = ["HAVE_TRITON", "expand", "expand_torch", "expand_triton", "merge_planes"]
 
 
 def expand(lo, codes, pairs, patch_at, patch_values, out) -> None:
@@ -65,6 +65,13 @@ def expand_torch(lo, codes, pairs, patch_at, patch_values, out) -> None:
 
 
 _index_put = getattr(torch, "_index_put_impl_", None) or (lambda t, idx, v, acc, unsafe: t.index_put_(idx, v, acc))
+
+
+def merge_planes(planes: tuple, out: torch.Tensor) -> None:
+    """A zstd chunk: k byte planes (each n uint8, plane i = byte i of every little-endian
+    element) into `out`, the [n, k] uint8 view of its n k-byte elements: one kernel, one strided
+    write of every element."""
+    torch.stack(planes, dim=1, out=out)
 
 
 def expand_triton(lo, codes, pairs, patch_at, patch_values, out) -> None:

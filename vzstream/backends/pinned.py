@@ -92,12 +92,14 @@ class Fetch:
     """Backend state of one ticket, from `decode_jobs` to `release`. A fetch staged through the
     ring is linked to the slot's previous fetch (`prev`) until its jobs pass the gate."""
 
-    __slots__ = ("plan", "ready", "used", "buffer", "prev", "copied", "uploaded", "bound", "released", "lock",
+    __slots__ = ("ready", "used", "array", "buffer", "prev", "copied", "uploaded", "bound", "released", "lock",
                  "on_compute")
 
-    def __init__(self, plan, ready, used=None) -> None:
-        self.plan, self.ready, self.used = plan, ready, used   # used: the slot's `used` event
-        self.buffer = self.prev = None       # staging buffer; previous fetch of its ring slot
+    def __init__(self, ready, used=None) -> None:
+        # Nothing of the store: the staging ring keeps a fetch until the next one in its slot,
+        # and an arena must be free to go once its unit's parameters are back.
+        self.ready, self.used = ready, used     # used: the slot's `used` event
+        self.buffer = self.array = self.prev = None   # staging buffer, as numpy; previous fetch of its ring slot
         self.copied = self.uploaded = None   # events, recorded by `upload`
         self.bound = False                   # the compute stream waited `uploaded`
         self.released = False                # released: nothing will read or write it again
@@ -117,17 +119,20 @@ class StagingRing:
         self._alloc = alloc
         self._last: list[Fetch | None] = [None] * num_slots
         self._buffers: list[torch.Tensor | None] = [None] * num_slots
-        self._next = 0
+        self._arrays: list = [None] * num_slots      # numpy views of them, made once: each torch
+        self._next = 0                               # call on the forward thread costs, per fetch
 
     def acquire(self, fetch: Fetch, nbytes: int) -> None:
         """Give `fetch` the next slot (>= nbytes) and link it to that slot's previous fetch."""
         i, self._next = self._next, (self._next + 1) % len(self._last)
-        if self._buffers[i] is None or self._buffers[i].numel() < nbytes:
+        if self._arrays[i] is None or self._arrays[i].size < nbytes:
             # Grow every slot now: pinning is slow, and a slot reached only in a later pass
             # would otherwise pin on the forward thread in the steady state.
             self._buffers = [b if b is not None and b.numel() >= nbytes else self._alloc(nbytes)
                              for b in self._buffers]
-        fetch.buffer, fetch.prev, self._last[i] = self._buffers[i], self._last[i], fetch
+            self._arrays = [b.numpy() for b in self._buffers]
+        fetch.buffer, fetch.array = self._buffers[i], self._arrays[i]
+        fetch.prev, self._last[i] = self._last[i], fetch
 
     def grow(self, num_slots: int) -> None:
         """At least `num_slots` slots (called between calls: no fetch in flight)."""
@@ -136,6 +141,7 @@ class StagingRing:
             size = max((b.numel() for b in self._buffers if b is not None), default=0)
             self._last += [None] * extra
             self._buffers += [self._alloc(size) if size else None for _ in range(extra)]
+            self._arrays += [None if b is None else b.numpy() for b in self._buffers[-extra:]]
 
     @staticmethod
     def gate(fetch: Fetch) -> None:

@@ -34,11 +34,12 @@ def measure_pcie(nbytes: int) -> float:
 def measure_merge(nbytes: int) -> float:
     """GB/s of the backend's plane-merge kernel (bf16: two planes into one tensor). It runs on
     its own stream, so this says how much of the device it takes beside compute."""
-    from vzstream.backends.cuda import interleave
+    from vzstream.backends.expand import merge_planes
 
-    planar = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    return nbytes / event_time_s(lambda: interleave(dst, planar, nbytes // 2, 2)) / 1e9
+    n = nbytes // 2
+    planar = torch.randint(0, 256, (2 * n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty(2 * n, dtype=torch.uint8, device="cuda")
+    return 2 * n / event_time_s(lambda: merge_planes((planar[:n], planar[n:]), dst.view(n, 2))) / 1e9
 
 
 def profile_to(path: str, fn) -> None:
