@@ -65,7 +65,7 @@ def test_all_fit_keeps_everything_resident_without_a_ring(sizes, num_slots, act)
 
 
 def test_stream_reserve_counts_only_when_something_streams():
-    """The merge scratch is needed only by plans that stream: all resident fits without it."""
+    """The landing buffers are needed only by plans that stream: all resident fits without it."""
     sizes = [100] * 6
     everything = plan_memory(sizes, 600, num_slots=2, stream_reserve=64)
     assert everything.resident == frozenset(range(6)) and everything.device_nbytes == 600
@@ -73,7 +73,7 @@ def test_stream_reserve_counts_only_when_something_streams():
     assert streaming.stream_reserve == 64 and streaming.ring_nbytes == 200
     assert streaming.device_nbytes == streaming.resident_nbytes + 200 + 64 <= 599
     assert streaming.resident_nbytes == 300                       # 599 - 200 - 64 holds three
-    with pytest.raises(ConfigError, match="64 bytes of merge scratch needs at least 264 bytes"):
+    with pytest.raises(ConfigError, match="64 bytes of landing buffers needs at least 264 bytes"):
         plan_memory(sizes, 263, num_slots=2, stream_reserve=64)
 
 

@@ -253,9 +253,10 @@ def test_pool_budget_is_validated():
 
 @pytest.mark.parametrize("first, second", [("nibble", "zstd"), ("zstd", "nibble")])
 def test_members_with_different_merge_scratch_stay_within_the_pool_budget(first, second):
-    """On CUDA the merge scratch is one per backend, sized for the most demanding member (nibble
-    codes need 2.5x zstd's): a member planning after another counts what is held already, so
-    the pool's peak stays within its budget whichever codec joins first. (Fake CUDA on the CPU.)"""
+    """On CUDA the landing buffers are one pair per backend, sized for the most demanding member
+    (a nibble chunk lands with its codes and patches, a zstd one decoded): a member planning
+    after another counts what is held already, so the pool's peak stays within its budget
+    whichever codec joins first. (Fake CUDA on the CPU.)"""
     from fake_cuda import FakeCuda
     from models import Stack, make_input
 

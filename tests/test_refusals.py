@@ -310,3 +310,58 @@ def test_check_model_reports_lazy_before_meta_before_units_before_layout(check_m
     model.blocks[3].up = nn.LazyLinear(128)
     with pytest.raises(vzstream.TraceError, match="lazy"):
         check_model(model, ("blocks",))
+
+
+# -- issue 15, item 10: compilers and other owners of the model ---------------------------------
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(3)]), _randn(2, 16)
+
+
+@pytest.mark.filterwarnings("ignore")             # Dynamo warns about what it cannot trace
+@pytest.mark.parametrize("what", ["model", "session_call"])
+def test_torch_compile_of_a_streamed_model_is_refused_at_the_call(what):
+    """Compiled, the hooks run between graphs, every unit a graph break (13 graphs for 3 units,
+    tried): refused with a TraceError at the call, and the session goes on exactly."""
+    model, x = _tiny()
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, device="cpu", units=["0", "1", "2"]) as s, torch.no_grad():
+        s(x)
+        compiled = torch.compile(model if what == "model" else (lambda x: s(x)), backend="eager")
+        with pytest.raises(vzstream.TraceError, match="torch.compile"):
+            compiled(x)
+        assert torch.equal(s(x), ref) and torch.equal(model(x), ref)
+
+
+def test_a_cuda_graph_capture_of_a_streamed_model_is_refused_at_the_call(monkeypatch):
+    model, x = _tiny()
+    with vzstream.session(model, device="cpu", units=["0", "1", "2"]) as s, torch.no_grad():
+        ref = s(x)
+        for name in ("is_available", "is_initialized", "is_current_stream_capturing"):
+            monkeypatch.setattr(torch.cuda, name, lambda: True)
+        with pytest.raises(vzstream.TraceError, match="CUDA graph"):
+            s(x)
+        monkeypatch.undo()
+        assert torch.equal(s(x), ref)
+
+
+@pytest.mark.parametrize("how", ["hooks", "device_map"])
+def test_a_model_placed_by_accelerate_is_refused_at_open(how):
+    """accelerate's hooks (`cpu_offload`, `device_map=`) would move the same weights as the
+    session: refused at open, the model untouched."""
+    model, x = _tiny()
+    if how == "hooks":
+        model[1]._hf_hook = object()              # what accelerate.hooks.add_hook_to_module sets
+    else:
+        model.hf_device_map = {"0": 0, "1": "cpu", "2": "disk"}
+    before = _fingerprint(model)
+    with pytest.raises(vzstream.TraceError, match="accelerate"):
+        vzstream.session(model, device="cpu").open()
+    _assert_unchanged(model, before)
+    model.hf_device_map = {"": 0}                 # one device: nothing to fight over
+    if how == "hooks":
+        del model[1]._hf_hook
+    with vzstream.session(model, device="cpu"):
+        pass

@@ -111,7 +111,7 @@ def inspect(argv) -> int:
         st = s.stats()
     print(f"packed {st.packed_nbytes / 2**20:.1f} MiB of {st.raw_nbytes / 2**20:.1f} MiB streamed "
           f"(ratio {st.ratio:.3f}, codec {args.codec}); planned on the CPU backend (slot alignment, and "
-          f"on CUDA the merge scratch a budget must hold, differ)")
+          f"on CUDA the landing buffers a budget must hold, differ)")
     return 0
 
 

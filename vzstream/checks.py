@@ -22,6 +22,7 @@ _SHOWN = 3          # offending names an error spells out
 def check_model(model: nn.Module, units_spec) -> None:
     """Raise `TraceError` (a parameter cannot be streamed and given back as it is) or
     `ConfigError` (`units` names modules whose hooks would never run); else return None."""
+    _check_owner(model)
     lazy, meta, layout, storages = [], [], [], {}
     for fqn, p in model.named_parameters():         # a tied parameter comes once, under its first name
         if isinstance(p, nn.parameter.UninitializedTensorMixin):
@@ -53,6 +54,19 @@ def check_model(model: nn.Module, units_spec) -> None:
             f"A streamed parameter comes back dense, in a storage of its own. Before opening, give each one its "
             f"own dense copy: `p.data = p.data.clone(memory_format=torch.contiguous_format)`; to tie two "
             f"parameters, assign one nn.Parameter to both names.")
+
+
+def _check_owner(model: nn.Module) -> None:
+    """Refuse a model that accelerate already places (`device_map=`, `cpu_offload`): its hooks
+    move weights in and out around every forward too, so both would own the same parameters."""
+    hooked = [fqn or "(root)" for fqn, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
+    device_map = getattr(model, "hf_device_map", None)
+    if hooked or (isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1):
+        where = f"accelerate hooks on {_names(hooked)}" if hooked else f"`hf_device_map` {device_map!r}"
+        raise TraceError(
+            f"`model` is already placed by accelerate ({where}): its hooks and vzstream's would both move the "
+            f"weights. Load it without `device_map=` (or call `accelerate.hooks.remove_hook_from_submodules(model)` "
+            f"and move it to one device), then open the session: vzstream decides what lives on the device.")
 
 
 def _layout_problem(p: torch.Tensor) -> str | None:

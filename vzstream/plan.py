@@ -35,7 +35,7 @@ class MemoryPlan:
     resident_nbytes: int
     activation_reserve: int
     budget: int | None
-    stream_reserve: int = 0     # what streaming needs besides the ring (merge scratch); 0 if none streams
+    stream_reserve: int = 0     # what streaming needs besides the ring (landing buffers); 0 if none streams
     dedicated: tuple[tuple[int, int], ...] = ()   # (unit index, its slot's bytes): outsized streamed units
 
     @property
@@ -96,7 +96,7 @@ def plan_memory(sizes: list[int], budget: int, num_slots: int, activation_reserv
     evenly; the plan streaming the fewest bytes per pass wins. Raises `ConfigError` naming the
     smallest budget that would work, and what takes it, when nothing fits. `min_slot_nbytes`: a
     shared pool's ring is at least that large already. `stream_reserve`: what streaming needs
-    besides the ring (the backend's merge scratch), reserved only by plans that stream something.
+    besides the ring (the backend's landing buffers), reserved only by plans that stream something.
     `names` (unit fqns) and `prefetch` only make the error say more.
     """
     total, act = sum(sizes), activation_reserve
@@ -158,7 +158,7 @@ def _too_small(sizes, budget, num_slots, act, min_slot, stream_reserve, what, na
         advice += "; finer `units` do not help when the largest part is one tensor"
     return (f"{what} of {budget} bytes ({budget / MIB:.1f} MiB) cannot hold even full streaming: the ring of "
             f"{num_slots} slots plus {act} bytes of activation reserve"
-            + (f" and {stream_reserve} bytes of merge scratch" if stream_reserve else "")
+            + (f" and {stream_reserve} bytes of landing buffers" if stream_reserve else "")
             + f" needs at least {minimum} bytes ({minimum / MIB:.1f} MiB). It is made of "
             + "; ".join(parts) + f". {advice}.")
 

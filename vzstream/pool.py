@@ -62,7 +62,7 @@ class Member:
                 self.installed.hook(self.runtime)
                 self.runtime.relearn_from_scratch()
                 self.runtime.backend.clear_caches()     # cached jobs would keep dropped stores alive
-                # Staging and merge scratch for the units that now stream (CUDA), sized here on
+                # Staging and landing buffers for the units that now stream (CUDA), sized here on
                 # the thread holding the lock, not by a worker mid-pass.
                 self.runtime.backend.prepare(self.needs.prefetch or 0, [u.store for u in self.units if u.streamed])
             log.info("vzstream: re-planned: %d unit(s) %s", len(changed), "now resident" if admit else "now stream")

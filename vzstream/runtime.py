@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+import torch
+
 from .errors import ConfigError, TraceError
 from .gate import Gate
 from .hooks import bind_params, unbind_params
@@ -59,6 +61,32 @@ class Counters:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _refuse_capture() -> None:
+    """A compiler tracing the forward, or a CUDA graph capturing it, would record one pass of
+    hooks and slots as if they were constant: refuse at the call, before anything is fetched."""
+    if torch.compiler.is_compiling() or _in_compiled_region():
+        raise TraceError(
+            "a streamed model cannot run under `torch.compile`: its weights arrive in reused slots during the "
+            "forward, which a compiled graph would treat as constant (or recompile at every unit). Call the "
+            "session (or the model) uncompiled; compile submodules that do not stream, if you need to.")
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise TraceError(
+            "a streamed model cannot be captured in a CUDA graph: the graph would replay one pass's uploads "
+            "into slots the next pass reuses. Capture the model outside the session, all resident, if you need to.")
+
+
+try:
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+except ImportError:                          # a torch without Dynamo: nothing compiles
+    _dynamo_callback = None
+
+
+def _in_compiled_region() -> bool:
+    """Whether a `torch.compile`d function is running this (Dynamo runs what it cannot trace,
+    these hooks, eagerly, between graphs: `is_compiling()` is False there)."""
+    return _dynamo_callback is not None and _dynamo_callback() not in (None, False)
 
 
 class Streamer:
@@ -94,6 +122,7 @@ class Streamer:
 
     # -- passes -----------------------------------------------------------------------------
     def pass_start(self) -> None:
+        _refuse_capture()
         gate = self.gate
         gate.reclaim_stale()                    # a direct call a Ctrl-C cut short, on any thread
         if gate.owner != threading.get_ident():
