@@ -18,7 +18,7 @@ BAD_OPTIONS = [
     ("prefetch", -1), ("prefetch", 65), ("prefetch", 2.0), ("prefetch", True), ("prefetch", "2"), ("prefetch", None),
     ("workers", 0), ("workers", 257), ("workers", 1.5), ("workers", False),
     ("units", "layers"), ("units", []), ("units", ["blocks.0", 1]), ("units", 3), ("units", None),
-    ("cache", "all"), ("cache", None), ("cache", True),
+    ("cache", "all"), ("cache", None), ("cache", True), ("verify", "always"), ("verify", None),
     ("level", 23), ("level", -8), ("level", 1.0), ("level", True),
     ("device", "gpu"), ("device", "cuda:x"), ("device", "cuda:"), ("device", 0), ("device", None),
     ("vram_budget", "lots"), ("vram_budget", -1), ("vram_budget", 0.0), ("vram_budget", 1.5),

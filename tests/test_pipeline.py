@@ -602,3 +602,38 @@ def test_an_interrupt_inside_a_workers_upload_is_raised_at_that_units_bind_and_l
                 outcomes.append("interrupted")
             slots_ok(s)
     assert outcomes == [True, "interrupted", True, True], outcomes      # raised at that unit's bind
+
+
+@pytest.mark.parametrize("codec_name", ["zstd", "nibble"])
+def test_verify_stream_stops_a_changed_raw_byte_before_any_forward_reads_it(codec_name, slots_ok, snapshot):
+    """Issue 15 item 8: raw bytes (low planes, the raw area, nibble codes) carry no checksum of
+    their own while streaming. With verify="stream" each fetch checks every stored byte of its
+    unit first, on a worker, before the upload: a flipped bit raises FormatError at that unit's
+    bind, naming it, and its forward never runs; repaired, the session goes on exactly. (Without
+    it, the flipped bit reaches the forward: the second half.)"""
+    model = build(Stack, dtype=torch.bfloat16)
+    x = make_input(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    ran = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.blocks)]
+    snap = snapshot(model)
+    for verify in ("stream", "exit"):
+        with vzstream.session(model, device="cpu", prefetch=2, codec=codec_name, verify=verify) as s:
+            assert torch.equal(s(x), ref)
+            store = s.stores[unit_index(s, "blocks.2")]
+            tensor, at = corrupt_raw(store)
+            ran.clear()
+            if verify == "stream":
+                with pytest.raises(vzstream.FormatError, match=r"unit `blocks\.2`.*crc32") as err:
+                    s(x)
+                assert f"`{tensor}`" in str(err.value) and ran == [0, 1]      # blocks.2 never computed
+                slots_ok(s)
+            else:
+                s(x)                                                            # what verify="stream" stops:
+                assert ran == [0, 1, 2, 3]                                      # blocks.2 computed on it
+            store.arena[at] ^= 0x01                                             # repaired
+            assert torch.equal(s(x), ref)
+    snap.check(model)
+    for h in handles:
+        h.remove()

@@ -41,7 +41,7 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
     backend = pool.backend
     budgeted = needs.cap is not None or pool.budget is not None
     measure = budgeted and cfg.activation_reserve is None and backend.measures_activations
-    pipeline = Pipeline(backend, cfg.workers, Counters())
+    pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
     runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.prefetch, cache=cfg.cache, measure=measure)
     return Member(units, Installed(model, units, backend), runtime, needs,
                   partial(pack_unit, backend=backend, level=cfg.level, coding=cfg.codec), fit_pending=measure)

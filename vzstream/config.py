@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
 _CACHE_MODES = ("pass", "none")
+_VERIFY_MODES = ("exit", "stream")
 
 # Bare K/M/G/T are binary: "6G" of GPU or host memory means 6 GiB to nearly everyone who types it.
 _SIZE_UNITS = {
@@ -139,6 +140,7 @@ class SessionConfig:
     level: int | None = None        # zstd level; None = match finding off (docs/design.md, "Codec")
     codec: Codec = Codec.AUTO       # "auto": nibble on CUDA, zstd on CPU; "zstd": host threads decode;
                                     # "nibble": 4-bit codes the device expands
+    verify: str = "exit"            # "exit": crc32 of each tensor when restored; "stream": also of each unit at every fetch
     raw_fraction: Any = 0.0         # share of streamed bytes kept uncompressed (no decode, more host RAM); "auto"
     vram_budget: Any = None         # bytes | "6GiB" | share of device memory in (0, 1]; None, int or float after
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
@@ -152,6 +154,10 @@ class SessionConfig:
         object.__setattr__(self, "codec", parse_codec(self.codec, "codec"))
         if self.cache not in _CACHE_MODES:
             raise ConfigError(f"`cache` must be one of {_CACHE_MODES}; got {self.cache!r}.")
+        if self.verify not in _VERIFY_MODES:
+            raise ConfigError(f"`verify` must be one of {_VERIFY_MODES}; got {self.verify!r}. \"exit\" (the default) "
+                              f"checks each tensor when the session gives it back; \"stream\" also checks each "
+                              f"unit's stored bytes at every fetch, before its upload.")
         object.__setattr__(self, "vram_budget", parse_budget(self.vram_budget, "vram_budget"))
         if self.activation_reserve is not None:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))

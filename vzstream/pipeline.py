@@ -129,13 +129,15 @@ class Pipeline:
 
     inline_nbytes = 64 << 10
 
-    def __init__(self, backend, workers: int, counters) -> None:
-        self.backend, self.counters = backend, counters
+    def __init__(self, backend, workers: int, counters, verify: bool = False) -> None:
+        self.backend, self.counters, self.verify = backend, counters, verify
         self.workers = Workers(workers, "vzstream-decode")
 
     def submit(self, store, slot) -> Ticket:
         ticket = Ticket(store, slot)
         jobs = self.backend.decode_jobs(ticket)
+        if self.verify:                 # `verify="stream"`: its jobs end before the upload is issued
+            jobs = jobs + store.verify_jobs()
         self.counters.decodes += 1
         if store.raw_nbytes < self.inline_nbytes:
             ticket.deferred, ticket.inline = jobs, True
