@@ -9,7 +9,7 @@ import torch
 from models import Stack, TinyLM, build, stack_with_reference
 
 import vzstream
-from vzstream import codec
+from vzstream import codec, image
 from vzstream.codec import CODECS, Codec
 from vzstream.decode import decode
 from vzstream.config import SessionConfig, build_config, default_workers
@@ -157,15 +157,10 @@ def test_a_session_reports_the_codec_auto_resolved_to():
         assert s.config.codec is Codec.ZSTD
 
 
-def test_pack_refuses_auto():
-    with pytest.raises(vzstream.ConfigError, match="resolve it first"):
-        codec.pack(torch.ones(4), coding="auto")
-
-
 @pytest.mark.parametrize("value", [pytest.param(v, id=repr(v)) for v in ("lz4", "ZSTD", "AUTO", "", None, 1, ["zstd"])])
 def test_bad_codec_lists_the_names_and_what_each_trades(value):
     for name, call in (("codec", lambda: build_config({"codec": value})),
-                       ("coding", lambda: codec.pack(torch.zeros(4), coding=value))):
+                       ("coding", lambda: codec.parse_codec(value, "coding"))):
         with pytest.raises(vzstream.ConfigError) as err:
             call()
         message = str(err.value)
@@ -174,7 +169,7 @@ def test_bad_codec_lists_the_names_and_what_each_trades(value):
         assert "host RAM" in message and "device expands" in message and "host decode" in message
 
 
-# One range of zstd levels, [MIN_LEVEL, MAX_LEVEL] = [-7, 22], in SessionConfig and in codec.pack.
+# One range of zstd levels, [MIN_LEVEL, MAX_LEVEL] = [-7, 22], in SessionConfig and in packing.
 LEVELS_OK = [None, codec.MIN_LEVEL, -1, 0, 3, codec.MAX_LEVEL]
 LEVELS_BAD = [codec.MIN_LEVEL - 1, codec.MAX_LEVEL + 1, -(1 << 17), 99, 2.5, True, "3"]
 
@@ -186,13 +181,14 @@ def test_level_bounds_are_minus_7_to_22():
 @pytest.mark.parametrize("level", [pytest.param(v, id=repr(v)) for v in LEVELS_OK])
 def test_level_in_range_is_accepted_by_config_and_pack(level):
     assert build_config({"level": level}).level == level
-    t = torch.randn(256).to(torch.bfloat16)
-    assert torch.equal(decode(codec.pack(t, level=level)), t)
+    t = (torch.randn(8192) * 0.02).to(torch.bfloat16)
+    img, entries = image.pack_image([t], 512, lambda n: torch.empty(n, dtype=torch.uint8), "zstd", level)
+    assert torch.equal(decode(entries[0]), t)          # coded, or raw where the level saves < 5%
 
 
 @pytest.mark.parametrize("level", [pytest.param(v, id=repr(v)) for v in LEVELS_BAD])
 def test_level_out_of_range_is_rejected_by_config_and_pack(level):
-    for call in (lambda: build_config({"level": level}), lambda: codec.pack(torch.zeros(4), level=level)):
+    for call in (lambda: build_config({"level": level}), lambda: codec.check_level(level)):
         with pytest.raises(vzstream.ConfigError) as err:
             call()
         message = str(err.value)

@@ -1,7 +1,8 @@
 """backends/expand.py: a nibble-coded chunk of a bf16 / fp16 tensor expanded into its slot, bit for
-bit, from inputs the encoder made (`codec.pack(coding="nibble")`) laid out as views of one landing
-buffer; whole tensors and chunks split at even offsets; the torch fallback in process and the
-Triton kernel under `TRITON_INTERPRET=1` in one subprocess; kernel launches counted per chunk."""
+bit, from inputs the encoder made (`nibble.encode` of the top plane, as `image.pack_image` codes a
+lane) laid out as views of one landing buffer; whole tensors and chunks split at even offsets, and
+a chunk of a real wire image (`Image.nibble_views`); the torch fallback in process and the Triton
+kernel under `TRITON_INTERPRET=1` in one subprocess; kernel launches counted per chunk."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vzstream import codec, nibble
+from vzstream import image, nibble
 from vzstream.backends import expand as ex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,25 +57,20 @@ def make_tensor(dtype_name: str, kind: str, n: int, seed: int = 0) -> torch.Tens
     return bits.view(dtype)
 
 
-def wire(t: torch.Tensor) -> tuple[bytes, nibble.Nibbles, str]:
-    """(low plane, nibble code of the top plane, where the code came from). `pack` keeps a top
-    plane raw when the code would not save 5% (tiny tensors; fp16, whose top byte holds mantissa
-    bits): then the plane is coded by `nibble.encode`, the coder `pack` uses."""
-    packed = codec.pack(t, coding="nibble")
-    lo, top = packed.planes
-    assert lo.raw is not None, "coding='nibble' keeps the low plane raw"
-    if top.nibbles is not None:
-        return lo.raw, top.nibbles, "pack"
-    return lo.raw, nibble.encode(np.frombuffer(top.raw, np.uint8)), "encode"
+def wire(t: torch.Tensor) -> tuple[np.ndarray, nibble.Nibbles]:
+    """(low plane, nibble code of the top plane): what a nibble chunk of `t` carries, coded as
+    `image.pack_image` codes it (`nibble.encode`; here with the tensor's own table, and even where
+    an image would keep `t` raw: tiny tensors, fp16 whose top byte holds mantissa bits)."""
+    planes = t.reshape(-1).view(torch.uint8).numpy().reshape(-1, 2)      # little-endian: (lo, top)
+    return planes[:, 0].copy(), nibble.encode(planes[:, 1].copy())
 
 
-def land(lo: bytes, nib: nibble.Nibbles, n: int, start: int, stop: int) -> tuple:
+def land(lo: np.ndarray, nib: nibble.Nibbles, start: int, stop: int) -> tuple:
     """Chunk [start, stop) as it lands on a device: views of one uint8 buffer, each segment at an
     8-byte aligned offset, patches re-based to the chunk. `start` is even."""
-    at, values = nibble.patches_in(nib, n, start, stop)
-    segments = [np.frombuffer(lo, np.uint8)[start:stop],
-                np.frombuffer(nib.codes, np.uint8)[start // 2 : (stop + 1) // 2],
-                np.frombuffer(nib.pairs, np.uint8), (at - start).view(np.uint8), values]
+    first, last = np.searchsorted(nib.patch_at, [start, stop])
+    segments = [lo[start:stop], nib.codes[start // 2 : (stop + 1) // 2], nib.pairs.view(np.uint8),
+                (nib.patch_at[first:last] - start).view(np.uint8), nib.patch_values[first:last]]
     offsets = np.cumsum([0] + [-(-s.size // 8) * 8 for s in segments])
     buffer = torch.zeros(int(offsets[-1]), dtype=torch.uint8)
     views = []
@@ -85,6 +81,15 @@ def land(lo: bytes, nib: nibble.Nibbles, n: int, start: int, stop: int) -> tuple
     return views[0], views[1], views[2], views[3].view(torch.int64), views[4]
 
 
+def image_chunk(t: torch.Tensor) -> tuple:
+    """The views of the one chunk of a nibble image of `t` alone (alignment 2: no padding), as
+    torch tensors over the image's arena: what a CUDA upload copies from, byte for byte."""
+    img, _ = image.pack_image([t], 2, lambda n: torch.empty(n, dtype=torch.uint8), "nibble")
+    assert img.coding == "nibble" and len(img.chunks) == 1, "the test tensor must be coded, in one chunk"
+    lo, codes, pairs, at, values = img.nibble_views(img.chunks[0])
+    return tuple(torch.from_numpy(v) for v in (lo, codes, pairs.view(np.uint8), at, values))
+
+
 def cuts(n: int, split: bool) -> list[int]:
     """Chunk boundaries: whole, or split at even offsets (a code byte holds two elements)."""
     inner = {2, n // 2 & ~1} if split else set()
@@ -93,11 +98,11 @@ def cuts(n: int, split: bool) -> list[int]:
 
 def expand_chunks(fn, t: torch.Tensor, split: bool, out: torch.Tensor) -> list[int]:
     """Expand `t`'s wire form chunk by chunk into `out` with `fn`; patches per chunk."""
-    lo, nib, _ = wire(t)
+    lo, nib = wire(t)
     bounds = cuts(t.numel(), split)
     num_patches = []
     for start, stop in pairwise(bounds):
-        views = land(lo, nib, t.numel(), start, stop)
+        views = land(lo, nib, start, stop)
         fn(*views, out[start:stop])
         num_patches.append(views[3].numel())
     return num_patches
@@ -122,11 +127,20 @@ class LaunchCounter(TorchDispatchMode):
 
 # -- the encoder's inputs, so the cases below test what they claim -------------------------------
 
-def test_cases_hold_patches_and_codes_from_pack():
-    _, nib, source = wire(make_tensor("bf16", "specials", 4097))
-    assert source == "pack" and nib.num_patches > 0
-    assert wire(make_tensor("bf16", "weights", 4097))[2] == "pack"
+def test_cases_hold_patches_and_odd_tails():
+    assert wire(make_tensor("bf16", "specials", 4097))[1].num_patches > 0
     assert wire(make_tensor("fp16", "specials", 1023))[1].num_patches > 0
+    assert wire(make_tensor("bf16", "specials", 1))[1].codes.tolist()[0] >> 4 == 0      # the unused high nibble
+
+
+def test_an_image_chunk_carries_what_the_cases_land():
+    # The views built above hold the same code as a real image chunk: same low bytes, codes, table
+    # and patches (one tensor: the image's table is the tensor's).
+    t = make_tensor("bf16", "specials", 4097)
+    lo, nib = wire(t)
+    got = image_chunk(t)
+    want = (lo, nib.codes, nib.pairs.view(np.uint8), nib.patch_at, nib.patch_values)
+    assert nib.num_patches > 0 and all(np.array_equal(g.numpy(), w) for g, w in zip(got, want))
 
 
 # -- torch fallback ---------------------------------------------------------------------------------
@@ -149,13 +163,20 @@ def test_torch_expansion_into_a_float_slot(dtype_name):
     assert same_bytes(out, t)
 
 
+def test_torch_expands_an_image_chunk_bit_exact():
+    t = make_tensor("bf16", "specials", 4097)
+    out = torch.full((4097,), 0x5A5A, dtype=torch.int16)
+    ex.expand_torch(*image_chunk(t), out)
+    assert same_bytes(out, t)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_launches_per_chunk(kind):
     t = make_tensor("bf16", kind, 4097)
     counter = LaunchCounter()
     out = torch.empty(4097, dtype=torch.int16)
-    lo, nib, _ = wire(t)
-    views = land(lo, nib, 4097, 0, 4097)
+    lo, nib = wire(t)
+    views = land(lo, nib, 0, 4097)
     with counter:
         ex.expand_torch(*views, out)
     assert same_bytes(out, t)
@@ -215,8 +236,8 @@ def counting(fn, launches: list, per_chunk: list):
 
 def triton_cases() -> None:
     """Run in a fresh interpreter with TRITON_INTERPRET=1 (it must be set before triton is first
-    imported): every case, whole and split, through `expand_triton` on CPU tensors. Prints one JSON
-    line: case id -> [bit exact, launches per chunk, patches per chunk]."""
+    imported): every case, whole and split, and an image chunk ("image"), through `expand_triton` on
+    CPU tensors. Prints one JSON line: case id -> [bit exact, launches per chunk, patches per chunk]."""
     launches = []
     for kernel in (ex._expand_kernel, ex._patch_kernel):
         run = kernel.run
@@ -234,6 +255,10 @@ def triton_cases() -> None:
             per_chunk = []
             num_patches = expand_chunks(counting(ex.expand_triton, launches, per_chunk), t, split, out)
             results[f"{case_id}-{'chunks' if split else 'whole'}"] = [same_bytes(out, t), per_chunk, num_patches]
+    t = make_tensor("bf16", "specials", 4097)
+    out, per_chunk, views = torch.full((4097,), 0x5A5A, dtype=torch.int16), [], image_chunk(t)
+    counting(ex.expand_triton, launches, per_chunk)(*views, out)
+    results["image"] = [same_bytes(out, t), per_chunk, [views[3].numel()]]
     print(json.dumps(results))
 
 
@@ -255,6 +280,11 @@ def test_triton_expansion_is_bit_exact_with_few_launches(triton_results, case_id
     assert max(launches, default=0) <= MAX_TRITON_LAUNCHES
 
 
+def test_triton_expands_an_image_chunk_bit_exact(triton_results):
+    exact, launches, num_patches = triton_results["image"]
+    assert exact and num_patches[0] > 0 and launches == [2]
+
+
 # -- Triton kernel on a GPU -------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -263,8 +293,8 @@ def test_triton_on_cuda_matches_torch(dtype_name):
     if not ex.HAVE_TRITON:
         pytest.skip("needs `pip install triton`")
     t = make_tensor(dtype_name, "specials", (1 << 20) + 3)
-    lo, nib, _ = wire(t)
-    views = [v.cuda() for v in land(lo, nib, t.numel(), 0, t.numel())]
+    lo, nib = wire(t)
+    views = [v.cuda() for v in land(lo, nib, 0, t.numel())]
     out_triton = torch.full((t.numel(),), 0x5A5A, dtype=torch.int16, device="cuda")
     out_torch = out_triton.clone()
     ex.expand(*views, out_triton)                           # CUDA tensors: `expand` takes Triton

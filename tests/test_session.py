@@ -162,7 +162,7 @@ def test_a_parameter_that_fails_to_restore_leaves_every_other_restored(exc_type,
 def numpy_arenas(monkeypatch):
     """CPU arenas backed by numpy arrays: {address: weak reference to the array}. A weak
     reference to the array dies only with the memory itself (any view into it, such as a
-    Packed's memoryview, keeps it alive), unlike one to the arena tensor object."""
+    an image's memoryview, keeps it alive), unlike one to the arena tensor object."""
     import weakref
 
     from vzstream.backends.cpu import CpuBackend

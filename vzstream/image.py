@@ -36,7 +36,7 @@ from .units import align
 
 CHUNK_NBYTES = 32 << 20     # output bytes per chunk: copied at full bus speed, a bounded landing buffer
 PAIRS_NBYTES = 512
-_MIN_SAVING = 0.05          # as codec's: a code that saves less is not worth decoding
+_MIN_SAVING = 0.05          # an image that saves less is not worth decoding: stored raw
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -124,12 +124,17 @@ class Image:
             cols[:, 0] = views[0][start:stop]
             cols[:, 1] = _nibble_top(views, start, stop)
             return
-        cols[:, :-1] = self.low_planes(c)[:, start:stop].T
+        low, values = self.low_planes(c), out.view(_UINT[self.itemsize])
         for f in c.frames:
             a, b = max(start, f.start), min(stop, f.start + f.nbytes)
             if a < b:
-                top = _decoded(f)
-                cols[a - start : b - start, -1] = top[a - f.start : b - f.start]
+                # Horner, top plane first: whole-element ufuncs (they release the GIL), where
+                # a strided byte copy per plane ran ~10% slower end to end on the CPU backend.
+                part = values[a - start : b - start]
+                np.copyto(part, _decoded(f)[a - f.start : b - f.start])
+                for i in range(self.itemsize - 2, -1, -1):
+                    np.left_shift(part, 8, out=part)
+                    np.bitwise_or(part, low[i, a:b], out=part)
 
 
 def _nibble_top(views: tuple, start: int, stop: int) -> np.ndarray:

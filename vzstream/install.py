@@ -123,7 +123,7 @@ class Original:
             value = decode(self.packed)
         except FormatError as exc:
             # Without tracebacks: decode's frames hold `packed`, and so its unit's arena, for
-            # as long as the error lives (the messages name the unit, tensor, plane and frame).
+            # as long as the error lives (the messages name the unit, the tensor and the frame).
             cause = exc
             while cause is not None:
                 cause.__traceback__, cause = None, cause.__cause__ or cause.__context__

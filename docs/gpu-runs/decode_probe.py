@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from vzstream import codec
+from vzstream import codec, image
 from vzstream.decode import decode_frame_into
 
 print(subprocess.run("nproc; lscpu | grep -Ei 'model name|thread|core|socket|mhz|numa'", shell=True,
@@ -28,8 +28,8 @@ BF16 = 2 * WEIGHTS.numel()
 FRAMES = {}
 for mib in (1, 4, 16):
     t0 = time.perf_counter()
-    packed = codec.pack(WEIGHTS, frame_nbytes=mib << 20)
-    FRAMES[mib] = next(p for p in packed.planes if p.index == 1).frames
+    codec.FRAME_NBYTES = mib << 20                          # the top plane's frames (image.py)
+    FRAMES[mib] = image.pack_image([WEIGHTS], 512, lambda n: torch.empty(n, dtype=torch.uint8), "zstd")[0].frames
     print(f"pack frame {mib} MiB: {time.perf_counter() - t0:.2f} s, {len(FRAMES[mib])} frames", flush=True)
 
 

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 import zstandard as zstd
 
-from vzstream import codec
+from vzstream import image
 
 INTERVAL = 0.05
 
 
 def calls():
     t = torch.empty(1 << 20, dtype=torch.uint8)
-    frame = codec.pack(torch.randn(1 << 20).to(torch.bfloat16)).planes[1].frames[0]
+    weights = (torch.randn(1 << 20) * 0.02).to(torch.bfloat16)
+    frame = image.pack_image([weights], 512, lambda n: torch.empty(n, dtype=torch.uint8), "zstd")[0].frames[0]
     dctx, dst = zstd.ZstdDecompressor(), np.empty(frame.nbytes, np.uint8)
 
     def readinto():

@@ -10,7 +10,7 @@ Wire layout of one chunk of n elements, as it lands on the device (views of one 
   uint16, `pairs[b] = table[b & 15] | table[b >> 4] << 8`), as int16 [256] or uint8 [512] at
   an even offset (the torch path views it as int16). Byte 2 * b + j of it is the top byte of
   element j of a pair coded b.
-- `patch_at`: int64 element indices within the chunk, ascending and in [0, n) (`nibble.check`
+- `patch_at`: int64 element indices within the chunk, ascending and in [0, n) (`nibble.encode`
   guarantees it; nothing here checks it, so a bad index writes out of bounds on a device).
 - `patch_values`: uint8, the true top byte at those indices.
 
@@ -60,7 +60,7 @@ def expand_torch(lo, codes, pairs, patch_at, patch_values, out) -> None:
     torch.stack((lo, top.view(torch.uint8)[:n]), dim=1, out=slot)              # launch 3
     if patch_at.numel():
         # unsafe=True skips the device-side range check, which under deterministic algorithms
-        # reads `index.max()` back to the host (a sync); `nibble.check` checked the indices.
+        # reads `index.max()` back to the host (a sync); the encoder made the indices.
         _index_put(slot[:, 1], (patch_at,), patch_values, False, True)        # launch 4
 
 

