@@ -46,25 +46,19 @@ class UnitStore:
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
     _verify: list | None = dataclasses.field(default=None, repr=False)
 
-    def targets(self, slot) -> list[torch.Tensor]:
-        """Contiguous tensors inside `slot` in packed layout: what decode and upload write."""
-        return self._cached(slot)[0]
-
     def views(self, slot) -> list[torch.Tensor]:
-        """The same memory shaped and strided like each parameter: what bind points at."""
-        return self._cached(slot)[1]
+        """`slot`'s memory shaped and strided like each parameter: what bind points at. Made
+        once per slot (a view op is a torch call on the forward thread)."""
+        entry = self._views.get(slot.index)
+        if entry is None or entry[0] is not slot.tensor:
+            targets = slot_views(slot.tensor, self.packed, self.offsets)
+            entry = (slot.tensor, [unpermute(t, p) for t, p in zip(targets, self.perms)])
+            self._views[slot.index] = entry
+        return entry[1]
 
     def forget_slots(self) -> None:
         """Drop cached views (the ring was rebuilt: the old slots must be freed)."""
         self._views.clear()
-
-    def _cached(self, slot):
-        entry = self._views.get(slot.index)
-        if entry is None or entry[0] is not slot.tensor:
-            targets = slot_views(slot.tensor, self.packed, self.offsets)
-            entry = (slot.tensor, (targets, [unpermute(t, p) for t, p in zip(targets, self.perms)]))
-            self._views[slot.index] = entry
-        return entry[1]
 
     def verify_jobs(self) -> list:
         """`verify="stream"`: jobs that check every stored byte of the unit against the crc32s

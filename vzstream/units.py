@@ -155,12 +155,3 @@ def unit_nbytes(unit: Unit, alignment: int) -> int:
 def align(n: int, alignment: int) -> int:
     """`n` rounded up to a multiple of `alignment`."""
     return (n + alignment - 1) // alignment * alignment
-
-
-def param_offsets(unit: Unit, alignment: int) -> list[int]:
-    """Byte offset of each tensor inside a slot (aligned so kernels see the alignment they expect)."""
-    offsets, off = [], 0
-    for n in unit.param_nbytes:
-        offsets.append(off)
-        off += align(n, alignment)
-    return offsets
