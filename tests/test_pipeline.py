@@ -330,13 +330,20 @@ def unit_index(s, fqn: str) -> int:
     return next(u.index for u in s.units if u.fqn == fqn)
 
 
-def test_corrupt_frame_surfaces_at_that_units_bind(decode_path, snapshot, slots_ok):
+def _watched_stack():
+    """A bf16 Stack, its input and resident output, and `ran`: the blocks whose forward ran (a
+    hook each; remove `handles` at the end)."""
     model = build(Stack, dtype=torch.bfloat16)
     x = make_input(2, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
     ran = []
     handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.blocks)]
+    return model, x, ref, ran, handles
+
+
+def test_corrupt_frame_surfaces_at_that_units_bind(decode_path, snapshot, slots_ok):
+    model, x, ref, ran, handles = _watched_stack()
     snap = snapshot(model)
     with vzstream.session(model, device="cpu", prefetch=2, codec="zstd") as s:
         assert torch.equal(s(x), ref)                  # learned; blocks.0 and .1 already prefetched
@@ -611,12 +618,7 @@ def test_verify_stream_stops_a_changed_raw_byte_before_any_forward_reads_it(code
     unit first, on a worker, before the upload: a flipped bit raises FormatError at that unit's
     bind, naming it, and its forward never runs; repaired, the session goes on exactly. (Without
     it, the flipped bit reaches the forward: the second half.)"""
-    model = build(Stack, dtype=torch.bfloat16)
-    x = make_input(2, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = model(x)
-    ran = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.blocks)]
+    model, x, ref, ran, handles = _watched_stack()
     snap = snapshot(model)
     for verify in ("stream", "exit"):
         with vzstream.session(model, device="cpu", prefetch=2, codec=codec_name, verify=verify) as s:

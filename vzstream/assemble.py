@@ -44,7 +44,8 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
     pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
     runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.prefetch, cache=cfg.cache, measure=measure)
     return Member(units, Installed(model, units, backend), runtime, needs,
-                  partial(pack_unit, backend=backend, level=cfg.level, coding=cfg.codec), fit_pending=measure)
+                  partial(pack_unit, backend=backend, level=cfg.level, coding=cfg.codec, checksums=cfg.verify == "stream"),
+                  fit_pending=measure)
 
 
 def install_member(member: Member, pool: DevicePool, plans: list, cfg: SessionConfig, calibration: Calibration,
@@ -68,7 +69,7 @@ def _pack(member: Member, backend, cfg: SessionConfig, calibration: Calibration,
     freed = 0
     for unit, store in pack_all([u for u in member.units if u.streamed], backend, level=cfg.level, codec=cfg.codec,
                                 raw_fraction=cfg.raw_fraction, workers=cfg.workers, threads=threads,
-                                calibration=calibration):
+                                calibration=calibration, checksums=cfg.verify == "stream"):
         member.installed.swap_out(unit, store)
         freed += unit.raw_nbytes
         if freed >= TRIM_NBYTES:

@@ -88,6 +88,8 @@ class Image:
     chunks: tuple[Chunk, ...]
     raw_offset: int         # arena offset of slot bytes [coded_nbytes, coded_nbytes + raw_nbytes)
     raw_nbytes: int
+    host: np.ndarray        # the arena as numpy, made once: slicing it costs no torch call (a GIL
+                            # hand-over each) in the host decode jobs that read it
 
     @property
     def wire_nbytes(self) -> int:
@@ -101,7 +103,7 @@ class Image:
         return [f for c in self.chunks for f in c.frames]
 
     def wire(self, c: Chunk) -> np.ndarray:
-        return self.arena.numpy()[c.offset : c.offset + c.nbytes(self.itemsize)]
+        return self.host[c.offset : c.offset + c.nbytes(self.itemsize)]
 
     def low_planes(self, c: Chunk) -> np.ndarray:
         """zstd: planes 0 .. k-2 of chunk `c`, [k - 1, n] uint8."""
@@ -181,7 +183,7 @@ class ImageTensor:
         img, off, n = self.image, self.slot_offset, self.raw_nbytes
         try:
             if off >= img.coded_nbytes:
-                flat[:] = img.arena.numpy()[img.raw_offset + off - img.coded_nbytes :][:n]
+                flat[:] = img.host[img.raw_offset + off - img.coded_nbytes :][:n]
             else:
                 self._expand(flat, off // img.itemsize)
         except FormatError as exc:
@@ -258,7 +260,7 @@ def pack_image(tensors: list[torch.Tensor], alignment: int, alloc, coding: str |
         chunks.append(_write(flat[off : off + n], c, data, off, k))
         off += align(n, 64)
     flat[off:] = raw
-    image = Image(arena, coding, k or 1, coded, tuple(chunks), off, raw.size)
+    image = Image(arena, coding, k or 1, coded, tuple(chunks), off, raw.size, flat)
     return image, [ImageTensor(image, t.dtype, t.shape, o, zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()))
                    for o, t in zip(offsets, tensors)]
 

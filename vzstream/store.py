@@ -42,7 +42,7 @@ class UnitStore:
     perms: list                 # per tensor: dim order it was packed in (storage order), or None
     image: Image
     empties: list = dataclasses.field(default_factory=list)   # each parameter's placeholder (install)
-    crcs: list = dataclasses.field(default_factory=list)      # (arena offset, nbytes, crc32) of each piece
+    crcs: list | None = None    # (arena offset, nbytes, crc32, its tensors) of each piece; None: not recorded
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
     _verify: list | None = dataclasses.field(default=None, repr=False)
 
@@ -65,7 +65,9 @@ class UnitStore:
         recorded when packing (a piece each: a chunk, the raw area), raising FormatError naming
         the tensors a changed piece holds. Built once."""
         if self._verify is None:
-            arena = self.arena.numpy()
+            if self.crcs is None:           # a wrong answer must not pass as checked
+                raise RuntimeError(f"unit `{self.unit.fqn}` was packed without checksums (pack_unit(checksums=True))")
+            arena = self.image.host
             self._verify = [[(what, functools.partial(_check_crc, arena[off : off + n], crc))]
                             for off, n, crc, what in self.crcs]
         return self._verify
@@ -122,7 +124,8 @@ def unpermute(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     return t.permute(inverse)
 
 
-def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, coding: str = "zstd") -> UnitStore:
+def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, coding: str = "zstd",
+              checksums: bool = False) -> UnitStore:
     """Pack `unit`'s parameters into one wire image (`image.py`) in one host buffer from the
     backend (pinned on CUDA, in exact size: the pinned caching allocator would round each block
     up to a power of two), coded with `coding`, or all raw (`compress` False, or a unit under
@@ -133,14 +136,15 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
     img, entries = pack_image(flat, backend.alignment, backend.host_buffer, Codec(coding) if compress else None, level)
     store = UnitStore(unit, entries, [e.slot_offset for e in entries], unit_nbytes(unit, backend.alignment),
                       img.arena, [o for _, o in ordered], image=img)
-    store.crcs = _piece_crcs(store)
+    if checksums:                        # `verify="stream"` only: a crc32 pass over the arena at open
+        store.crcs = _piece_crcs(store)
     return store
 
 
 def _piece_crcs(store: UnitStore) -> list:
     """(arena offset, nbytes, crc32, the tensors it holds) of each piece of the image: a chunk,
     the raw area. ~1 GB/s of zlib.crc32 on a slow core, at pack, where zstd costs more."""
-    img, arena, k = store.image, store.arena.numpy(), store.image.itemsize
+    img, arena, k = store.image, store.image.host, store.image.itemsize
     pieces = [(c.offset, c.nbytes(k), store.tensors_in(c.start * k, (c.start + c.numel) * k)) for c in img.chunks]
     if img.raw_nbytes:
         pieces.append((img.raw_offset, img.raw_nbytes, store.tensors_in(img.coded_nbytes, img.coded_nbytes + img.raw_nbytes)))
@@ -163,7 +167,7 @@ class Calibration:
 
 
 def pack_all(units: list[Unit], backend, *, level: int | None, codec: str, raw_fraction, workers: int,
-             threads: int, calibration: Calibration):
+             threads: int, calibration: Calibration, checksums: bool = False):
     """Yield (unit, its UnitStore) for each of `units`, in order, packed on `threads` threads
     (the model computes nothing while a session opens, and zstd releases the GIL), a window
     of them in flight: that bounds the extra host RAM while packing (~1 GiB). The units kept
@@ -174,7 +178,7 @@ def pack_all(units: list[Unit], backend, *, level: int | None, codec: str, raw_f
     t0, largest = time.perf_counter(), max((u.raw_nbytes for u in units), default=1)
     with ThreadPoolExecutor(threads, thread_name_prefix="vzstream-pack") as pool:
         def submit(u, compress=True):
-            return pool.submit(pack_unit, u, backend, level, compress, codec)
+            return pool.submit(pack_unit, u, backend, level, compress, codec, checksums)
 
         fraction, sample = raw_fraction, {}
         if fraction == "auto":

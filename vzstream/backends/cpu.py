@@ -57,7 +57,7 @@ def image_jobs(image, slot: np.ndarray, what=lambda first, last: "the unit") -> 
             work = partial(image.expand_into, c, out[a * k : b * k], a, b)
             items.append((k * (b - a), what((c.start + a) * k, (c.start + b) * k), work))
     if image.raw_nbytes:
-        raw = image.arena.numpy()[image.raw_offset : image.raw_offset + image.raw_nbytes]
+        raw = image.host[image.raw_offset : image.raw_offset + image.raw_nbytes]
         work = partial(np.copyto, slot[image.coded_nbytes :][: image.raw_nbytes], raw)
         items.append((image.raw_nbytes, what(image.coded_nbytes, image.coded_nbytes + image.raw_nbytes), work))
     return chunk_jobs(items)

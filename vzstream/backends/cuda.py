@@ -284,7 +284,7 @@ class CudaBackend(Backend):
         raw, chunks = self._views_of_image(ticket.store, ticket.slot)
         if raw is not None:
             upload_many([raw])
-        staged = None if fetch.buffer is None else fetch.buffer
+        staged = fetch.buffer                    # zstd's decoded top planes; None: nothing staged
         for i, (copies, per_landing) in enumerate(chunks):
             k, self._next_landing = self._next_landing, (self._next_landing + 1) % LANDING_BUFFERS
             into, kernel, args = per_landing[k]
