@@ -100,10 +100,10 @@ class ModelSnapshot:
             assert set(mod.__dict__) == seen["dict_keys"], f"module `{fqn}`: __dict__ keys changed"
             for name, hooks in seen["hooks"].items():
                 assert dict(getattr(mod, name)) == hooks, f"module `{fqn}`: {name} changed"
-            params = {n: (id(p), _meta(p)) if p is not None else None for n, p in mod._parameters.items()}
-            for n, p in params.items():
-                if f"{fqn}.{n}".lstrip(".") not in skip:
-                    assert p == seen["params"][n], f"parameter `{fqn}.{n}` identity or metadata changed"
+            for n, p in mod._parameters.items():
+                if f"{fqn}.{n}".lstrip(".") not in skip:       # a skipped one may be a stand-in
+                    now_p = (id(p), _meta(p)) if p is not None else None
+                    assert now_p == seen["params"][n], f"parameter `{fqn}.{n}` identity or metadata changed"
             buffers = {n: _meta(b) if b is not None else None for n, b in mod._buffers.items()}
             assert buffers == seen["buffers"], f"module `{fqn}`: buffers changed"
         for name, hooks in self.global_hooks.items():

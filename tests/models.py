@@ -221,6 +221,30 @@ def hf_inputs(batch: int = 2, seq: int = 8, seed: int = 1) -> tuple[torch.Tensor
     return ids, kwargs
 
 
+PROMPT = "the capital of france is"
+
+
+def save_tiny_llama(path, tokenizer: bool = True):
+    """A tiny Llama directory as `save_pretrained` writes it (fp32 weights), with, if `tokenizer`,
+    a word-level tokenizer built offline (nothing is downloaded): the words of `PROMPT`, then
+    `w0`, `w1`, ... up to the model's vocabulary, so every generated id decodes to a word."""
+    import transformers as tf
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    config = hf_config("llama")
+    config.pad_token_id = 1
+    with seeded(0):
+        tf.LlamaForCausalLM(config).save_pretrained(path)
+    if tokenizer:
+        words = ["<unk>", "<pad>", *PROMPT.split()]
+        words += [f"w{i}" for i in range(VOCAB - len(words))]
+        core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
 # -- budget helpers ---------------------------------------------------------------------------------
 
 def numbers_in(message: str) -> list[int]:

@@ -122,10 +122,11 @@ def test_a_ctrl_c_while_stopping_the_workers_leaves_no_thread(where, monkeypatch
 
 def _hammer(calls: dict, errors: list, n: int = 150):
     """Run each of `calls` (name -> zero-argument call returning (output, reference)) n times
-    on its own thread; record every mismatch or error."""
+    on its own thread (under no_grad: grad mode is per thread); record every mismatch or error."""
     def run(name, call):
         try:
             for i in range(n):
+                torch.set_grad_enabled(False)
                 out, ref = call()
                 if not torch.equal(out, ref):
                     errors.append(f"{name} call {i}: wrong output")

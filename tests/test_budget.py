@@ -313,3 +313,63 @@ def test_explicit_activation_reserve_is_not_remeasured(reference):
         s(ids)
         s(ids)
         assert s.stats().units_streamed == 0          # the user's reserve stands
+
+
+# -- a growing KV cache (issue 15, item 9) --------------------------------------------------------
+
+def test_memory_growing_past_the_reserve_stops_the_next_pass_before_the_budget_is_crossed(reference):
+    """Memory outside vzstream's weights (a KV cache) grows between passes past what the traced
+    pass measured: the next pass raises ConfigError naming `activation_reserve` before it runs,
+    exactly at the byte where it would cross; once the memory is gone, passes run exact again.
+    Before, nothing checked: a long generation crossed the budget (or ran out of memory)."""
+    ids, _, ref_logits, _ = reference
+    model = _llama()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    activations = 4096
+    fb = vzstream.FakeBackend(activation_nbytes=activations)
+    budget = total // 2 + (64 << 10)
+    with vzstream.session(model, backend=fb, vram_budget=budget, prefetch=1) as s:
+        assert torch.equal(s(ids).logits, ref_logits)          # the traced pass measures
+        assert torch.equal(s(ids).logits, ref_logits)
+        room = budget - fb.device_nbytes - activations          # what may still grow
+        fb.held_nbytes = room
+        assert torch.equal(s(ids).logits, ref_logits)          # exactly at the budget: runs
+        fb.held_nbytes = room + 1
+        binds = [op for op in fb.ops if op[0] == "bind"]
+        with pytest.raises(vzstream.ConfigError, match="activation_reserve") as err:
+            s(ids)
+        assert f"at least {fb.held_nbytes + activations} bytes" in str(err.value)
+        assert [op for op in fb.ops if op[0] == "bind"] == binds     # the refused pass bound nothing
+        fb.held_nbytes = 0
+        assert torch.equal(s(ids).logits, ref_logits)
+
+
+def test_generate_reserves_the_kv_cache_that_max_new_tokens_implies(reference):
+    ids, gen_kwargs, _, ref_tokens = reference
+    model = _llama()
+    cfg = model.config
+    growth = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+              * 2 * ids.shape[0] * gen_kwargs["max_new_tokens"])
+    activations = 4096
+    fb = vzstream.FakeBackend(activation_nbytes=activations)
+    budget = _model_nbytes(model, "blocks") + activations + growth // 2   # all resident fits, not with the cache
+    with vzstream.session(model, backend=fb, vram_budget=budget) as s:
+        s(ids)
+        assert s.stats().units_streamed == 0
+        assert torch.equal(s.generate(ids, **gen_kwargs), ref_tokens)
+        assert s.member.needs.activation_reserve == activations + growth
+        assert s.stats().units_streamed > 0                        # units made room for the cache
+        assert fb.device_nbytes + activations + growth <= budget
+
+
+def test_generate_whose_cache_cannot_fit_says_so_before_running(reference):
+    ids, gen_kwargs, _, _ = reference
+    model = _llama()
+    fb = vzstream.FakeBackend(activation_nbytes=4096)
+    budget = named_minimum(model, units="blocks", prefetch=PREFETCH, activation_reserve=4096)
+    with vzstream.session(model, backend=fb, vram_budget=budget, prefetch=PREFETCH) as s:
+        s(ids)
+        binds = [op for op in fb.ops if op[0] == "bind"]
+        with pytest.raises(vzstream.ConfigError, match="new tokens for 2 sequence"):
+            s.generate(ids, **gen_kwargs)
+        assert [op for op in fb.ops if op[0] == "bind"] == binds

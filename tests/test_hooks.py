@@ -6,7 +6,8 @@ import torch
 from models import BlockFailure, Stack, TinyLM, build, make_input, stack_with_reference
 
 import vzstream
-from vzstream.hooks import bind_params, install, placeholder, remove, unbind_params
+from vzstream.hooks import bind_params, install, remove, unbind_params
+from vzstream.standin import adopt, disown, stand_in
 from vzstream.units import find_units
 
 
@@ -99,11 +100,11 @@ def test_release_and_pass_end_run_when_a_forward_raises():
     remove(handles)
 
 
-def test_placeholder_is_one_empty_tensor_per_dtype_and_device():
-    a = placeholder(torch.bfloat16, torch.device("cpu"))
-    assert a is placeholder(torch.bfloat16, torch.device("cpu"))
-    assert a.numel() == 0 and a.dtype == torch.bfloat16
-    assert placeholder(torch.float32, torch.device("cpu")) is not a
+def test_stand_in_has_the_true_shape_and_stores_one_element():
+    a = stand_in(torch.Size([3, 5]), torch.bfloat16, torch.device("cpu"))
+    assert a.shape == (3, 5) and a.dtype == torch.bfloat16 and a.stride() == (0, 0)
+    assert a.untyped_storage().nbytes() == 2
+    assert stand_in(torch.Size([7]), torch.bfloat16, torch.device("cpu")).data_ptr() == a.data_ptr()
 
 
 def test_bind_and_unbind_params():
@@ -111,27 +112,33 @@ def test_bind_and_unbind_params():
     params = list(model.blocks[0].named_parameters())
     views = [torch.full_like(p, 0.5) for _, p in params]
     ids = [id(p) for _, p in params]
-    bind_params(params, views)
-    assert all(p.data.data_ptr() == v.data_ptr() for (_, p), v in zip(params, views))
-    empties = [placeholder(p.dtype, p.device) for _, p in params]
-    unbind_params(params, empties)
-    assert all(p.numel() == 0 and p.dtype == v.dtype for (_, p), v in zip(params, views))
-    assert all(p.data is e or p.data.data_ptr() == e.data_ptr() for (_, p), e in zip(params, empties))
+    stand_ins = [adopt(p, n, p.device) for n, p in params]     # parks them
+    assert all(p.shape == v.shape and p.dtype == v.dtype for (_, p), v in zip(params, views))
+    with pytest.raises(vzstream.StreamedWeightError, match="`up.weight` is streamed"):
+        params[0][1].data
+    bind_params(params, views, stand_ins)
+    assert all(p.data.data_ptr() == v.data_ptr() and type(p) is torch.nn.Parameter for (_, p), v in zip(params, views))
+    unbind_params(params, stand_ins)
+    unbind_params(params, stand_ins)                           # released twice (a bind that failed): still fine
+    assert all(type(p) is not torch.nn.Parameter and isinstance(p, torch.nn.Parameter) for _, p in params)
+    for _, p in params:
+        disown(p)
+    assert all(type(p) is torch.nn.Parameter for _, p in params)
     assert [id(p) for _, p in params] == ids                 # same Parameter objects throughout
 
 
 # -- inside a session -------------------------------------------------------------------------
 
-def test_streamed_params_are_empty_between_uses_and_fail_loudly():
+def test_streamed_params_are_stand_ins_between_uses_and_fail_loudly():
     model = build(TinyLM, tied=True)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     with vzstream.session(model, device="cpu", prefetch=2) as s:
         s(ids)
         weight = model.blocks[1].up.weight
-        assert weight.numel() == 0 and isinstance(weight, torch.nn.Parameter)
+        assert weight.shape == (128, 64) and isinstance(weight, torch.nn.Parameter)
         assert model.embed.weight.shape == (256, 64)         # resident
         assert model.head.weight is model.embed.weight       # still tied
-        with pytest.raises(RuntimeError):
+        with pytest.raises(vzstream.StreamedWeightError):
             torch.nn.functional.linear(make_input(2, 64), weight)   # never another unit's bytes
 
 

@@ -551,8 +551,9 @@ def test_second_session_on_same_model_is_refused_and_first_keeps_working(snapsho
 
 
 def test_session_requires_a_module():
-    with pytest.raises(vzstream.VzstreamError, match="`model`"):
+    with pytest.raises(vzstream.ModelTypeError, match="`model` must be a torch.nn.Module; got function") as info:
         vzstream.session(lambda x: x)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, vzstream.VzstreamError)
 
 
 # -- stats ------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from importlib import metadata
 from . import codec  # noqa: F401 (importable, not advertised)
 from .backends import Backend, CpuBackend, FakeBackend  # noqa: F401
 from .config import SessionConfig  # noqa: F401
-from .errors import BackendUnavailableError, ConfigError, FormatError, TraceError, VzstreamError
+from .errors import (BackendUnavailableError, ConfigError, FormatError, MissingDependencyError, ModelTypeError,
+                     StreamedWeightError, TraceError, VzstreamError)
 from .generate import greedy  # noqa: F401
 from .orphans import restore
 from .pool import DevicePool
@@ -29,4 +30,5 @@ except metadata.PackageNotFoundError:   # a checkout on sys.path, not installed
 __all__ = [
     "session", "restore", "DevicePool", "Stats", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
+    "StreamedWeightError", "ModelTypeError", "MissingDependencyError",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from .config import SessionConfig, resolve_budget
+from .headroom import Headroom
 from .install import Installed, interrupts_deferred
 from .pipeline import Pipeline
 from .plan import Needs
@@ -43,7 +44,12 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
     measure = budgeted and cfg.activation_reserve is None and backend.measures_activations
     pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
     runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.prefetch, cache=cfg.cache, measure=measure)
-    return Member(units, Installed(model, units, backend), runtime, needs,
+    installed = Installed(model, units, backend)
+    runtime.undo_edits = installed.undo_edits
+    budget = pool.budget if pool.budget is not None else needs.cap
+    if budget is not None and backend.in_use() is not None:
+        runtime.headroom = Headroom(backend, budget)
+    return Member(units, installed, runtime, needs,
                   partial(pack_unit, backend=backend, level=cfg.level, coding=cfg.codec, checksums=cfg.verify == "stream"),
                   fit_pending=measure)
 

@@ -13,15 +13,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError, TraceError
+from .errors import ConfigError, ModelTypeError, TraceError
 from .store import storage_order
 
 _SHOWN = 3          # offending names an error spells out
 
 
+def check_module(model) -> None:
+    """Raise `ModelTypeError` unless `model` is an `nn.Module`: hooks, parameters and the restore
+    all work on modules, so a function or a pipeline object is refused before any option is read."""
+    if not isinstance(model, nn.Module):
+        hint = (" A Hugging Face pipeline holds its module as `.model`." if hasattr(model, "model") else "")
+        raise ModelTypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}. Pass the module "
+                             f"itself (e.g. from `AutoModelForCausalLM.from_pretrained(...)`).{hint}")
+
+
 def check_model(model: nn.Module, units_spec) -> None:
     """Raise `TraceError` (a parameter cannot be streamed and given back as it is) or
     `ConfigError` (`units` names modules whose hooks would never run); else return None."""
+    check_module(model)
     _check_owner(model)
     lazy, meta, layout, storages = [], [], [], {}
     for fqn, p in model.named_parameters():         # a tied parameter comes once, under its first name

@@ -22,8 +22,23 @@ class TraceError(VzstreamError, RuntimeError):
     """The model cannot be traced or streamed as asked (e.g. a second session on one model)."""
 
 
+class ModelTypeError(VzstreamError, TypeError):
+    """`model` is not a `torch.nn.Module` (a function, a pipeline, a state dict, ...)."""
+
+
 class BackendUnavailableError(VzstreamError, RuntimeError):
     """The requested device backend is not available on this machine (e.g. CUDA without a GPU)."""
 
 
-__all__ = ["VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError"]
+class MissingDependencyError(VzstreamError, ImportError):
+    """An optional dependency a feature needs is not installed (reading a packed file needs
+    `safetensors`: `pip install vzstream[hf]`)."""
+
+
+class StreamedWeightError(VzstreamError, RuntimeError):
+    """A streamed weight was used outside its module's forward (read, edited, converted, copied),
+    or a streamed pass ran with autograd on: inside a session the model is for inference only."""
+
+
+__all__ = ["VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
+           "StreamedWeightError", "ModelTypeError", "MissingDependencyError"]

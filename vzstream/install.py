@@ -1,6 +1,6 @@
 """Install: the reversible changes a session makes to the model, and how they are undone.
 
-`Installed` owns every change: streamed parameters swapped out for empty stand-ins (their
+`Installed` owns every change: streamed parameters swapped out for refusing stand-ins (their
 `Original`s kept on the unit), resident parameters and buffers moved to the device, the hooks
 that bind and release units, and moving a unit between resident and streamed when the plan
 changes. `restore()` puts everything back bit-exactly, on its original device; run it under
@@ -18,7 +18,7 @@ import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from . import hooks
+from . import hooks, standin
 from .decode import decode
 from .errors import FormatError, VzstreamError
 from .store import in_order, unpermute
@@ -41,25 +41,45 @@ class Installed:
         for (name, p), packed, perm in zip(unit.params, store.packed, store.perms):
             device = p.device if devices is None else devices[id(p)]
             unit.originals.append(Original(p, packed, perm, device, unit.fqn, name))
-            store.empties.append(hooks.placeholder(p.dtype, self.backend.device))
-            p.data = store.empties[-1]          # frees the original storage
+            store.stand_ins.append(standin.adopt(p, name, self.backend.device))  # frees the original storage
 
     def move_resident(self, unit) -> None:
         for _, p in unit.params:
-            unit.moved.append((p, p.device))
+            device = p.device
             p.data = self.backend.to_device(p.data)
+            unit.moved.append((p, device, p.data))      # what was placed: edits are undone to it
 
     def move_buffers(self) -> None:
         device = self.backend.device
         for mod in self.model.modules():
             for name, buf in mod._buffers.items():
                 if buf is not None and buf.device != device:
-                    self.buffers.append((mod, name, buf.device))
                     mod._buffers[name] = buf.to(device)
+                    self.buffers.append((mod, name, buf.device, mod._buffers[name]))
+
+    def undo_edits(self, warn: bool = False) -> None:
+        """Put back the resident tensors placed at open where something replaced them: a
+        conversion (`model.half()`) refused part-way by a streamed stand-in converts the
+        resident modules it reached first, and passes would then mix dtypes. Edits inside a
+        session are not supported; `warn`: say so, naming them (at exit)."""
+        changed = []
+        for unit in self.units:
+            for p, _, placed in unit.moved:
+                if p.data_ptr() != placed.data_ptr() or p.dtype != placed.dtype or p.shape != placed.shape:
+                    changed.append(p)
+                    p.data = placed
+        for mod, name, _, placed in self.buffers:
+            if mod._buffers.get(name) is not placed:
+                changed.append(name)
+                mod._buffers[name] = placed
+        if changed and warn:
+            log.warning("vzstream: %d resident parameter(s) or buffer(s) were replaced inside the session (a "
+                        "conversion or an edit); they are put back as they were at open: change the model "
+                        "before the session opens or after it closes", len(changed))
 
     def evict(self, unit, store) -> None:
         """A resident unit streams from now on, from `store` (packed from its device copy)."""
-        devices = {id(p): d for p, d in unit.moved}
+        devices = {id(p): d for p, d, _ in unit.moved}
         self.backend.account(-sum(unit.param_nbytes))
         unit.moved = []
         self.swap_out(unit, store, devices)
@@ -76,8 +96,9 @@ class Installed:
                 self.backend.account(-value.numel() * value.element_size())
             raise
         for orig, value in zip(unit.originals, values):
+            standin.disown(orig.param)
             orig.param.data = value
-            unit.moved.append((orig.param, orig.device))
+            unit.moved.append((orig.param, orig.device, value))
         unit.originals, unit.store, unit.streamed = [], None, False
 
     def hook(self, runtime) -> None:
@@ -94,18 +115,19 @@ class Installed:
         try:
             failed = restore_all(self.units, threads, free)
         finally:                                 # even after a failed restore
+            self.undo_edits(warn=True)
             for unit in self.units:
-                for p, device in unit.moved:
+                for p, device, _ in unit.moved:
                     p.data = self.backend.from_device(p.data, device)
                 unit.moved, unit.originals = [], []
-            for mod, name, device in self.buffers:
+            for mod, name, device, _ in self.buffers:
                 mod._buffers[name] = mod._buffers[name].to(device)
             self.buffers = []
         if failed:
             names = ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed)
             raise FormatError(
                 f"could not restore {len(failed)} parameter(s) from corrupt compressed data: {names} "
-                f"(left empty; every other parameter was restored). First error: {failed[0][1]}"
+                f"(each left as a stand-in that refuses any use; every other parameter was restored). First error: {failed[0][1]}"
             ) from failed[0][1]
 
 
@@ -129,6 +151,7 @@ class Original:
                 cause.__traceback__, cause = None, cause.__cause__ or cause.__context__
             raise FormatError(f"unit `{self.unit_fqn}`, tensor `{self.name}`: {exc}") from exc
         # Packed in memory order: undoing the permutation gives back the original strides.
+        standin.disown(self.param)
         try:
             moved = value.to(self.device)
         except Exception as exc:        # e.g. the device is out of memory: keep the weight, here
@@ -159,7 +182,8 @@ def restore_all(units: list, threads: int, free) -> list:
             for orig, future in zip(unit.originals, futures):
                 exc = future.exception()
                 if isinstance(exc, FormatError):
-                    failed.append((orig, exc))
+                    failed.append((orig, exc))      # it stays a stand-in, refusing any use, named so
+                    standin.name_it(orig.param, f"{orig.name} (not restored: corrupt compressed data)")
                 elif exc is not None:
                     errors.append(exc)
                 orig.packed = None
@@ -180,7 +204,7 @@ def _with_notes(error: BaseException, others: list, failed: list) -> BaseExcepti
         for exc in others:
             error.add_note(f"vzstream: also: {type(exc).__name__}: {exc}")
         if failed:
-            error.add_note("vzstream: also left empty, from corrupt compressed data: "
+            error.add_note("vzstream: also not restored (stand-ins refusing any use), from corrupt compressed data: "
                            + ", ".join(f"`{o.name}` of unit `{o.unit_fqn}`" for o, _ in failed))
     return error
 

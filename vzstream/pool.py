@@ -43,6 +43,7 @@ class Member:
     pack: Callable                  # unit -> its UnitStore (a unit that stops being resident)
     plan: MemoryPlan | None = field(default=None)
     fit_pending: bool = False       # plan again once the traced pass measured the activations
+    growth: int = 0                 # of the activation reserve: a generation's KV cache (expect_growth)
 
     def apply(self, plan: MemoryPlan, admit: bool) -> None:
         """Move units between resident and streamed as `plan` says: those that stop being
@@ -80,6 +81,11 @@ class DevicePool:
         self.members: list[Member] = []
         self.pending: list = []           # closes of collected sessions, waiting for the lock (`orphans`)
 
+    def __repr__(self) -> str:
+        count = len(self.members)
+        return (f"<vzstream.DevicePool on {self.backend.device}, {budget_text(self.budget)}, "
+                f"{count} open session{'' if count == 1 else 's'}>")
+
     @property
     def lock(self):
         return self.gate.lock
@@ -113,6 +119,22 @@ class DevicePool:
                         "streamed; keeping the plan. %s", needs.activation_reserve, exc)
             return
         member.needs = needs
+        self._apply(plans)
+
+    def expect_growth(self, member: Member, growth: int, what: str) -> None:
+        """A generation will grow the KV cache by `growth` bytes (`what` says why): under a budget,
+        on a device whose memory in use is known (CUDA; `Headroom`), reserve it now, planning
+        again (fewer units resident), or raise the ConfigError that says what fits, before
+        anything runs. Caller holds the lock."""
+        if growth <= member.growth or member.runtime.headroom is None:     # no budget, or memory not known
+            return
+        needs = replace(member.needs, activation_reserve=member.needs.activation_reserve - member.growth + growth)
+        try:
+            plans = self.plans([needs if m is member else m.needs for m in self.members])
+        except ConfigError as exc:
+            raise ConfigError(f"{what} needs {growth} bytes of KV cache on the device, which the budget cannot hold "
+                              f"besides the weights' slots: generate fewer tokens, or {exc}") from exc
+        member.growth, member.needs = growth, needs
         self._apply(plans)
 
     def _more_slots(self, member: Member, partial: bool = False) -> None:
@@ -212,7 +234,8 @@ class DevicePool:
                 yield
                 if member.fit_pending and runtime.activation_nbytes is not None:
                     member.fit_pending = False
-                    self.replan(member, replace(member.needs, activation_reserve=runtime.activation_nbytes))
+                    self.replan(member, replace(member.needs,
+                                                activation_reserve=runtime.activation_nbytes + member.growth))
                 self._more_slots(member)
             except BaseException as exc:
                 runtime.abort()
@@ -236,13 +259,21 @@ class DevicePool:
             return ""
         mine = sum(member.needs.sizes[u] for u in member.plan.resident)
         others = sum(m.needs.sizes[u] for m in self.members if m is not member for u in m.plan.resident)
-        budget = "no budget" if self.budget is None else f"budget {self.budget / 2**20:.1f} MiB"
-        return (f"pool ({budget}) shared by {len(self.members)} sessions: resident here "
+        return (f"pool ({budget_text(self.budget)}) shared by {len(self.members)} sessions: resident here "
                 f"{mine / 2**20:.1f} MiB, in the others {others / 2**20:.1f} MiB")
 
     @property
     def peak_device_nbytes(self) -> int:
         return self.backend.peak_device_nbytes
+
+
+def budget_text(budget: int | float | None) -> str:
+    """A budget (bytes, a share of the device, or None) as the reprs and a shared pool's `s.plan` show it."""
+    if budget is None:
+        return "no budget"
+    if isinstance(budget, float):
+        return f"budget {budget:.0%} of the device"
+    return f"budget {budget / 2**20:.1f} MiB"
 
 
 def _forget_views(member: Member) -> None:

@@ -29,7 +29,8 @@ from typing import ClassVar
 
 import torch
 
-from .errors import ConfigError, TraceError
+from . import standin
+from .errors import ConfigError, StreamedWeightError, TraceError
 from .gate import Gate
 from .hooks import bind_params, unbind_params
 from .pipeline import Pipeline, Ticket
@@ -77,6 +78,16 @@ def _refuse_capture() -> None:
             "into slots the next pass reuses. Capture the model outside the session, all resident, if you need to.")
 
 
+def _refuse_autograd() -> None:
+    """Autograd would save the bound weights for backward, and they leave with their unit: a
+    backward would read stand-ins or another unit's bytes in a reused slot."""
+    raise StreamedWeightError(
+        "the model was called with autograd on inside a vzstream session: its streamed weights leave after each "
+        "unit's forward, so a backward would read other weights. A session is for inference: call the model under "
+        "`torch.no_grad()` or `torch.inference_mode()` (`s(...)` and `s.generate(...)` do), and train or "
+        "backpropagate outside the session.")
+
+
 try:
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
 except ImportError:                          # a torch without Dynamo: nothing compiles
@@ -112,6 +123,9 @@ class Streamer:
         self.tickets: dict[int, Ticket] = {}    # in flight: requested, not yet bound
         self.held: dict[int, list] = {}         # unit -> [ticket, bind_count]
         self.pass_t0 = 0.0
+        self.undo_edits = None                  # Installed.undo_edits, run once a stand-in refused a use
+        self.headroom = None                    # under a budget, where memory in use is known (headroom.py)
+        self.refusals = standin.refusals
 
     def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool) -> None:
         """The ring to fetch into, and the plan's slot count (called while parked)."""
@@ -123,6 +137,8 @@ class Streamer:
     # -- passes -----------------------------------------------------------------------------
     def pass_start(self) -> None:
         _refuse_capture()
+        if torch.is_grad_enabled() and any(u.streamed for u in self.units.values()):
+            _refuse_autograd()
         gate = self.gate
         gate.reclaim_stale()                    # a direct call a Ctrl-C cut short, on any thread
         if gate.owner != threading.get_ident():
@@ -137,7 +153,12 @@ class Streamer:
                 "its own session after the outer call returns, or give the sessions separate `pool`s.")
         if self.in_pass:                        # the previous pass died without its end hook
             self.abort()
-        if self.measure and self.tracer.trace is None:
+        if self.refusals != standin.refusals and self.undo_edits is not None:
+            self.refusals = standin.refusals    # a conversion refused part-way: undo what it reached
+            self.undo_edits()
+        if self.headroom is not None and self.tracer.trace is not None:
+            self.headroom.check()               # raises before a pass that would cross the budget
+        if self.headroom is not None or (self.measure and self.tracer.trace is None):
             self.backend.begin_measure()
         self.in_pass = True
         self.tracer.start_pass()
@@ -165,6 +186,8 @@ class Streamer:
         self.in_pass = False
         self.counters.passes += 1
         self.counters.wall_s += time.perf_counter() - self.pass_t0
+        if self.headroom is not None:
+            self.headroom.ended(self.backend.end_measure())
         if self.tracer.end_pass():
             if self.measure:                    # the first traced pass: its activation peak
                 self.measure, self.activation_nbytes = False, self.backend.end_measure()
@@ -222,7 +245,7 @@ class Streamer:
         self.held[unit] = [ticket, 1]
         self.pipeline.wait(ticket)
         self.backend.wait(ticket)
-        bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot))
+        bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot), ticket.store.stand_ins)
 
     def release(self, unit: int) -> None:
         if self.in_pass:
@@ -244,7 +267,7 @@ class Streamer:
     def _release_slot(self, unit: int) -> None:
         ticket = self.held.pop(unit)[0]
         self.pipeline.settle(ticket)            # a wait interrupted by Ctrl-C leaves workers writing this slot
-        unbind_params(ticket.store.unit.params, ticket.store.empties)
+        unbind_params(ticket.store.unit.params, ticket.store.stand_ins)
         self.backend.release(ticket)
         self.ring.release(ticket.slot)
 

@@ -16,13 +16,14 @@ from functools import partial
 from torch import nn
 
 from .assemble import close_member, install_member, needs_of, new_member
-from .checks import check_model
+from .checks import check_model, check_module
 from .config import SessionConfig, available_cores, build_config
 from . import orphans
 from .errors import ConfigError, TraceError
 from .generate import cancellable, close_in_thread, greedy, hf_generate_kwargs, open_in_thread, stream_tokens
+from .headroom import kv_growth_nbytes
 from .plan import SessionPlan
-from .pool import DevicePool, Member
+from .pool import DevicePool, Member, budget_text
 from .stats import Stats, collect
 from .store import Calibration
 from .units import find_units
@@ -33,8 +34,7 @@ _open_params: "weakref.WeakValueDictionary[int, nn.Parameter]" = weakref.WeakVal
 
 def session(model: nn.Module, **options) -> "Session":
     """Stream `model`'s weights from compressed host RAM. Options: see `SessionConfig`."""
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    check_module(model)
     return Session(model, build_config(options))
 
 
@@ -46,6 +46,23 @@ class Session:
         self.backend, self.units, self.is_open = None, [], False
         self._cancels: set = set()   # cancel flags of running agenerate/stream calls
         self._final: tuple | None = None   # (Stats, SessionPlan) kept at close
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed" if self.backend is not None else "not opened yet"
+        where = f"on {self.backend.device}" if self.backend is not None else f"device {self.config.device}"
+        streamed = (f", {sum(u.streamed for u in self.units)} of {len(self.units)} units streamed"
+                    if self.is_open else "")
+        return (f"<vzstream.Session {type(self.model).__name__} {where}, {state}{streamed}, "
+                f"{budget_text(self.config.vram_budget)}, codec {self.config.codec.value}>")
+
+    @property
+    def device(self):
+        """The `torch.device` the model computes on (CUDA: with its index): put inputs there,
+        `input_ids.to(s.device)`. Known once the session is open, and kept after it closes."""
+        if self.backend is None:
+            raise TraceError("`device` is known once the session is open: read it inside "
+                             "`with vzstream.session(model) as s:`.")
+        return self.backend.device
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -135,6 +152,10 @@ class Session:
         with self._running():
             gen = getattr(self.model, "generate", None)
             if callable(gen):
+                ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+                growth = kv_growth_nbytes(self.model, ids, kwargs)
+                self.pool.expect_growth(self.member, growth, f"generating up to {kwargs.get('max_new_tokens')} new "
+                                                            f"tokens for {getattr(ids, 'shape', ['?'])[0]} sequence(s)")
                 return gen(*args, **kwargs)
             return greedy(self.model, *args, **kwargs)
 

@@ -41,7 +41,7 @@ class UnitStore:
     arena: torch.Tensor         # uint8 host buffer holding the image
     perms: list                 # per tensor: dim order it was packed in (storage order), or None
     image: Image
-    empties: list = dataclasses.field(default_factory=list)   # each parameter's placeholder (install)
+    stand_ins: list = dataclasses.field(default_factory=list)  # per parameter, from standin.adopt (install)
     crcs: list | None = None    # (arena offset, nbytes, crc32, its tensors) of each piece; None: not recorded
     _views: dict = dataclasses.field(default_factory=dict, repr=False)
     _verify: list | None = dataclasses.field(default=None, repr=False)

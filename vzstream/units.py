@@ -38,7 +38,7 @@ class Unit:
     param_nbytes: list[int] = field(init=False, default_factory=list)  # sizes as found (params get swapped later)
     store: object = field(default=None, repr=False)       # its UnitStore while it streams
     originals: list = field(default_factory=list, repr=False)   # install: how to restore each streamed param
-    moved: list = field(default_factory=list, repr=False)       # install: (param, original device) while resident
+    moved: list = field(default_factory=list, repr=False)       # install: (param, original device, placed) while resident
 
     def __post_init__(self) -> None:
         self.param_nbytes = [p.numel() * p.element_size() for _, p in self.params]

@@ -41,6 +41,10 @@ class Backend:
         """Bytes of activations the pass since `begin_measure` peaked at; None: not measurable."""
         return None
 
+    def in_use(self) -> int | None:
+        """Bytes allocated on the device now, by anything in this process; None: unknown."""
+        return None
+
     def prepare(self, prefetch: int, stores=()) -> None:
         """Size per-fetch resources (CUDA: staging slots, merge scratch) for `prefetch` fetches
         in flight of the units in `stores`."""

@@ -96,13 +96,17 @@ class CudaBackend(Backend):
     measures_activations = True
 
     def begin_measure(self) -> None:
-        # Host-side allocator queries: no GPU synchronisation. The peak is reset once, on the
-        # traced pass only (a user's own peak reading across that pass is moved by it).
+        # Host-side allocator queries: no GPU synchronisation. The peak is reset on the traced
+        # pass, and on every pass under a budget (`Headroom`): a user's own peak reading across
+        # a pass is moved by it.
         self._measure_base = self.cuda.memory_allocated(self.device)
         self.cuda.reset_peak_memory_stats(self.device)
 
     def end_measure(self) -> int | None:
         return max(0, self.cuda.max_memory_allocated(self.device) - self._measure_base)
+
+    def in_use(self) -> int | None:
+        return self.cuda.memory_allocated(self.device)
 
     def total_memory(self) -> int:
         return self.cuda.get_device_properties(self.device).total_memory

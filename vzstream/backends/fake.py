@@ -22,12 +22,16 @@ class FakeBackend(CpuBackend):
         self.activation_nbytes = activation_nbytes
         self.measures_activations = activation_nbytes is not None
         self._upload_gbps = upload_gbps    # pretend uploads run this fast (`raw_fraction="auto"`)
+        self.held_nbytes = 0               # pretend this much more stays allocated (a growing KV cache)
 
     def upload_gbps(self) -> float | None:
         return self._upload_gbps
 
     def end_measure(self) -> int | None:
         return self.activation_nbytes
+
+    def in_use(self) -> int | None:
+        return self.device_nbytes + self.held_nbytes if self.measures_activations else None
 
     def log(self, op: str, ticket) -> None:
         with self._log_lock:

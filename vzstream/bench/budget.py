@@ -13,6 +13,7 @@ import re
 import torch
 
 import vzstream
+from vzstream.headroom import kv_growth_nbytes
 
 from .common import greedy, median_time, report
 from .models import build_model, model_nbytes, prompt
@@ -55,10 +56,12 @@ def sweep(model, ids, ref, device: str, budgets: list[int], prefetch: int, token
     return rows
 
 
-def budget_points(model, device: str, prefetch: int, points: int) -> list[int]:
-    """`points` budgets from the planner's minimum to all resident (+1 MiB: slot alignment);
-    just the latter when streaming cannot fit in less (a ring of the largest unit)."""
-    lo, hi = minimum_budget(model, device, prefetch), model_nbytes(model) + (1 << 20)
+def budget_points(model, device: str, prefetch: int, points: int, cache_nbytes: int = 0) -> list[int]:
+    """`points` budgets from the planner's minimum to all resident (+1 MiB: slot alignment),
+    each with room for `cache_nbytes` of KV cache (what `s.generate` reserves on CUDA); just
+    the latter when streaming cannot fit in less (a ring of the largest unit)."""
+    lo = minimum_budget(model, device, prefetch) + cache_nbytes
+    hi = model_nbytes(model) + (1 << 20) + cache_nbytes
     if lo >= hi:
         return [hi]
     return [lo + (hi - lo) * i // (points - 1) for i in range(points)]
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
         model.to("cpu")
     rows = [dict(budget_mib="resident (no session)", units_resident="all", streamed_mib_per_pass=0,
                  peak_device_mib=model_nbytes(model) / 2**20, tokens_per_s=args.tokens / t_res, tokens_equal=True)]
-    budgets = budget_points(model, args.device, args.prefetch, args.points)
+    cache = kv_growth_nbytes(model, ids, {"max_new_tokens": args.tokens})
+    budgets = budget_points(model, args.device, args.prefetch, args.points, cache)
     rows += sweep(model, ids, ref, args.device, budgets, args.prefetch, args.tokens, args.repeat)
     columns = COLUMNS + (["cuda_peak_allocated_mib"] if torch.device(args.device).type == "cuda" else [])
     report("budget", rows, columns, vars(args), args.out)

@@ -48,6 +48,7 @@ import torch
 
 import vzstream
 from vzstream import calibrate
+from vzstream.headroom import kv_growth_nbytes
 
 from .common import greedy, report
 from .device import event_time_s, measure_merge, measure_pcie, profile_to, timed  # noqa: F401 (tests patch them here)
@@ -449,7 +450,8 @@ def bench_budget(run: Run, args) -> None:
         ref = greedy(model.generate, ids, args.slow_tokens)
     model.cpu()
     _free_gpu()
-    sweep(model, ids, ref, "cuda", budget_points(model, "cuda", 2, 3), 2, args.slow_tokens, 2,
+    cache = kv_growth_nbytes(model, ids, {"max_new_tokens": args.slow_tokens})
+    sweep(model, ids, ref, "cuda", budget_points(model, "cuda", 2, 3, cache), 2, args.slow_tokens, 2,
           on_row=lambda r: run.add(r, table="gpu_budget"))
 
 

@@ -1,8 +1,9 @@
 """Model presets for the demo and the benchmarks: Llama-architecture configs, random init.
 
 No weights are downloaded: models are built from configs with a fixed seed (or loaded from a
-local Hugging Face directory). Building directly in bf16 halves the time and the peak RAM
-(llama-3-8b would need 32 GB in fp32).
+local Hugging Face directory, in its checkpoint's dtype unless one is asked for). Presets are
+built directly in bf16 by default: that halves the time and the peak RAM (llama-3-8b would need
+32 GB in fp32).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import os
 
 import torch
+
+from vzstream.errors import ConfigError
 
 PRESETS = {
     # small: finishes the demo in well under a minute on 2 CPU cores
@@ -34,26 +37,42 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(name: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int | None = None,
+def build_model(name: str, *, dtype: torch.dtype | None = None, seed: int = 0, layers: int | None = None,
                 device: str | None = None):
-    """A preset (random init, seeded) or a local HF causal-LM directory, in eval mode. `device`:
-    build (and initialise) there: on a GPU an 8B model takes seconds, not minutes of serial CPU
-    init; the same seed gives the same weights on the same device."""
+    """A preset (random init, seeded; bf16 unless `dtype`) or a local HF causal-LM directory (its
+    checkpoint's dtype unless `dtype`), in eval mode. `device`: build (and initialise) there: on a
+    GPU an 8B model takes seconds, not minutes of serial CPU init; the same seed gives the same
+    weights on the same device. An unknown name raises ConfigError before anything is loaded."""
+    check_model_name(name)
     try:
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit("this needs transformers: pip install 'vzstream[hf]'") from exc
     if os.path.isdir(name):
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device).eval()
-    if name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or a local model directory")
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device).eval()
     kwargs = dict(PRESETS[name])
     if layers is not None:
         kwargs["num_hidden_layers"] = layers
     torch.manual_seed(seed)
-    with _default_dtype(dtype), torch.device(device or "cpu"):
+    with _default_dtype(dtype or torch.bfloat16), torch.device(device or "cpu"):
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
     return model.eval()
+
+
+def check_model_name(name: str) -> None:
+    """`name` is a preset or a Hugging Face model directory (it has a config.json); else ConfigError."""
+    if name in PRESETS:
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ConfigError(f"`MODEL` {name!r} has no config.json, so it is not a Hugging Face model directory; "
+                              f"pass the directory `save_pretrained` wrote.")
+        return
+    if os.sep in name or name.startswith((".", "~")) or os.path.exists(name):
+        raise ConfigError(f"`MODEL` {name!r}: no such directory. Pass a local Hugging Face model directory, "
+                          f"or a preset with --preset ({', '.join(PRESETS)}).")
+    raise ConfigError(f"`--preset` must be one of {', '.join(PRESETS)}, or `MODEL` a local Hugging Face model "
+                      f"directory; got {name!r}, which is neither.")
 
 
 def prompt(model, batch: int = 1, length: int = 16, seed: int = 0) -> torch.Tensor:
