@@ -16,6 +16,8 @@ from .errors import (BackendUnavailableError, ConfigError, FormatError, MissingD
                      StreamedWeightError, TraceError, VzstreamError)
 from .generate import greedy  # noqa: F401
 from .orphans import restore
+from .packread import PackedModel, open_packed  # noqa: F401
+from .packwrite import save
 from .pool import DevicePool
 from .session import Session, session  # noqa: F401
 from .stats import Stats
@@ -28,7 +30,7 @@ except metadata.PackageNotFoundError:   # a checkout on sys.path, not installed
 # What users call. `Session`, `SessionConfig`, `Backend`, `CpuBackend`, `codec` and `greedy`
 # stay importable (tests, custom backends) but are not advertised.
 __all__ = [
-    "session", "restore", "DevicePool", "Stats", "FakeBackend",
+    "session", "restore", "save", "open_packed", "DevicePool", "Stats", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
     "StreamedWeightError", "ModelTypeError", "MissingDependencyError",
 ]
