@@ -14,6 +14,7 @@ from .backends import Backend, CpuBackend, FakeBackend  # noqa: F401
 from .config import SessionConfig  # noqa: F401
 from .errors import (BackendUnavailableError, ConfigError, FormatError, MissingDependencyError, ModelTypeError,
                      StreamedWeightError, TraceError, VzstreamError)
+from .fromfile import load
 from .generate import greedy  # noqa: F401
 from .orphans import restore
 from .packread import PackedModel, open_packed  # noqa: F401
@@ -30,7 +31,7 @@ except metadata.PackageNotFoundError:   # a checkout on sys.path, not installed
 # What users call. `Session`, `SessionConfig`, `Backend`, `CpuBackend`, `codec` and `greedy`
 # stay importable (tests, custom backends) but are not advertised.
 __all__ = [
-    "session", "restore", "save", "open_packed", "DevicePool", "Stats", "FakeBackend",
+    "session", "load", "restore", "save", "open_packed", "DevicePool", "Stats", "FakeBackend",
     "VzstreamError", "ConfigError", "FormatError", "TraceError", "BackendUnavailableError",
     "StreamedWeightError", "ModelTypeError", "MissingDependencyError",
 ]

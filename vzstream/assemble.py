@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from .config import SessionConfig, resolve_budget
+from . import fromfile
 from .headroom import Headroom
 from .install import Installed, interrupts_deferred
 from .pipeline import Pipeline
@@ -35,16 +36,17 @@ def needs_of(model, units: list, cfg: SessionConfig, backend) -> Needs:
                  tuple(u.fqn for u in units), cfg.prefetch)
 
 
-def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: DevicePool) -> Member:
-    """The runtime, the install and the packer of one session; nothing is changed yet. Under a
-    budget with no reserve given, the traced pass measures the activations, and the pool plans
+def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: DevicePool, swapped=()) -> Member:
+    """The runtime, the install and the packer of one session; nothing is changed yet (but
+    `swapped`, the meta tensors a file's session replaced, which the install puts back). Under
+    a budget with no reserve given, the traced pass measures the activations, and the pool plans
     again with them after that call."""
     backend = pool.backend
     budgeted = needs.cap is not None or pool.budget is not None
     measure = budgeted and cfg.activation_reserve is None and backend.measures_activations
     pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
     runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.prefetch, cache=cfg.cache, measure=measure)
-    installed = Installed(model, units, backend)
+    installed = Installed(model, units, backend, list(swapped), keep=cfg.materialize)
     runtime.undo_edits = installed.undo_edits
     budget = pool.budget if pool.budget is not None else needs.cap
     if budget is not None and backend.in_use() is not None:
@@ -55,14 +57,21 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
 
 
 def install_member(member: Member, pool: DevicePool, plans: list, cfg: SessionConfig, calibration: Calibration,
-                   threads: int) -> None:
-    """Pack the streamed units, join the pool (the others make room first), move the resident
-    units and buffers to the device, and hook the model."""
+                   threads: int, packed=None) -> None:
+    """Pack the streamed units (or read them from `packed`, a file), join the pool (the others
+    make room first), move the resident units and buffers to the device, and hook the model."""
     backend, installed = pool.backend, member.installed
-    _pack(member, backend, cfg, calibration, threads)
+    if packed is None:
+        _pack(member, backend, cfg, calibration, threads)
+    else:
+        for unit in member.units:
+            if unit.streamed:
+                installed.swap_out(unit, fromfile.store(unit, packed, member.pack, cfg.verify == "stream"))
     pool.join(member, plans)
     for unit in member.units:
         if not unit.streamed:
+            if packed is not None:
+                fromfile.fill(unit, packed)         # decoded on the CPU, one unit at a time
             installed.move_resident(unit)
     installed.move_buffers()
     backend.prepare(cfg.prefetch, [u.store for u in member.units if u.streamed])

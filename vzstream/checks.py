@@ -28,9 +28,10 @@ def check_module(model) -> None:
                              f"itself (e.g. from `AutoModelForCausalLM.from_pretrained(...)`).{hint}")
 
 
-def check_model(model: nn.Module, units_spec) -> None:
+def check_model(model: nn.Module, units_spec, meta_ok: bool = False) -> None:
     """Raise `TraceError` (a parameter cannot be streamed and given back as it is) or
-    `ConfigError` (`units` names modules whose hooks would never run); else return None."""
+    `ConfigError` (`units` names modules whose hooks would never run); else return None.
+    `meta_ok`: the weights come from a file (`fromfile` checks the meta tensors against it)."""
     check_module(model)
     _check_owner(model)
     lazy, meta, layout, storages = [], [], [], {}
@@ -39,6 +40,9 @@ def check_model(model: nn.Module, units_spec) -> None:
             lazy.append(fqn)
         elif p.is_meta:
             meta.append(fqn)
+        elif meta_ok:
+            raise ConfigError(f"`weights` opens a model built on the meta device; `{fqn}` is on {p.device}. Build the "
+                              f"model under `torch.device(\"meta\")`, or leave `weights` unset to stream its own weights.")
         else:
             problems = [x for x in (_layout_problem(p), _shared_problem(p, fqn, storages)) if x]
             if problems:
@@ -53,7 +57,7 @@ def check_model(model: nn.Module, units_spec) -> None:
             f"`model` has uninitialised parameters or buffers of a lazy module ({_names(lazy)}): they have no "
             f"shape or data to stream yet. Run one forward with a real input first (`model(x)`), then open the "
             f"session.")
-    if meta:
+    if meta and not meta_ok:
         raise TraceError(
             f"`model` has parameters or buffers on the meta device, with no data to stream ({_names(meta)}). "
             f"Load the weights first (e.g. `model.load_state_dict(state_dict, assign=True)`), then open the session.")

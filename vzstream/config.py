@@ -146,6 +146,8 @@ class SessionConfig:
     activation_reserve: Any = None  # bytes kept free for activations under a budget; None = measured (CUDA) or 0
     pool: Any = None                # a DevicePool shared by several sessions
     backend: Any = None             # a Backend instance (tests: FakeBackend); overrides `device`
+    weights: Any = None             # a packed file (`vzstream.save`) to open a meta-device model from
+    materialize: bool = False       # with `weights`: keep the weights (on the CPU) after the session
 
     def __post_init__(self) -> None:
         self._check_device()
@@ -163,6 +165,15 @@ class SessionConfig:
             object.__setattr__(self, "activation_reserve", parse_nbytes(self.activation_reserve, "activation_reserve"))
         self._check_switch_interval()
         self._check_raw_fraction()
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
+            raise ConfigError(f"`weights` must be the path of a packed model (`vzstream.save` wrote it) or None; "
+                              f"got {type(self.weights).__name__}.")
+        if not isinstance(self.materialize, bool) or (self.materialize and self.weights is None):
+            raise ConfigError(f"`materialize` must be a bool, and True only with `weights` (it keeps the weights read "
+                              f"from the file after the session); got {self.materialize!r} with weights={self.weights!r}.")
 
     def _check_device(self) -> None:
         object.__setattr__(self, "device", check_device(self.device))

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import hooks, standin
 from .decode import decode
+from .fromfile import put_back
 from .errors import FormatError, VzstreamError
 from .store import in_order, unpermute
 
@@ -29,10 +30,13 @@ log = logging.getLogger("vzstream")
 class Installed:
     """What a session changed on `model`, unit by unit, and the way back."""
 
-    def __init__(self, model, units: list, backend) -> None:
+    def __init__(self, model, units: list, backend, swapped: list | None = None, keep: bool = False) -> None:
         self.model, self.units, self.backend = model, units, backend
-        self.buffers: list = []      # (module, name, original device)
+        self.buffers: list = []      # (module, name, original device, placed)
         self.handles: list = []
+        # Opened from a file: the meta tensors to put back (`fromfile.swap_in`), unless `keep`
+        # (materialize=True): then the weights are decoded back and stay.
+        self.swapped, self.keep = swapped or [], keep
 
     def swap_out(self, unit, store, devices: dict | None = None) -> None:
         """`unit` streams from `store`: free its parameters (remembering how to restore them).
@@ -112,6 +116,9 @@ class Installed:
         """Every parameter and buffer back; a corrupt unit does not stop the others. `free(unit)`
         is called once a streamed unit's parameters are back."""
         self.unhook()
+        if self.swapped and not self.keep:
+            self._discard(free)
+            return
         try:
             failed = restore_all(self.units, threads, free)
         finally:                                 # even after a failed restore
@@ -129,6 +136,26 @@ class Installed:
                 f"could not restore {len(failed)} parameter(s) from corrupt compressed data: {names} "
                 f"(each left as a stand-in that refuses any use; every other parameter was restored). First error: {failed[0][1]}"
             ) from failed[0][1]
+
+
+    def _discard(self, free) -> None:
+        """Opened from a file: drop what was read from it and put the meta tensors back (the
+        model is as it was built); nothing is decoded."""
+        try:
+            for unit in self.units:
+                for orig in unit.originals:
+                    standin.disown(orig.param)
+                for _, _, placed in unit.moved:
+                    self.backend.account(-placed.numel() * placed.element_size())
+                streamed, unit.originals, unit.moved = bool(unit.originals), [], []
+                if streamed:
+                    free(unit)
+            for mod, name, device, _ in self.buffers:   # buffers that were not meta go back as usual
+                mod._buffers[name] = mod._buffers[name].to(device)
+            self.buffers = []
+        finally:
+            put_back(self.swapped)
+            self.swapped = []
 
 
 class Original:

@@ -23,7 +23,7 @@ from . import codec
 from . import packfile as pf
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .image import Image, ImageTensor
-from .store import UnitStore, unpermute
+from .store import UnitStore, piece_crcs, unpermute
 from .units import align, unit_nbytes
 
 
@@ -75,6 +75,7 @@ class PackedModel:
             missing = [f for f, _ in want if f not in {u.fqn for u in self.units}]
             raise FormatError(f"the shards hold {len(have)} units, the save {len(want)}; missing: {missing[:4]} "
                               f"(a shard is missing, or from another save)")
+        self.unit_names = {u.fqn for u in self.units}
         self.resident, self.buffers = list(model["resident"]), list(model["buffers"])
         if set(self.raw) != set(self.resident + self.buffers):
             missing = sorted(set(self.resident + self.buffers) - set(self.raw))
@@ -107,7 +108,7 @@ class PackedModel:
         """`unit`'s wire image over its arena read from the file, and an ImageTensor per tensor."""
         return pf.build_image(unit, self.read_arena(unit, alloc, mmap))
 
-    def unit_store(self, unit, backend, mmap: bool = False) -> UnitStore:
+    def unit_store(self, unit, backend, mmap: bool = False, checksums: bool = False) -> UnitStore:
         """The UnitStore a session streams `unit` (a `units.Unit` of the model being opened) from,
         its arena in `backend.host_buffer` memory. A unit whose tensors differ from the file's
         (names, shapes, dtypes) or a backend of another slot alignment is a FormatError."""
@@ -119,8 +120,11 @@ class PackedModel:
             raise FormatError(f"unit `{unit.fqn}`: the model's (name, shape, dtype) differ from the file's: "
                               f"{'; '.join(diffs[:3])} (alignment {backend.alignment} vs {self.alignment})")
         image, packed = self.unit_image(rec, backend.host_buffer, mmap)
-        return UnitStore(unit, packed, [t.offset for t in rec.tensors], unit_nbytes(unit, backend.alignment),
-                         image.arena, [t.perm for t in rec.tensors], image=image)
+        store = UnitStore(unit, packed, [t.offset for t in rec.tensors], unit_nbytes(unit, backend.alignment),
+                          image.arena, [t.perm for t in rec.tensors], image=image)
+        if checksums:                       # verify="stream": per piece, over the bytes just checked whole
+            store.crcs = piece_crcs(store)
+        return store
 
     def read_raw(self, name: str) -> torch.Tensor:
         """A tensor stored raw (a resident parameter or a buffer), crc32 checked."""

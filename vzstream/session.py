@@ -18,7 +18,7 @@ from torch import nn
 from .assemble import close_member, install_member, needs_of, new_member
 from .checks import check_model, check_module
 from .config import SessionConfig, available_cores, build_config
-from . import orphans
+from . import fromfile, orphans
 from .errors import ConfigError, TraceError
 from .generate import cancellable, close_in_thread, greedy, hf_generate_kwargs, open_in_thread, stream_tokens
 from .headroom import kv_growth_nbytes
@@ -66,7 +66,8 @@ class Session:
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> "Session":
-        self.open()
+        if not self.is_open:                  # `vzstream.load` returns an open session
+            self.open()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,13 +82,14 @@ class Session:
 
     def open(self) -> None:
         _check_not_open(self.model)
-        check_model(self.model, self.config.units)       # layouts, meta, lazy, unit modules: refused here
+        packed, self.config = fromfile.open_weights(self.config)     # the file's codec and units
+        check_model(self.model, self.config.units, meta_ok=packed is not None)   # layouts, meta, lazy, units
         self.pool = pool = _device_pool(self.config)      # fails before anything is allocated
         self.backend, self._final = pool.backend, None
         self.config = dataclasses.replace(self.config, codec=self.config.codec.resolve(pool.backend.name))
         with pool.gate.held(None):
             try:
-                self._open_locked(pool)
+                self._open_locked(pool, packed)
             except BaseException:
                 self._close_locked()
                 raise
@@ -95,17 +97,24 @@ class Session:
         orphans.watch(self, self.model, pool, partial(_close_parts, self.model, self.member, pool,
                                                       self.config.pool is None, self._host_threads(), None))
 
-    def _open_locked(self, pool: DevicePool) -> None:
+    def _open_locked(self, pool: DevicePool, packed) -> None:
         cfg = self.config
-        self.units = find_units(self.model, cfg.units)
-        needs = needs_of(self.model, self.units, cfg, pool.backend)
-        plans = pool.plans([m.needs for m in pool.members] + [needs])      # a budget error: nothing done yet
-        for unit in self.units:
-            unit.streamed = unit.index not in plans[-1].resident
+        swapped = fromfile.swap_in(self.model, packed) if packed is not None else []
+        try:
+            self.units = find_units(self.model, cfg.units)
+            if packed is not None:
+                fromfile.check_units(self.units, packed)
+            needs = needs_of(self.model, self.units, cfg, pool.backend)
+            plans = pool.plans([m.needs for m in pool.members] + [needs])      # a budget error: nothing done yet
+            for unit in self.units:
+                unit.streamed = unit.index not in plans[-1].resident
+            self.member = new_member(self.model, self.units, needs, cfg, pool, swapped)
+        except BaseException:
+            fromfile.put_back(swapped)
+            raise
         _open_models.add(self.model)
         _open_params.update((id(p), p) for p in self.model.parameters())
-        self.member = new_member(self.model, self.units, needs, cfg, pool)
-        install_member(self.member, pool, plans, cfg, self.calibration, self._host_threads())
+        install_member(self.member, pool, plans, cfg, self.calibration, self._host_threads(), packed)
 
     def close(self) -> None:
         """Restore the model exactly as it was. Safe to call twice, and after a failed open."""

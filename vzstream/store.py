@@ -137,11 +137,11 @@ def pack_unit(unit: Unit, backend, level: int | None, compress: bool = True, cod
     store = UnitStore(unit, entries, [e.slot_offset for e in entries], unit_nbytes(unit, backend.alignment),
                       img.arena, [o for _, o in ordered], image=img)
     if checksums:                        # `verify="stream"` only: a crc32 pass over the arena at open
-        store.crcs = _piece_crcs(store)
+        store.crcs = piece_crcs(store)
     return store
 
 
-def _piece_crcs(store: UnitStore) -> list:
+def piece_crcs(store: UnitStore) -> list:
     """(arena offset, nbytes, crc32, the tensors it holds) of each piece of the image: a chunk,
     the raw area. ~1 GB/s of zlib.crc32 on a slow core, at pack, where zstd costs more."""
     img, arena, k = store.image, store.image.host, store.image.itemsize
