@@ -1,7 +1,9 @@
-"""Command line: `python -m vzstream [--version] demo | inspect | bench NAME`, the `vzstream` script.
+"""Command line: `python -m vzstream [--version] demo | inspect | pack | bench NAME`, the `vzstream` script.
 
 `demo` is the main job: build or load a Llama-architecture model, generate greedily resident and
-streamed, and show what streaming cost and saved. `inspect` prints the plan a session would make.
+streamed, and show what streaming cost and saved. `inspect` prints the plan a session would make,
+or what a packed file holds (`--verify`: checks every checksum). `pack` packs a Hugging Face
+checkpoint into a packed file, tensor by tensor (`packhf.py`).
 
 A user error (a bad option, no such directory, no GPU) prints one line, `vzstream: error: ...`, on
 stderr and exits with 2; `--verbose` anywhere shows its traceback instead. Every option is checked
@@ -13,22 +15,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
-import threading
 import time
+from pathlib import Path
 
-import psutil
 import torch
 
 from . import __version__
+from . import packfile as pf
 from .backends import make_backend
+from .bench.common import PeakRss, rss
 from .bench.models import build_model, check_model_name, prompt
 from .config import SessionConfig
 from .errors import ConfigError, VzstreamError
+from .packhf import pack_checkpoint
+from .packread import open_packed
 from .session import session
 
-BENCHES = ("codec", "session", "budget", "gpu", "soak")
-USAGE = ("usage: python -m vzstream [--version] {demo | inspect | bench " + "|".join(BENCHES) + "} [options] "
+BENCHES = ("codec", "session", "budget", "gpu", "soak", "file")
+USAGE = ("usage: python -m vzstream [--version] {demo | inspect | pack | bench " + "|".join(BENCHES) + "} [options] "
          "[--verbose]   (-h after a command for its options; --verbose shows an error's traceback)")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MIB = 1 << 20
@@ -61,6 +67,8 @@ def _dispatch(argv: list[str]) -> int:
         return demo(rest)
     if cmd == "inspect":
         return inspect(rest)
+    if cmd == "pack":
+        return pack(rest)
     if cmd == "bench" and rest and rest[0] in BENCHES:
         return importlib.import_module(f"vzstream.bench.{rest[0]}").main(rest[1:]) or 0
     print(USAGE, file=sys.stderr)
@@ -123,7 +131,7 @@ def demo(argv) -> int:
     model = _load(args)
     tokenizer = _tokenizer(args.model)
     ids = _prompt_ids(model, tokenizer, args)
-    rss_model = _rss()
+    rss_model = rss()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
           f"{_nbytes(model) / MIB:.1f} MiB in {dtype}; host RSS {rss_model / MIB:.0f} MiB")
@@ -140,14 +148,14 @@ def demo(argv) -> int:
     with session(model, backend=backend, **options) as s:
         _timed_generate(s.generate, ids.to(s.device), 2, pad)                # first pass learns the trace
         before = s.stats()
-        with _PeakRss() as rss:
+        with PeakRss() as peak:
             out, t_str = _timed_generate(s.generate, ids.to(s.device), args.tokens, pad)
         st, pinned = s.stats(), getattr(getattr(backend, "heap", None), "nbytes", None)
     stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
     same = torch.equal(out.cpu(), ref.cpu())
     print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}, codec={s.config.codec.value}): "
           f"{_new_tokens(out, ids) / t_str:.1f} tokens/s, stall {100 * stall:.1f}% of forward time")
-    _print_memory(st, dtype, device, rss_model, rss.peak, pinned)
+    _print_memory(st, dtype, device, rss_model, peak.peak, pinned)
     if tokenizer is not None:
         print(f"text: {tokenizer.decode(out[0].cpu(), skip_special_tokens=True)!r}")
     print(f"tokens identical to the resident run: {'yes' if same else 'NO'}")
@@ -210,34 +218,13 @@ def _nbytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-class _PeakRss:
-    """The process's peak RSS over a `with` block, sampled every 5 ms on a thread: one reading
-    after the run misses the slots and decode buffers that exist only while it runs."""
-
-    def __enter__(self) -> "_PeakRss":
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
 # -- inspect ------------------------------------------------------------------------------------
 
 def inspect(argv) -> int:
     """What a session would do with a model: units, resident/streamed and why, packed sizes."""
+    target = next((a for a in argv if not a.startswith("-")), None)
+    if target is not None and _is_packed(target):
+        return inspect_file(argv)
     ap = _Parser(prog="python -m vzstream inspect", description=inspect.__doc__)
     _model_args(ap, "zstd", "zstd or nibble: the packed sizes of either")
     ap.add_argument("--vram-budget", default=None, help="e.g. 6GiB: plan as under this budget")
@@ -254,3 +241,110 @@ def inspect(argv) -> int:
           f"(ratio {st.ratio:.3f}, codec {args.codec}); planned on the CPU backend (slot alignment, and "
           f"on CUDA the landing buffers a budget must hold, differ)")
     return 0
+
+
+def _is_packed(path: str) -> bool:
+    """Whether `path` names a packed model (a directory holding a save, its index or a shard)
+    rather than a Hugging Face directory or a preset."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / pf.INDEX_NAME).is_file() or any(p.glob("vzstream-*.safetensors"))
+    return p.is_file() and (p.name == pf.INDEX_NAME or p.suffix == ".safetensors")
+
+
+def inspect_file(argv) -> int:
+    """What a packed file holds: per unit its parameters, raw and packed MiB, ratio and codec;
+    resident parameters and buffers (stored raw); totals and the format version."""
+    ap = _Parser(prog="python -m vzstream inspect", description=inspect_file.__doc__)
+    ap.add_argument("path", metavar="FILE_OR_PACKED_DIR", help="a directory `vzstream.save`/`pack` wrote, its index or a shard")
+    ap.add_argument("--verify", action="store_true", help="decode every tensor and check every checksum")
+    args = ap.parse_args(argv)
+    packed = open_packed(args.path)
+    rows = [_row(u.fqn, u.tensors, u.nbytes, u.coding or "raw") for u in packed.units]
+    for what, names in (("(resident parameters)", packed.resident), ("(buffers)", packed.buffers)):
+        if names:
+            records = [packed.raw[n] for n in names]
+            rows.append(_row(what, records, sum(t.nbytes for t in records), "raw"))
+    rows.append(_row("total", [], sum(r["packed"] for r in rows), "", sum(r["numel"] for r in rows),
+                     sum(r["raw"] for r in rows)))
+    disk = sum(f.stat().st_size for f in packed.files)
+    config = packed.config or {}
+    arch = (config.get("architectures") or [config.get("model_type") or "a model without a Hugging Face config"])[0]
+    print(f"{args.path}: vzstream format version {pf.VERSION}, {len(packed.files)} shard(s), {disk / MIB:.1f} MiB on "
+          f"disk; {arch}, codec {packed.codec}, units {packed.units_spec}")
+    print(_text_table(rows))
+    if args.verify:
+        num_tensors = len(packed.tensors())      # reads and decodes all; a mismatch is a FormatError
+        print(f"verify: OK: metadata, every arena and all {num_tensors} tensors match their checksums")
+    return 0
+
+
+def _row(name: str, tensors, packed_nbytes: int, codec: str, numel: int | None = None, raw: int | None = None) -> dict:
+    numel = sum(math.prod(t.shape) for t in tensors) if numel is None else numel
+    raw = sum(t.nbytes for t in tensors) if raw is None else raw
+    return dict(name=name, numel=numel, raw=raw, packed=packed_nbytes, codec=codec)
+
+
+def _text_table(rows: list[dict]) -> str:
+    cells = [["unit", "params", "raw MiB", "packed MiB", "ratio", "codec"]]
+    cells += [[r["name"], f"{r['numel'] / 1e6:.2f}M", f"{r['raw'] / MIB:.2f}", f"{r['packed'] / MIB:.2f}",
+               f"{r['raw'] / r['packed']:.3f}" if r["packed"] else "-", r["codec"]] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in cells)
+
+
+# -- pack ---------------------------------------------------------------------------------------
+
+def pack(argv) -> int:
+    """Pack a local Hugging Face model directory (config.json, *.safetensors, sharded or not)
+    into a packed file, tensor by tensor: the model is never whole in host RAM."""
+    ap = _Parser(prog="python -m vzstream pack", description=pack.__doc__)
+    ap.add_argument("src", metavar="SRC_DIR", help="a local Hugging Face model directory")
+    ap.add_argument("out", metavar="OUT", help="the directory to write (shards and vzstream.index.json)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="cast the floating weights (default: the dtype from_pretrained loads, config.json's)")
+    ap.add_argument("--codec", default="zstd", help="zstd (default: stores the least) or nibble (fastest on a GPU)")
+    ap.add_argument("--units", default="blocks", help="blocks (default) or leaves: as the sessions will stream it")
+    ap.add_argument("--shard-size", default="1GiB", help="largest shard file (default 1GiB)")
+    args = ap.parse_args(argv)
+    bar, t0 = _ProgressLine(sys.stderr), time.perf_counter()
+    try:
+        index = pack_checkpoint(args.src, args.out, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+                                codec=args.codec, units=args.units, max_shard_nbytes=args.shard_size, progress=bar)
+    finally:
+        bar.close()
+    packed = open_packed(index)
+    raw = sum(t.nbytes for u in packed.units for t in u.tensors)
+    stored = sum(u.nbytes for u in packed.units)
+    print(f"packed {args.src} into {index.parent}: {len(packed.units)} units, {raw / MIB:.1f} MiB -> {stored / MIB:.1f} "
+          f"MiB ({raw / max(stored, 1):.3f}x, codec {packed.codec}) + {len(packed.raw)} tensors stored raw, in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+class _ProgressLine:
+    """`progress` for `pack_checkpoint`: one line on `stream`, rewritten in place, on a TTY only
+    (piped output stays clean)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.on = stream, stream.isatty()
+        self.t0, self.shown, self.drawn = time.perf_counter(), float("-inf"), False
+
+    def __call__(self, done_nbytes: int, total_nbytes: int, units_done: int, num_units: int) -> None:
+        now = time.perf_counter()
+        if not done_nbytes:                     # the first call: reading starts now
+            self.t0 = now
+        if not self.on or (now - self.shown < 0.2 and done_nbytes < total_nbytes):
+            return
+        self.shown, self.drawn = now, True
+        rate = done_nbytes / max(now - self.t0, 1e-9)
+        eta = f"{(total_nbytes - done_nbytes) / rate:.0f} s" if rate else "?"
+        self.stream.write(f"\rpacking: {units_done}/{num_units} units, {done_nbytes / MIB:.0f}/{total_nbytes / MIB:.0f} "
+                          f"MiB, {rate / MIB:.0f} MiB/s, ETA {eta}\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -2,16 +2,19 @@
 docs/format.md specifies, for a session to open later without packing.
 
 From an open session its stores are written as they are; from a module, each unit is packed as a
-session would pack it (`store.pack_all`, with no unit kept raw for speed). Shards are written whole, one at a
-time, once they are full: the extra host RAM a save holds is one shard, never the model. The
-container is written here, not by safetensors' writer, which needs a file's tensors all at once
-and cannot place the data 64-byte aligned; `packread.py` parses it with safetensors.
+session would pack it (`store.pack_all`, with no unit kept raw for speed). `packhf.py` writes
+through `write` too, packing a checkpoint unit by unit. Each arena and raw tensor goes to disk as
+it comes and only its record stays: the extra host RAM a save holds is the unit or tensor being
+written, never a shard (a shard's header, which comes first, is written once the shard is full).
+The container is written here, not by safetensors' writer, which needs a file's tensors all at
+once and cannot place the data 64-byte aligned; `packread.py` parses it with safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import uuid
 import zlib
@@ -46,22 +49,28 @@ def save(source, path, *, codec: str | None = None, units=None, level: int | Non
     if session is None and model in _open_models:
         raise ConfigError("`source` has an open vzstream session, which holds its weights: save the session "
                           "(`vzstream.save(s, path)`), or the model once the session is closed.")
-    cfg = _config(session, codec, units, level)
-    limit = parse_nbytes(max_shard_nbytes, "max_shard_nbytes")
-    if limit < pf.DATA_ALIGNMENT:
-        raise ConfigError(f"`max_shard_nbytes` must be at least {pf.DATA_ALIGNMENT} bytes; got {max_shard_nbytes!r}.")
+    cfg = file_config(codec, units, level, session)
+    limit = shard_limit(max_shard_nbytes)
     if session is not None and session.is_open:
         with session.pool.gate.held(None):             # no call moves a unit while the save reads it
-            return _write(model, Path(path), cfg, *_session_parts(session, cfg), limit)
+            return write(model, Path(path), cfg, *_session_parts(session, cfg), limit)
     check_model(model, cfg.units)                      # what a session would refuse to give back as found
     found = find_units(model, cfg.units)
     stores = pack_all([u for u in found if u.streamed], CpuBackend(), level=cfg.level, codec=cfg.codec, raw_fraction=0.0,
                       workers=1, threads=min(16, available_cores()), calibration=Calibration())
     raw_params = [(n, p.detach()) for u in found if not u.streamed for n, p in u.params]
-    return _write(model, Path(path), cfg, found, {u.index for u in found if u.streamed}, stores, raw_params, limit)
+    return write(model, Path(path), cfg, found, {u.index for u in found if u.streamed}, stores, raw_params, limit)
 
 
-def _config(session, codec, units, level) -> SessionConfig:
+def shard_limit(max_shard_nbytes) -> int:
+    """`max_shard_nbytes` (a size) in bytes, checked."""
+    limit = parse_nbytes(max_shard_nbytes, "max_shard_nbytes")
+    if limit < pf.DATA_ALIGNMENT:
+        raise ConfigError(f"`max_shard_nbytes` must be at least {pf.DATA_ALIGNMENT} bytes; got {max_shard_nbytes!r}.")
+    return limit
+
+
+def file_config(codec, units, level, session=None) -> SessionConfig:
     """The codec, units and level of the file, checked as `session()` checks them."""
     given = {"codec": codec, "units": units, "level": level}
     if session is not None:
@@ -90,7 +99,13 @@ def _session_parts(session, cfg: SessionConfig) -> tuple:
     return found, packed, stores, raw_params
 
 
-def _write(model: nn.Module, directory: Path, cfg: SessionConfig, found, packed, stores, raw_params, limit) -> Path:
+def write(model: nn.Module, directory: Path, cfg: SessionConfig, found, packed, stores, raw_params, limit,
+          load=None) -> Path:
+    """Write the file of `model` (its structure, buffers and config) into `directory`: the units
+    `found` grouped by `cfg.units`, of which those whose index is in `packed` are stored packed,
+    from `stores` ((unit, UnitStore) pairs, taken one at a time), and `raw_params` (name,
+    tensor) stored raw. `load(name, t)` gives a raw tensor's values when it is written (default:
+    `t`; on `meta` until then, it needs only its dtype and shape). Returns the index's path."""
     names, buffers = _names(model, found, packed)
     tensors = [t for _, t in raw_params + buffers] + [p for u in found for _, p in u.params]
     unsupported = sorted({str(t.dtype) for t in tensors if pf.dtype_name(t.dtype) is None})
@@ -107,8 +122,10 @@ def _write(model: nn.Module, directory: Path, cfg: SessionConfig, found, packed,
     try:
         for unit, store in stores:
             writer.add_unit(unit, store)
-        for name, t in raw_params + buffers:
-            writer.add_raw(name, t)
+            del store                   # before the next is packed: a store written is not kept
+        # Largest element first: each raw tensor then starts at a multiple of its element size.
+        for name, t in sorted(raw_params + buffers, key=lambda r: -r[1].element_size()):
+            writer.add_raw(name, t if load is None else load(name, t))
         return writer.finish()
     except BaseException:
         writer.discard()
@@ -146,60 +163,68 @@ def _model_config(model: nn.Module) -> dict | None:
 
 
 class _ShardWriter:
-    """Collects arenas and raw tensors until a shard is full, then writes it whole."""
+    """Appends each arena and raw tensor to the data file of the shard being filled, keeping only
+    its record; once the shard is full, writes its header and then its data behind it."""
 
     def __init__(self, directory: Path, head: dict, limit: int) -> None:
         self.directory, self.head, self.limit = directory, head, limit
-        self.units: list = []        # (name, arena bytes, (fqn, params, store)) waiting for the shard
-        self.raws: list = []         # (name, stored tensor, perm)
-        self.pending_nbytes = 0
         self.written: list[Path] = []
         self.weight_map: dict[str, int] = {}
+        self.data_path = directory / ".vzstream-data.partial"
+        self._start()
+
+    def _start(self) -> None:
+        self.docs: dict = {"units": [], "raw": []}
+        self.entries: dict = {}                  # safetensors header entries, by tensor name
+        self.nbytes = 0                          # data offset of the next tensor in this shard
+        self.data = open(self.data_path, "wb")
 
     def add_unit(self, unit, store) -> None:
-        self._make_room(align(store.arena.numel(), pf.DATA_ALIGNMENT))
-        self.units.append((pf.ARENA_PREFIX + unit.fqn, store.image.host, (unit.fqn, [n for n, _ in unit.params], store)))
+        """Arenas come first in a shard: each starts 64-byte aligned, padded with zeros."""
+        data = store.image.host
+        stored = align(data.size, pf.DATA_ALIGNMENT)
+        self._make_room(stored)
+        self.docs["units"].append(pf.unit_doc(unit.fqn, [n for n, _ in unit.params], store, self.nbytes,
+                                              zlib.crc32(data)))
+        self._append(pf.ARENA_PREFIX + unit.fqn, "U8", [stored], data, stored - data.size)
 
     def add_raw(self, name: str, t: torch.Tensor) -> None:
         ordered, perm = storage_order(t)
         ordered = ordered.to("cpu").contiguous()        # a resident of an open session is on its device
-        self._make_room(ordered.numel() * ordered.element_size())
-        self.raws.append((name, ordered, perm))
+        data = ordered.reshape(-1).view(torch.uint8).numpy()
+        self._make_room(data.size)
+        self.docs["raw"].append(pf.tensor_doc(name, ordered, perm, self.nbytes, zlib.crc32(data)))
+        self._append(name, pf.DTYPES[pf.dtype_name(ordered.dtype)], list(ordered.shape), data, 0)
 
     def _make_room(self, nbytes: int) -> None:
-        if self.pending_nbytes and self.pending_nbytes + nbytes > self.limit:
+        if self.nbytes and self.nbytes + nbytes > self.limit:
             self._flush()
-        self.pending_nbytes += nbytes
+            self._start()
+
+    def _append(self, name: str, dtype: str, shape: list, data: np.ndarray, padding: int) -> None:
+        self.data.write(memoryview(data))
+        self.data.write(bytes(padding))
+        self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self.nbytes, self.nbytes + data.size + padding]}
+        self.nbytes += data.size + padding
 
     def _flush(self) -> None:
-        """Write the pending arenas (64-byte aligned, padded), then the raw tensors (largest
-        element first: each starts at a multiple of its element size) as one shard."""
-        index, entries, docs, offset = len(self.written), {}, {"units": [], "raw": []}, 0
-        pieces = []
-        for name, data, (fqn, params, store) in self.units:
-            stored = align(data.size, pf.DATA_ALIGNMENT)
-            docs["units"].append(pf.unit_doc(fqn, params, store, offset, zlib.crc32(data)))
-            entries[name] = {"dtype": "U8", "shape": [stored], "data_offsets": [offset, offset + stored]}
-            pieces += [data, np.zeros(stored - data.size, np.uint8)]
-            offset += stored
-        for name, t, perm in sorted(self.raws, key=lambda r: -r[1].element_size()):
-            data = t.reshape(-1).view(torch.uint8).numpy()
-            docs["raw"].append(pf.tensor_doc(name, t, perm, offset, zlib.crc32(data)))
-            entries[name] = {"dtype": pf.DTYPES[pf.dtype_name(t.dtype)], "shape": list(t.shape),
-                             "data_offsets": [offset, offset + data.size]}
-            pieces.append(data)
-            offset += data.size
-        doc = {**self.head, "shard": {"index": index, **docs}}
+        """Write the shard: its header (the records of everything in it), then its data."""
+        index = len(self.written)
+        doc = {**self.head, "shard": {"index": index, **self.docs}}
         path = self.directory / f".vzstream-{index + 1:05d}.partial"
         self.written.append(path)
-        write_safetensors(path, {"__metadata__": {pf.METADATA_KEY: pf.seal(doc)}, **entries}, pieces)
-        self.weight_map.update((name, index) for name in entries)
-        self.units, self.raws, self.pending_nbytes = [], [], 0
+        self.data.close()
+        write_safetensors(path, {"__metadata__": {pf.METADATA_KEY: pf.seal(doc)}, **self.entries}, self.data_path)
+        self.data_path.unlink()
+        self.weight_map.update((name, index) for name in self.entries)
 
     def finish(self) -> Path:
         """Write the last shard, give every shard its final name, then the index."""
-        if self.units or self.raws or not self.written:
+        if self.entries or not self.written:
             self._flush()
+        else:
+            self.data.close()
+            self.data_path.unlink()
         n = len(self.written)
         names = [pf.shard_name(i, n) for i in range(n)]
         for i, path in enumerate(self.written):
@@ -215,17 +240,26 @@ class _ShardWriter:
 
     def discard(self) -> None:
         """A save that failed leaves no shard behind (a previous save's index stays as it was)."""
-        for path in self.written:
+        self.data.close()
+        for path in [*self.written, self.data_path]:
             path.unlink(missing_ok=True)
 
 
-def write_safetensors(path: Path, header: dict, pieces: list) -> None:
+def write_safetensors(path: Path, header: dict, data_path: Path) -> None:
     """A safetensors file: the header JSON padded with spaces so that the data section starts at a
-    multiple of DATA_ALIGNMENT, then `pieces` (uint8 arrays) back to back."""
+    multiple of DATA_ALIGNMENT, then the bytes of the file `data_path` (copied by the kernel where
+    it can: no buffer of a shard's size)."""
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % pf.DATA_ALIGNMENT)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for piece in pieces:
-            f.write(memoryview(piece))
+    with open(path, "wb") as out, open(data_path, "rb") as data:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        out.flush()
+        try:
+            while os.copy_file_range(data.fileno(), out.fileno(), 1 << 30):
+                pass
+        except (AttributeError, OSError):             # not Linux, or a filesystem that refuses it
+            data.seek(0)
+            out.seek(8 + len(text))
+            out.truncate()
+            shutil.copyfileobj(data, out, 16 << 20)

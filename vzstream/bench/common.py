@@ -11,8 +11,10 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 
+import psutil
 import torch
 
 
@@ -57,6 +59,31 @@ def median_time(fn, repeat: int, device="cpu", warmup: int = 1) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def rss() -> int:
+    """The process's resident set size, bytes."""
+    return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """The process's peak RSS over a `with` block, sampled every 5 ms on a thread: one reading
+    after the run misses the slots and decode buffers that exist only while it runs."""
+
+    def __enter__(self) -> "PeakRss":
+        self.peak, self._stop = rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
