@@ -125,6 +125,16 @@ def test_demo_dtype_casts_a_directory(tmp_path, capsys):
     assert "tokens identical to the resident run: yes" in out
 
 
+def test_demo_of_a_packed_file(tmp_path, capsys):
+    """Issue 16: the demo (and every bench, through `build_model`) takes a packed file too."""
+    from models import build_hf
+
+    vzstream.save(build_hf("llama"), tmp_path / "packed")
+    assert main(["demo", str(tmp_path / "packed"), "--device", "cpu", "--tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "in bfloat16" in out and "tokens identical to the resident run: yes" in out
+
+
 # -- item 4 --------------------------------------------------------------------------------------------
 
 def test_version_is_the_package_metadata(capsys):

@@ -146,7 +146,15 @@ def load(path, **options):
     from .packread import open_packed
     from .session import session
 
-    packed = open_packed(path)
+    s = session(meta_model(open_packed(path)), weights=path, **options)
+    s.open()
+    return s
+
+
+def meta_model(packed):
+    """The Hugging Face causal LM a packed file holds, built on `meta` from its stored config,
+    in the dtype of its weights."""
+    path = packed.files[0].parent
     if not packed.config:
         raise ConfigError(f"`{path}` holds no model config (it was saved from a model without `config`): build the "
                           f"model on meta yourself and open `vzstream.session(model, weights=path)`.")
@@ -162,7 +170,4 @@ def load(path, **options):
     dtype = next(iter(packed.units), None)
     dtype = dtype.tensors[0].dtype if dtype is not None else torch.get_default_dtype()
     with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    s = session(model.eval(), weights=path, **options)
-    s.open()
-    return s
+        return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

@@ -48,6 +48,8 @@ def build_model(name: str, *, dtype: torch.dtype | None = None, seed: int = 0, l
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit("this needs transformers: pip install 'vzstream[hf]'") from exc
+    if _is_packed(name):
+        return _from_packed(name, dtype, device)
     if os.path.isdir(name):
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device).eval()
     kwargs = dict(PRESETS[name])
@@ -59,9 +61,26 @@ def build_model(name: str, *, dtype: torch.dtype | None = None, seed: int = 0, l
     return model.eval()
 
 
+def _is_packed(name: str) -> bool:
+    return os.path.isfile(os.path.join(name, "vzstream.index.json"))
+
+
+def _from_packed(path: str, dtype, device):
+    """A packed file's model, whole in RAM (the benches compare against it resident): built on
+    meta from the stored config, its weights kept from a session that read them."""
+    import vzstream
+    from vzstream.fromfile import meta_model
+
+    model = meta_model(vzstream.open_packed(path))
+    with vzstream.session(model, weights=path, device="cpu", materialize=True):
+        pass
+    return model.to(device=device or "cpu", dtype=dtype)
+
+
 def check_model_name(name: str) -> None:
-    """`name` is a preset or a Hugging Face model directory (it has a config.json); else ConfigError."""
-    if name in PRESETS:
+    """`name` is a preset, a Hugging Face model directory (it has a config.json) or a packed file
+    (`vzstream.save`); else ConfigError."""
+    if name in PRESETS or _is_packed(name):
         return
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
