@@ -21,6 +21,10 @@ wait is reported even when the thread that skipped it happened to run late.
 
 Accesses are logged by the test's wrappers around the backend's data operations (`access`), and
 memory that is freed or recycled drops out of the log (`forget`, `recycle`).
+
+Timing events (`enable_timing=True`) are read for figures only: their `query()` orders nothing
+here, so a race that reading them would hide is still found. Each record keeps the host time
+(`t`); `elapsed_time` answers 1 ms whatever happened, unless a test makes it read those.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -54,19 +59,20 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 class FakeEvent:
-    def __init__(self, cuda, blocking=False):
-        self.cuda, self.blocking, self.stream, self.clock = cuda, blocking, None, {}
+    def __init__(self, cuda, blocking=False, timing=False):
+        self.cuda, self.blocking, self.timing, self.stream, self.clock, self.t = cuda, blocking, timing, None, {}, 0.0
 
     def record(self, stream):
         with self.cuda._lock:
             stream.clock = _join(stream.clock, self.cuda.clock())
-            self.stream, self.clock = stream, dict(stream.clock)
+            self.stream, self.clock, self.t = stream, dict(stream.clock), time.perf_counter()
             self.cuda._log("record", stream.name, self)
 
     def query(self):
         if self.stream is None:
             return False
-        self.cuda.observe(self.clock)          # a CPU "copy" is done once it is issued
+        if not self.timing:
+            self.cuda.observe(self.clock)      # a CPU "copy" is done once it is issued
         return True
 
     def synchronize(self):
@@ -131,7 +137,7 @@ class FakeCuda:
         self.accesses, self.races, self._names = [], [], itertools.count(1)
         self.compute = FakeStream(self, "compute")
         self.streams = []
-        self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking)
+        self.Event = lambda enable_timing=False, blocking=False: FakeEvent(self, blocking, enable_timing)
         self.cudart = lambda: self
         self.get_device_properties = lambda device: SimpleNamespace(total_memory=16 << 30)
         self.device = lambda device: contextlib.nullcontext()   # torch.cuda.device(...)

@@ -119,6 +119,8 @@ def _demo_args(argv):
     ap.add_argument("--tokens", type=int, default=32, help="new tokens to generate")
     ap.add_argument("--prompt", default="Once upon a time", help="the text prompt, when MODEL has a tokenizer")
     ap.add_argument("--prompt-len", type=int, default=16, help="random prompt ids, when there is no tokenizer")
+    ap.add_argument("--timeline", metavar="PNG", default=None,
+                    help="also draw the streamed run's last passes into this image (needs matplotlib)")
     return ap.parse_args(argv)
 
 
@@ -151,6 +153,9 @@ def demo(argv) -> int:
         with PeakRss() as peak:
             out, t_str = _timed_generate(s.generate, ids.to(s.device), args.tokens, pad)
         st, pinned = s.stats(), getattr(getattr(backend, "heap", None), "nbytes", None)
+        if args.timeline:
+            s.timeline(args.timeline, passes=3)
+            print(f"timeline of the last 3 passes: {args.timeline}")
     stall = (st.stall_s - before.stall_s) / max(st.wall_s - before.wall_s, 1e-9)
     same = torch.equal(out.cpu(), ref.cpu())
     print(f"streamed ({device}, prefetch={args.prefetch}, units={args.units}, codec={s.config.codec.value}): "

@@ -18,7 +18,9 @@ import threading
 import time
 import weakref
 
+from . import ranges
 from .errors import FormatError, VzstreamError
+from .timing import Timing, stall_spans
 
 log = logging.getLogger("vzstream")
 
@@ -26,9 +28,10 @@ log = logging.getLogger("vzstream")
 class Ticket:
     """One fetch of one unit into one slot, from decode request to release."""
 
-    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline")
+    __slots__ = ("store", "slot", "ready", "error", "pending", "lock", "decode_s", "position", "deferred", "inline",
+                 "timing", "bound_at", "decoded_at", "uploaded_at")
 
-    def __init__(self, store, slot) -> None:
+    def __init__(self, store, slot, timing=None) -> None:
         self.store, self.slot = store, slot
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -38,6 +41,10 @@ class Ticket:
         self.position = -1          # trace position of the latest bind (for the release rule)
         self.deferred = None        # jobs of a small unit, run on the forward thread at wait
         self.inline = False         # decoded on the forward thread: no worker ever writes its slot
+        self.timing = timing        # its device timing record (CUDA, on plan), else None: timed on the host
+        self.bound_at = 0.0         # when its bind ended (host clock)
+        self.decoded_at = 0.0       # when its last decode job ended (0: nothing to decode)
+        self.uploaded_at = 0.0      # when its upload was issued (host clock)
 
 
 class Workers:
@@ -58,6 +65,10 @@ class Workers:
         self._num_threads, self._name = num_threads, name
         self._threads: list | None = []     # started by the first submit; None once shut down
         self._stopping: list = []           # told to end, not yet joined
+
+    @property
+    def num_threads(self) -> int:
+        return self._num_threads
 
     def submit(self, fn, *args) -> None:
         """Queue `fn(*args)`. Called from one thread at a time (the pool's lock holder)."""
@@ -132,9 +143,11 @@ class Pipeline:
     def __init__(self, backend, workers: int, counters, verify: bool = False) -> None:
         self.backend, self.counters, self.verify = backend, counters, verify
         self.workers = Workers(workers, "vzstream-decode")
+        self.timing = Timing()          # spans of decode, upload and stall; the runtime adds compute
 
-    def submit(self, store, slot) -> Ticket:
-        ticket = Ticket(store, slot)
+    def submit(self, store, slot, timing=None) -> Ticket:
+        """Queue the fetch of `store` into `slot`; `timing`: its device timing record, if any."""
+        ticket = Ticket(store, slot, timing)
         jobs = self.backend.decode_jobs(ticket)
         if self.verify:                 # `verify="stream"`: its jobs end before the upload is issued
             jobs = jobs + store.verify_jobs()
@@ -151,51 +164,85 @@ class Pipeline:
     def _run(self, ticket: Ticket, job) -> None:
         t0 = time.perf_counter()
         try:
-            if ticket.error is None:
-                for name, work in job:
-                    _run_named(name, work)
+            if ticket.error is None and job:
+                if ranges.on():
+                    with ranges.stage_range("decode", ticket.store.unit.fqn):
+                        _run_job(job)
+                else:
+                    _run_job(job)
         except BaseException as exc:  # surfaced on the forward thread at bind
             ticket.error = ticket.error or exc
+        t1 = time.perf_counter()
+        if job:                         # an empty job only uploads
+            self.timing.span("decode", threading.current_thread().name, ticket.store.unit.fqn, t0, t1)
         with ticket.lock:
-            ticket.decode_s += time.perf_counter() - t0
+            ticket.decode_s += t1 - t0
             ticket.pending -= 1
             last = ticket.pending == 0
         if last:
+            if job:                     # the last job to end ends the decode
+                ticket.decoded_at = t1
             self._finish(ticket)
 
     def _run_inline(self, ticket: Ticket) -> None:
         """A small unit's jobs, then its upload, here on the forward thread: no other thread
-        touches the ticket, so no lock; the same errors as from workers."""
+        touches the ticket, so no lock; the same errors as from workers. Compute waits for all
+        of it: a stall (`inline`), unless the device times this fetch (CUDA)."""
         jobs, ticket.deferred = ticket.deferred, None
+        fqn = ticket.store.unit.fqn
         t0 = time.perf_counter()
         try:
-            for job in jobs:
-                for name, work in job:
-                    _run_named(name, work)
+            if ranges.on():
+                with ranges.stage_range("decode", fqn):
+                    for job in jobs:
+                        _run_job(job)
+            else:
+                for job in jobs:
+                    _run_job(job)
         except BaseException as exc:
             ticket.error = exc
-        ticket.decode_s, ticket.pending = time.perf_counter() - t0, 0
+        t1 = time.perf_counter()
+        ticket.decode_s, ticket.pending = t1 - t0, 0
+        if jobs:
+            ticket.decoded_at = t1
+            self.timing.span("decode", "forward", fqn, t0, t1)
         self._finish(ticket)
+        if ticket.timing is None:
+            self.timing.span("stall", "inline", fqn, t0, time.perf_counter())
 
     def _finish(self, ticket: Ticket) -> None:
+        if ticket.timing is not None:   # the device's stall splits at the host's decode end
+            ticket.timing.decoded_at = ticket.decoded_at
         try:
             if ticket.error is None:
                 try:
-                    self.backend.upload(ticket)
+                    self._upload(ticket)
                 except BaseException as exc:
                     ticket.error = exc
         finally:                        # even if interrupted: nothing may wait forever on it
             self.counters.add_decode_s(ticket.decode_s)
             ticket.ready.set()
 
+    def _upload(self, ticket: Ticket) -> None:
+        """The backend's upload, timed on the host unless the device times it (CUDA, where the
+        host only issues it) or it does nothing (the CPU backend's)."""
+        fqn, timed = ticket.store.unit.fqn, ticket.timing is None and self.backend.times_uploads
+        t0 = time.perf_counter() if timed else ticket.decoded_at
+        if ranges.on():
+            with ranges.stage_range("upload", fqn):
+                self.backend.upload(ticket)
+        else:
+            self.backend.upload(ticket)
+        ticket.uploaded_at = time.perf_counter() if timed else t0
+        if timed:
+            self.timing.span("upload", "upload", fqn, t0, ticket.uploaded_at)
+
     def wait(self, ticket: Ticket) -> None:
         """Block until `ticket` is decoded and its upload issued; re-raise a worker's error."""
         if ticket.deferred is not None:
             self._run_inline(ticket)
         if not ticket.ready.is_set():
-            t0 = time.perf_counter()
-            ticket.ready.wait()
-            self.counters.stall_s += time.perf_counter() - t0
+            self._block(ticket)
         if ticket.error is not None:
             fqn, exc = ticket.store.unit.fqn, ticket.error
             if not isinstance(exc, Exception):  # KeyboardInterrupt during an inline decode
@@ -203,6 +250,21 @@ class Pipeline:
             if isinstance(exc, FormatError):
                 raise FormatError(f"unit `{fqn}`: {exc}") from exc
             raise VzstreamError(f"decoding unit `{fqn}` failed: {exc!r}") from exc
+
+    def _block(self, ticket: Ticket) -> None:
+        """Wait for a unit not yet ready: the `wait` range covers exactly this. While its upload
+        ran the stall is upload's, else decode's (`timing.stall_spans`). (CUDA, on plan: the
+        device's clock says how long compute waited, `DeviceTimer`.)"""
+        t0 = time.perf_counter()
+        if ranges.on():
+            with ranges.stage_range("wait", ticket.store.unit.fqn):
+                ticket.ready.wait()
+        else:
+            ticket.ready.wait()
+        if ticket.timing is None:
+            t1 = time.perf_counter()
+            for span in stall_spans(ticket.store.unit.fqn, t0, t1, ticket.decoded_at, ticket.uploaded_at):
+                self.timing.span(*span)
 
     def settle(self, ticket: Ticket) -> None:
         """Let an unwanted ticket finish (workers may be writing its slot) or never start."""
@@ -249,6 +311,11 @@ def gil_switch_interval(seconds: float | None):
                 # A sub-microsecond setting reads back as 0.0, which cannot be set; any value
                 # under 1 us gives back that same state.
                 sys.setswitchinterval(_switch["saved"] or 1e-7)
+
+
+def _run_job(job) -> None:
+    for name, work in job:
+        _run_named(name, work)
 
 
 def _run_named(what: str, work) -> None:

@@ -16,6 +16,9 @@ Invariants:
   more records how many (`slots_needed`) and the pool plans again after the call, or raises
   `ConfigError` naming the budget that fits; nothing exceeds the budget meanwhile.
 - The runtime alone writes the counters (`Counters`); everything else reads them.
+- Each stage runs inside its profiler range (`ranges.py`) and reports its span to `Timing`
+  (`timing.py`): on the host clock, or (a fetch with a device timing record, CUDA on plan) on
+  the device's, read one pass late (`backends/timer.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from . import standin
+from . import ranges, standin
 from .errors import ConfigError, StreamedWeightError, TraceError
 from .gate import Gate
 from .hooks import bind_params, unbind_params
@@ -52,8 +55,7 @@ class Counters:
     drained: int = 0                 # prefetches dropped unused (a miss, a park between calls, close)
     slot_overflows: int = 0          # slots allocated beyond the plan's count (no budget, off plan only)
     decode_s: float = 0.0            # worker time spent decoding (summed over threads)
-    stall_s: float = 0.0             # forward-thread time spent waiting for a unit
-    wall_s: float = 0.0              # time inside root forwards
+    wall_s: float = 0.0              # time inside root forwards (stalls: `timing.Timing`)
     _lock: ClassVar[threading.Lock] = threading.Lock()   # workers add decode time concurrently
 
     def add_decode_s(self, seconds: float) -> None:
@@ -123,6 +125,9 @@ class Streamer:
         self.tickets: dict[int, Ticket] = {}    # in flight: requested, not yet bound
         self.held: dict[int, list] = {}         # unit -> [ticket, bind_count]
         self.pass_t0 = 0.0
+        self.timing = pipeline.timing           # where each pass's time went
+        self.timer = None                       # the backend's device timing (CUDA, once a schedule is learned)
+        self.pass_base = 0                      # `timing.number` of the pass the schedule's pass 0 is
         self.undo_edits = None                  # Installed.undo_edits, run once a stand-in refused a use
         self.headroom = None                    # under a budget, where memory in use is known (headroom.py)
         self.refusals = standin.refusals
@@ -163,6 +168,8 @@ class Streamer:
         self.in_pass = True
         self.tracer.start_pass()
         self.pass_t0 = time.perf_counter()
+        if self.timer is not None:
+            self.timer.pass_started(self.timing.number, self.pass_t0)
 
     def pass_failed(self) -> None:
         """The root's last hook, run whether the forward returned or raised (then the plain end
@@ -184,8 +191,10 @@ class Streamer:
         if not self.in_pass:
             return
         self.in_pass = False
+        t1 = time.perf_counter()
         self.counters.passes += 1
-        self.counters.wall_s += time.perf_counter() - self.pass_t0
+        self.counters.wall_s += t1 - self.pass_t0
+        self._end_timing(t1)
         if self.headroom is not None:
             self.headroom.ended(self.backend.end_measure())
         if self.tracer.end_pass():
@@ -194,6 +203,14 @@ class Streamer:
             self._relearn()
         else:
             self.pass_no += 1
+
+    def _end_timing(self, t1: float) -> None:
+        """This pass's spans end here. Close the pass whose figures are complete: this one, or
+        the one before when the device times fetches (its events are read one pass late)."""
+        timer = self.timer
+        ended = self.timing.end_pass(self.pass_t0, t1, late=timer is not None)
+        if ended is not None:
+            self.timing.close(ended, timer.read(ended[0]) if timer is not None else ())
 
     def _relearn(self) -> None:
         self._drain()
@@ -211,6 +228,9 @@ class Streamer:
         self.schedule = schedule
         self.ring.reserve(schedule.num_slots)
         self.pass_no, self.requested, self.wanted = 0, -1, -1
+        self.pass_base = self.timing.number
+        if self.timer is None or not self.timer.fits(schedule.num_fetches, self.prefetch):
+            self.timer = self.backend.device_timer(schedule.num_fetches, self.prefetch)   # events made here, once
         if schedule.num_fetches:
             self._request_through(self.prefetch - 1)   # wrap: the next pass starts warm
 
@@ -243,7 +263,17 @@ class Streamer:
             self.counters.sync_fetches += 1
         ticket.position = -1 if pos is None else pos
         self.held[unit] = [ticket, 1]
+        if ticket.timing is not None:
+            self.timer.reach(ticket.timing)     # before any wait: the device stall starts here
         self.pipeline.wait(ticket)
+        if ranges.on():
+            with ranges.stage_range("bind", ticket.store.unit.fqn):
+                self._bind(ticket)
+        else:
+            self._bind(ticket)
+        ticket.bound_at = time.perf_counter()
+
+    def _bind(self, ticket: Ticket) -> None:
         self.backend.wait(ticket)
         bind_params(ticket.store.unit.params, ticket.store.views(ticket.slot), ticket.store.stand_ins)
 
@@ -261,12 +291,23 @@ class Streamer:
         if on_plan and not self.schedule.releases[ticket.position]:
             return                              # cache="pass": held until its last use
         self._release_slot(unit)
+        if ticket.timing is not None:
+            self.timer.release(ticket.timing)
+        elif ticket.bound_at:                   # 0: its bind raised (a failed decode)
+            self.timing.span("compute", "compute", ticket.store.unit.fqn, ticket.bound_at, time.perf_counter())
         if self.wanted > self.requested:        # a request waited for this slot
             self._request_through(self.wanted)
 
     def _release_slot(self, unit: int) -> None:
         ticket = self.held.pop(unit)[0]
         self.pipeline.settle(ticket)            # a wait interrupted by Ctrl-C leaves workers writing this slot
+        if ranges.on():
+            with ranges.stage_range("release", ticket.store.unit.fqn):
+                self._unbind(ticket)
+        else:
+            self._unbind(ticket)
+
+    def _unbind(self, ticket: Ticket) -> None:
         unbind_params(ticket.store.unit.params, ticket.store.stand_ins)
         self.backend.release(ticket)
         self.ring.release(ticket.slot)
@@ -295,7 +336,11 @@ class Streamer:
         if slot is None:
             return False                        # asked again at the next release, or at its bind
         self.requested = g
-        self.tickets[g] = self.pipeline.submit(unit.store, slot)
+        timing = None
+        if self.timer is not None:              # its record: by pass, and by place in the pass
+            n = self.schedule.num_fetches
+            timing = self.timer.record(self.pass_base + g // n, g % n, unit.fqn)
+        self.tickets[g] = self.pipeline.submit(unit.store, slot, timing)
         return True
 
     def _drop(self, ticket: Ticket) -> None:
@@ -337,7 +382,11 @@ class Streamer:
         self.park()
         if self.schedule is not None:
             self.pass_no, self.requested, self.wanted = 0, -1, -1
+            self.pass_base = self.timing.number   # the failed pass never ended: the next has its number
 
     def close(self) -> None:
         self.abort()
         self.pipeline.close()
+        ended = self.timing.take_pending()
+        if ended is not None:                   # the last pass's device spans: those done by now
+            self.timing.close(ended, self.timer.read(ended[0], last=True))

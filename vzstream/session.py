@@ -45,7 +45,7 @@ class Session:
         self.member: Member | None = None
         self.backend, self.units, self.is_open = None, [], False
         self._cancels: set = set()   # cancel flags of running agenerate/stream calls
-        self._final: tuple | None = None   # (Stats, SessionPlan) kept at close
+        self._final: tuple | None = None   # (Stats, SessionPlan, Timing) kept at close
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed" if self.backend is not None else "not opened yet"
@@ -133,7 +133,7 @@ class Session:
     def _keep_final(self) -> None:
         """What `stats()` and `plan` say after the session."""
         if self.is_open:
-            self._final = (self.stats(), self.plan)
+            self._final = (self.stats(), self.plan, self.member.runtime.timing)
 
 
     def _host_threads(self) -> int:
@@ -203,11 +203,29 @@ class Session:
         return {u.index: u.store for u in self.units if u.streamed and u.store is not None}
 
     def stats(self) -> Stats:
-        """A snapshot of the session's counters (see `Stats`)."""
+        """A snapshot of the session's counters and where each pass's time went (see `Stats`;
+        `print(s.stats())` for a table ending with advice)."""
         if self.member is None and self._final is not None:
             return dataclasses.replace(self._final[0])
         runtime = self.member.runtime if self.member is not None else None
         return collect(self.units, runtime, self.calibration, self.backend)
+
+    def timeline(self, path: str, passes: int = 2) -> None:
+        """Draw the last `passes` passes into the image `path` (PNG): a lane per decode worker,
+        the copy lane, the expansion lane (CUDA) and the compute lane with its stalls. Needs
+        matplotlib (`pip install vzstream[plot]`); docs/guide.md, "Profiling", shows how to read it."""
+        from .plot import draw_timeline       # matplotlib only when drawing
+
+        if passes < 1:
+            raise ConfigError(f"`passes` must be at least 1; got {passes}.")
+        if self.member is not None:
+            timing = self.member.runtime.timing
+        elif self._final is not None:
+            timing = self._final[2]
+        else:
+            raise TraceError("`timeline` draws passes a session ran: call it inside "
+                             "`with vzstream.session(model) as s:`, after running the model.")
+        draw_timeline(timing, path, passes, title=f"vzstream {type(self.model).__name__} on {self.backend.device}")
 
 
 def _close_parts(model, member, pool: DevicePool, own_pool: bool, threads: int, session) -> None:

@@ -19,6 +19,7 @@ class Backend:
     name = "base"
     alignment = 512          # tensor offsets in a slot: what the CUDA caching allocator guarantees
     device = torch.device("cpu")
+    times_uploads = True     # its uploads take time worth a span (the CPU backend's do nothing)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -57,6 +58,12 @@ class Backend:
     def scratch_nbytes(self, units, codec: str = Codec.ZSTD) -> int:
         """Device memory the backend needs besides slots to stream `units` (CPU: none)."""
         return 0
+
+    def device_timer(self, num_fetches: int, prefetch: int):
+        """A `DeviceTimer` (backends/timer.py) for a schedule of `num_fetches` fetches a pass, when
+        the device, not the host, knows when uploads and stalls happen (CUDA); None: the host's
+        clock times them as they run."""
+        return None
 
     def upload_gbps(self) -> float | None:
         """Host→device GB/s of an upload (`raw_fraction="auto"` balances decoding against it);

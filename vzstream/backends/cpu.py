@@ -15,6 +15,7 @@ from .base import Backend, chunk_jobs
 
 class CpuBackend(Backend):
     name = "cpu"
+    times_uploads = False    # nothing to upload: a span would only cost the forward thread
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,7 +21,8 @@ unit is a wire image (`image.py`). Per fetch:
            fetch dropped unbound: on the merge stream, after every write to the slot).
 
 Every event but zstd's `copied` is made once and re-recorded (per slot: `uploaded`, `used`; per
-landing buffer: `landed`, `free`): an Event's destructor hands the GIL over.
+landing buffer: `landed`, `free`): an Event's destructor hands the GIL over. A fetch on plan also
+marks its timing events (`timer.py`) before and after its copies and kernels; they order nothing.
 
 Invariants: the forward thread never blocks on the GPU (event waits happen on workers; staging
 of at most 1 MiB, which the pipeline may decode on the forward thread, comes from torch's pinned
@@ -44,9 +45,10 @@ from ..image import PAIRS_NBYTES as PAIRS_AT, landing_nbytes, lane_itemsize
 from ..units import align
 from .base import Backend, chunk_jobs
 # The torch calls that move bytes, imported by name: tests patch them here, on this module.
-from .device_ops import stage_into, stage_range, upload_many
+from .device_ops import stage_into, upload_many
 from .expand import expand as expand_chunk, merge_planes
 from .pinned import PAGE_NBYTES, Fetch, PinnedHeap, StagingRing  # noqa: F401 (re-exported)
+from .timer import COPIED, EXPAND, MERGED, START, DeviceTimer
 
 log = logging.getLogger("vzstream")
 
@@ -236,23 +238,30 @@ class CudaBackend(Backend):
         if landing:
             self._grow_landing(landing)
 
+    def device_timer(self, num_fetches: int, prefetch: int) -> DeviceTimer:
+        return DeviceTimer(self.cuda, self.device, num_fetches, prefetch)
+
     def upload(self, ticket) -> None:
-        fetch = self._fetches[ticket]
+        fetch, timed = self._fetches[ticket], ticket.timing     # timed: its DeviceTimer record, or None
         if ticket.inline and not ticket.store.image.chunks:
             return self._upload_on_compute(ticket, fetch)
         # torch.cuda.device first: leaving `stream(...)` alone would restore device 0's stream
         # on this worker and so create a context on GPU 0.
-        with stage_range("upload", ticket.store.unit.fqn), self._upload_lock, \
-                self.cuda.device(self.device), self.cuda.stream(self.copy_stream):
+        with self._upload_lock, self.cuda.device(self.device), self.cuda.stream(self.copy_stream):
             try:
                 if fetch.used is not None:
                     self.copy_stream.wait_event(fetch.used)    # the slot's last reader is done
+                if timed is not None:
+                    timed.mark(START, self.copy_stream)
                 self._copy_image(ticket, fetch)
             finally:
                 # Also after a failure: whatever was enqueued must finish before the staging
                 # is decoded into again, and before the slot's `used` passes.
                 if fetch.buffer is not None and fetch.copied is None:
                     fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
+                if timed is not None:
+                    timed.mark(COPIED, self.copy_stream)
+                    timed.mark(MERGED, self.merge_stream)
                 self.merge_stream.wait_event(self.copy_stream.record_event(self._handoff))
                 fetch.uploaded = self.merge_stream.record_event(self._slot_event(self._uploaded, ticket.slot.index))
         # Both are set before the pipeline sets ticket.ready, which is what the gate waits for.
@@ -260,16 +269,21 @@ class CudaBackend(Backend):
     def _upload_on_compute(self, ticket, fetch) -> None:
         """A small all-raw image fetched inline (on the forward thread, at its bind): one copy on
         the compute stream, which orders it after the slot's last reader and before the unit's
-        compute by itself; no event to record or wait, unless the slot's last `used` was
-        recorded on another stream (a drained prefetch's writes)."""
-        compute, index = self.cuda.current_stream(self.device), ticket.slot.index
-        with stage_range("upload", ticket.store.unit.fqn), self.cuda.device(self.device):
+        compute by itself; no event to record or wait (but its timing marks), unless the slot's
+        last `used` was recorded on another stream (a drained prefetch's writes)."""
+        compute, index, timed = self.cuda.current_stream(self.device), ticket.slot.index, ticket.timing
+        with self.cuda.device(self.device):
             if fetch.used is not None and self._used_on.get(index) != compute:
                 compute.wait_event(fetch.used)
+            if timed is not None:
+                timed.mark(START, compute)
             raw, _ = self._views_of_image(ticket.store, ticket.slot)
             if raw is not None:
                 self._compute_streams.add(compute)       # the heap's fence must cover it
                 upload_many([raw])
+            if timed is not None:
+                timed.mark(COPIED, compute)
+                timed.mark(MERGED, compute)
             fetch.on_compute = True
 
     def _slot_event(self, events: dict, index: int):
@@ -299,6 +313,8 @@ class CudaBackend(Backend):
             if staged is not None and i == len(chunks) - 1:
                 fetch.copied = self.copy_stream.record_event(self.cuda.Event(blocking=True))
             self.merge_stream.wait_event(self.copy_stream.record_event(self._landed[k]))
+            if i == 0 and ticket.timing is not None:
+                ticket.timing.mark(EXPAND, self.merge_stream)
             try:
                 with self.cuda.stream(self.merge_stream):
                     kernel(*args)
@@ -329,21 +345,19 @@ class CudaBackend(Backend):
         fetch.bound = True
         if fetch.on_compute:                                 # in stream order already
             return
-        with stage_range("bind", ticket.store.unit.fqn):    # the pipeline saw the upload issued
-            self.cuda.current_stream(self.device).wait_event(fetch.uploaded)
+        self.cuda.current_stream(self.device).wait_event(fetch.uploaded)   # the pipeline saw it issued
 
     def release(self, ticket) -> None:
         fetch = self._fetches.pop(ticket, None)
-        with stage_range("release", ticket.store.unit.fqn):
-            if fetch is None or fetch.bound or fetch.on_compute:
-                stream = self.cuda.current_stream(self.device)
-            else:
-                # Dropped unbound: nothing read the slot. Its last writes end on the merge stream;
-                # with no upload, the slot's previous `used` (maybe a drained merge) still stands.
-                stream = self.merge_stream if fetch.uploaded is not None else None
-            if stream is not None:
-                stream.record_event(self._slot_event(self._used, ticket.slot.index))
-                self._used_on[ticket.slot.index] = stream
+        if fetch is None or fetch.bound or fetch.on_compute:
+            stream = self.cuda.current_stream(self.device)
+        else:
+            # Dropped unbound: nothing read the slot. Its last writes end on the merge stream;
+            # with no upload, the slot's previous `used` (maybe a drained merge) still stands.
+            stream = self.merge_stream if fetch.uploaded is not None else None
+        if stream is not None:
+            stream.record_event(self._slot_event(self._used, ticket.slot.index))
+            self._used_on[ticket.slot.index] = stream
         if fetch is not None:
             fetch.released = True
 

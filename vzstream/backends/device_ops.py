@@ -7,28 +7,18 @@ torch call hands the GIL over, and on a busy host winning it back is what an upl
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
-from torch.autograd import profiler
 
 from .. import decode
-
-
-def stage_range(stage: str, fqn: str):
-    """Profiler range `vzstream.<stage>:<fqn>`; none while no profiler runs (it would cost ~8 us)."""
-    if getattr(profiler, "_is_profiler_enabled", True):
-        return profiler.record_function(f"vzstream.{stage}:{fqn}")
-    return contextlib.nullcontext()
 
 
 def stage_into(buffer: np.ndarray, offset: int, nbytes: int, frame, fqn: str = "") -> None:
     """Decode one zstd frame into `buffer[offset : offset + nbytes]`. `buffer` is a numpy view
     of the staging tensor: torch's view ops (detach, reshape, view) each hand the GIL over, which
     beside a busy forward thread costs a wait per call; numpy slices do not, so a frame costs
-    one hand-over, inside zstd (docs/probes/gil_release.py)."""
-    with stage_range("decode", fqn):
-        decode.decode_frame_into(frame, buffer[offset : offset + nbytes])
+    one hand-over, inside zstd (docs/probes/gil_release.py). (The job around it runs in the
+    unit's `decode` profiler range: pipeline.py.)"""
+    decode.decode_frame_into(frame, buffer[offset : offset + nbytes])
 
 
 def upload_many(pairs: list) -> None:

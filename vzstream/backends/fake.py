@@ -2,20 +2,26 @@
 
 `FakeBackend().ops` is a list of `(op, fqn, slot_index)` tuples in the order the ops happened
 (decode is logged when a ticket's first job starts, so its place is its real start).
+`delays={("decode" | "upload", fqn or "*"): seconds}` makes a stage of a unit that slow (it
+sleeps, as a decode releases the GIL): tests of the overlap report.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from .cpu import CpuBackend
 
 
 class FakeBackend(CpuBackend):
     name = "fake"
+    times_uploads = True     # `delays` can make them slow
 
-    def __init__(self, activation_nbytes: int | None = None, upload_gbps: float | None = None) -> None:
+    def __init__(self, activation_nbytes: int | None = None, upload_gbps: float | None = None,
+                 delays: dict | None = None) -> None:
         super().__init__()
+        self.delays = dict(delays or {})
         self.ops: list[tuple[str, str, int]] = []
         self._log_lock = threading.Lock()
         # Pretend a pass allocates this much for activations (tests of budget fitting on CPU).
@@ -33,6 +39,11 @@ class FakeBackend(CpuBackend):
     def in_use(self) -> int | None:
         return self.device_nbytes + self.held_nbytes if self.measures_activations else None
 
+    def _delay(self, stage: str, fqn: str) -> None:
+        seconds = self.delays.get((stage, fqn), self.delays.get((stage, "*"), 0.0))
+        if seconds:
+            time.sleep(seconds)
+
     def log(self, op: str, ticket) -> None:
         with self._log_lock:
             self.ops.append((op, ticket.store.unit.fqn, ticket.slot.index))
@@ -44,9 +55,12 @@ class FakeBackend(CpuBackend):
         def first(job):
             def run():
                 with self._log_lock:
-                    if not started:
+                    leading = not started
+                    if leading:
                         started.append(True)
                         self.ops.append(("decode", ticket.store.unit.fqn, ticket.slot.index))
+                if leading:
+                    self._delay("decode", ticket.store.unit.fqn)
                 for _, work in job:
                     work()
             return run
@@ -56,6 +70,7 @@ class FakeBackend(CpuBackend):
 
     def upload(self, ticket) -> None:
         self.log("upload", ticket)
+        self._delay("upload", ticket.store.unit.fqn)
 
     def wait(self, ticket) -> None:
         self.log("bind", ticket)

@@ -3,7 +3,8 @@
 Rows: for each preset, a resident baseline and vzstream at each prefetch depth — prefill
 forward time, greedy tokens/s, stall %, host RSS, whether tokens match. Then the per-unit
 overhead of hooks + scheduler on a model whose compute is negligible (many tiny blocks):
-(streamed pass time - resident pass time) / units per pass.
+(streamed pass time - resident pass time) / units per pass; and, in that same run, what of it
+the profiler ranges cost with no profiler running, and the timing behind `s.stats()`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import copy
 import gc
 import statistics
+import time
 
 import psutil
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 
 import vzstream
 
+from .. import ranges
+from ..timing import Timing
 from .common import greedy, median_time, report, sync
 from .models import build_model, prompt
 
@@ -82,15 +86,71 @@ def _bench_overhead(args, device: str) -> dict:
             if i >= 4:                                   # two rounds of warm-up
                 times[i % 2].append(t)
         t_res, t_str = statistics.median(times[0]), statistics.median(times[1])
+        pass_spans = _last_pass_spans(s.member.runtime.timing)
     per_unit_us = 1e6 * (t_str - t_res) / args.overhead_blocks
     # The target is a ratio measured in this run: the cost a unit adds to the forward thread
     # against one resident block (machines differ ~4x in torch dispatch cost).
     block_us = 1e6 * t_res / args.overhead_blocks
+    ranges_us, timing_us = _ranges_us(), _timing_us(pass_spans, args.overhead_blocks)
     return dict(model=f"{args.overhead_blocks} x Linear(8,8)", mode="overhead per unit (us)",
                 prefill_ms=1e3 * t_str, tokens_per_s="", stall_pct="", host_rss_mib="", ratio="",
                 tokens_equal=f"{per_unit_us:.1f} us/unit/pass = {per_unit_us / block_us:.1f}x one resident block "
-                             f"(resident pass {1e3 * t_res:.2f} ms)",
-                overhead_us_per_unit=per_unit_us, overhead_per_resident_block=per_unit_us / block_us)
+                             f"(resident pass {1e3 * t_res:.2f} ms); of it, profiler ranges with no profiler "
+                             f"{ranges_us:.2f} us = {ranges_us / block_us:.3f}x, timing {timing_us:.2f} us = "
+                             f"{timing_us / block_us:.3f}x",
+                overhead_us_per_unit=per_unit_us, overhead_per_resident_block=per_unit_us / block_us,
+                ranges_us_per_unit=ranges_us, ranges_per_resident_block=ranges_us / block_us,
+                timing_us_per_unit=timing_us, timing_per_resident_block=timing_us / block_us)
+
+
+def _loop_us(body, n: int = 200_000) -> float:
+    """Microseconds one `body()` takes, less the loop's own cost (best of 5)."""
+    def run(fn):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - t0
+    best = min(run(body) - run(_nothing) for _ in range(5))
+    return max(0.0, 1e6 * best / n)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ranges_us() -> float:
+    """What a streamed unit's profiler ranges cost the forward thread with no profiler running:
+    the guard at its bind and at its release (a wait's runs only when it blocks)."""
+    on = ranges.on
+
+    def per_unit():
+        if on():
+            pass
+        if on():
+            pass
+    return _loop_us(per_unit)
+
+
+def _timing_us(pass_spans: list, units: int) -> float:
+    """What timing costs the forward thread per unit: the clock read at its bind, the one at its
+    release with the compute span, and its share of summing a pass's spans (`pass_spans`, a
+    pass of the model just measured)."""
+    timing, clock = Timing(), time.perf_counter
+
+    def per_unit():
+        bound_at = clock()
+        timing.span("compute", "compute", "blocks.1", bound_at, clock())
+    t0 = time.perf_counter()
+    for _ in range(20):
+        timing.close((0, 0.0, 1.0, pass_spans))
+    close_us = 1e6 * (time.perf_counter() - t0) / 20
+    return _loop_us(per_unit, 50_000) + close_us / units
+
+
+def _last_pass_spans(timing) -> list:
+    """The spans of the last closed pass, from the ring."""
+    _, t0, t1, _ = timing.closed[-1]
+    return [s for s in list(timing.spans) if s[3] >= t0 and s[4] <= t1]     # list(): workers may append
 
 
 def main(argv=None) -> int:
