@@ -349,3 +349,53 @@ def test_workers_thread_names_are_the_decode_lanes():
     lanes = {lane for kind, lane, *_ in timing.spans if kind == "decode"}
     assert lanes and lanes <= {"vzstream-decode_0", "vzstream-decode_1"}
     assert threading.current_thread().name not in lanes
+
+
+# -- item 4: prefetch="auto" ----------------------------------------------------------------------
+
+def _auto(backend, passes: int, compute_s: float, **options):
+    """`passes` passes with prefetch="auto", each output checked against the resident one;
+    the session's stats, and its plan's resident count before and after choosing."""
+    model, x = _paced(compute_s=compute_s)
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, backend=backend, prefetch="auto", **options) as s:
+        for _ in range(passes):
+            assert torch.equal(s(x), ref)
+            if "vram_budget" in options:
+                assert backend.device_nbytes <= s.pool.budget or backend.device_nbytes <= s.member.needs.cap
+        return s.stats()
+
+
+def test_auto_prefetch_goes_deeper_when_decode_is_slow():
+    """12 ms of decode a unit against 5 ms of compute: one unit ahead cannot hide it; three
+    can (15 ms of compute meanwhile, on 4 workers). Exact throughout."""
+    stats = _auto(vzstream.FakeBackend(delays={("decode", "*"): 0.012}), 12, 0.005, workers=4)
+    assert stats.prefetch >= 2 and stats.prefetch_why.startswith(f"prefetch={stats.prefetch}:"), stats.prefetch_why
+    assert "1: " in stats.prefetch_why                      # depth 1 was tried and stalled
+
+
+def test_auto_prefetch_stays_at_one_when_decode_is_fast():
+    stats = _auto(vzstream.FakeBackend(), 6, 0.005, workers=2)
+    assert stats.prefetch == 1 and "the smallest depth" in stats.prefetch_why, stats.prefetch_why
+    assert "prefetch auto" in str(stats)
+
+
+def test_auto_prefetch_stays_in_budget_and_gives_the_spare_slots_to_resident_units():
+    """16 units under a budget of 10: slots for depth 4 while trying (6 slots, 4 units
+    resident); once depth 1 is chosen, the pool plans again with 3 slots fewer, and units
+    they would have held stay resident. Exact and within the budget throughout."""
+    model, x = _paced(num_blocks=16, compute_s=0.002)
+    unit = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    budget = 10 * unit + 4096
+    fb = vzstream.FakeBackend()
+    with torch.no_grad():
+        ref = model(x)
+    with vzstream.session(model, backend=fb, prefetch="auto", workers=2, vram_budget=budget) as s:
+        resident_while_trying = s.stats().units_resident
+        for _ in range(10):
+            assert torch.equal(s(x), ref)
+            assert fb.device_nbytes <= budget
+        stats = s.stats()
+    assert stats.prefetch == 1, stats.prefetch_why
+    assert stats.units_resident > resident_while_trying

@@ -19,6 +19,7 @@ from .pipeline import Pipeline
 from .plan import Needs
 from .pool import DevicePool, Member
 from .runtime import Counters, Streamer
+from .tune import DepthTuner
 from .store import Calibration, pack_all, pack_unit, return_freed_memory
 from .units import nesting_depth, unit_nbytes
 
@@ -31,9 +32,9 @@ def needs_of(model, units: list, cfg: SessionConfig, backend) -> Needs:
     held for reuse; a traced pass that needs more raises (under a budget) or says why."""
     return Needs(tuple(unit_nbytes(u, backend.alignment) for u in units),
                  frozenset(u.index for u in units if u.streamed),
-                 cfg.prefetch + 1 + nesting_depth(model, units), cfg.activation_reserve or 0,
+                 cfg.max_prefetch + 1 + nesting_depth(model, units), cfg.activation_reserve or 0,
                  backend.scratch_nbytes(units, cfg.codec), resolve_budget(cfg.vram_budget, backend.total_memory),
-                 tuple(u.fqn for u in units), cfg.prefetch)
+                 tuple(u.fqn for u in units), cfg.max_prefetch)
 
 
 def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: DevicePool, swapped=()) -> Member:
@@ -45,7 +46,8 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
     budgeted = needs.cap is not None or pool.budget is not None
     measure = budgeted and cfg.activation_reserve is None and backend.measures_activations
     pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
-    runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.prefetch, cache=cfg.cache, measure=measure)
+    runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.max_prefetch, cache=cfg.cache, measure=measure,
+                       tuner=DepthTuner() if cfg.prefetch == "auto" else None)
     installed = Installed(model, units, backend, list(swapped), keep=cfg.materialize)
     runtime.undo_edits = installed.undo_edits
     budget = pool.budget if pool.budget is not None else needs.cap
@@ -74,7 +76,7 @@ def install_member(member: Member, pool: DevicePool, plans: list, cfg: SessionCo
                 fromfile.fill(unit, packed)         # decoded on the CPU, one unit at a time
             installed.move_resident(unit)
     installed.move_buffers()
-    backend.prepare(cfg.prefetch, [u.store for u in member.units if u.streamed])
+    backend.prepare(cfg.max_prefetch, [u.store for u in member.units if u.streamed])
     installed.hook(member.runtime)
 
 

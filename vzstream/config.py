@@ -25,6 +25,7 @@ from fractions import Fraction
 from typing import Any, Callable
 
 from .codec import Codec, check_level, parse_codec
+from .tune import AUTO_DEPTHS
 from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
@@ -132,7 +133,7 @@ class SessionConfig:
     """Options of a streaming session. See README "Options" for what each one trades."""
 
     device: str = "auto"            # "auto" = "cuda" when available, else "cpu"
-    prefetch: int = 2               # fetches in flight ahead of the unit computing; 0 = synchronous
+    prefetch: Any = 2               # fetches in flight ahead of the unit computing; 0 = synchronous; "auto"
     workers: int | None = None      # decode threads; None = default_workers()
     gil_switch_interval: Any = 1e-4  # seconds; sys.setswitchinterval during streamed calls; None = leave it
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
@@ -175,6 +176,11 @@ class SessionConfig:
             raise ConfigError(f"`materialize` must be a bool, and True only with `weights` (it keeps the weights read "
                               f"from the file after the session); got {self.materialize!r} with weights={self.weights!r}.")
 
+    @property
+    def max_prefetch(self) -> int:
+        """The depth the slots are sized for: `prefetch`, or the deepest "auto" tries."""
+        return AUTO_DEPTHS[-1] if self.prefetch == "auto" else self.prefetch
+
     def _check_device(self) -> None:
         object.__setattr__(self, "device", check_device(self.device))
 
@@ -183,10 +189,12 @@ class SessionConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
                 object.__setattr__(self, name, operator.index(value))
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 64:
+        if self.prefetch != "auto" and (isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int)
+                                        or not 0 <= self.prefetch <= 64):
             raise ConfigError(
                 f"`prefetch` must be an int in [0, 64] (units decoded ahead of the one computing; "
-                f"0 = fetch synchronously); got {self.prefetch!r}. Try prefetch=2."
+                f"0 = fetch synchronously) or \"auto\" (tried on the first passes); got {self.prefetch!r}. "
+                f"Try prefetch=2."
             )
         if self.workers is None:
             object.__setattr__(self, "workers", default_workers())

@@ -137,6 +137,16 @@ class DevicePool:
         member.growth, member.needs = growth, needs
         self._apply(plans)
 
+    def _fit_depth(self, member: Member) -> None:
+        """prefetch="auto" chose a depth: the schedule keeps that many fetches in flight from now
+        on, and under a budget the pool plans again with its slots, so the deeper trials' slots
+        go back to resident units. Caller holds the lock."""
+        runtime = member.runtime
+        runtime.depth_chosen = False
+        fewer, runtime.prefetch = runtime.prefetch - runtime.depth, runtime.depth
+        if fewer > 0 and (self.budget is not None or member.needs.cap is not None):
+            self.replan(member, replace(member.needs, num_slots=member.needs.num_slots - fewer, prefetch=runtime.depth))
+
     def _more_slots(self, member: Member, partial: bool = False) -> None:
         """The traced pass needed more slots than `member`'s budgeted plan counted: plan again
         with that many (keeping fewer units resident), or raise the ConfigError that names the
@@ -192,7 +202,8 @@ class DevicePool:
             log.warning("vzstream: re-planning the pool after a member left failed: %s", exc)
 
     def _apply(self, plans: list[MemoryPlan]) -> None:
-        """Give each member its plan: evictions first, then the ring resized, then admissions,
+        """Give each member its plan: evictions first, then the ring resized (rebuilt for other
+        slots, or for fewer under a budget), then admissions,
         so the device never holds more than the larger of the old and new plans. Every member
         is parked first: no fetch may be in flight into a ring about to be rebuilt."""
         for member in self.members:
@@ -201,11 +212,12 @@ class DevicePool:
             member.apply(plan, admit=False)
         slot = max((p.slot_nbytes for p in plans), default=0)
         dedicated = {(id(m.runtime), u): n for m, p in zip(self.members, plans) for u, n in p.dedicated}
-        if slot != self.ring.slot_nbytes or dedicated != self.ring.dedicated_nbytes:
+        count = max((p.num_slots for p in plans), default=0)
+        fewer = any(p.budget is not None for p in plans) and len(self.ring.slots) > count   # prefetch="auto" chose
+        if slot != self.ring.slot_nbytes or dedicated != self.ring.dedicated_nbytes or fewer:
             self._rebuild_ring(slot, dedicated)
         for member, plan in zip(self.members, plans):
             member.apply(plan, admit=True)
-        count = max((p.num_slots for p in plans), default=0)
         for member, plan in zip(self.members, plans):
             member.runtime.use_ring(self.ring, count, plan.budget is not None)
         if any(p.budget is not None for p in plans):   # a budgeted ring is static from here on
@@ -237,6 +249,8 @@ class DevicePool:
                     self.replan(member, replace(member.needs,
                                                 activation_reserve=runtime.activation_nbytes + member.growth))
                 self._more_slots(member)
+                if runtime.depth_chosen:
+                    self._fit_depth(member)
             except BaseException as exc:
                 runtime.abort()
                 if isinstance(exc, ConfigError) and runtime.slots_needed:

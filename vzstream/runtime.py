@@ -40,6 +40,7 @@ from .pipeline import Pipeline, Ticket
 from .ring import SlotPool
 from .schedule import Schedule, make_schedule
 from .trace import Tracer
+from .tune import DepthTuner
 
 log = logging.getLogger("vzstream")
 
@@ -106,10 +107,15 @@ class Streamer:
     """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
 
     def __init__(self, units: list, gate: Gate, pipeline: Pipeline, *, prefetch: int, cache: str,
-                 measure: bool = False) -> None:
+                 measure: bool = False, tuner: DepthTuner | None = None) -> None:
         self.units = {u.index: u for u in units}
         self.gate, self.pipeline, self.backend = gate, pipeline, pipeline.backend
+        # `prefetch` sizes the schedule's slots; `depth` is how far ahead fetches are requested:
+        # the same, unless prefetch="auto" (`tuner`) tries smaller depths within those slots.
         self.prefetch, self.cache, self.counters = prefetch, cache, pipeline.counters
+        self.tuner = tuner
+        self.depth = tuner.depth if tuner is not None else prefetch
+        self.depth_chosen = False               # the tuner decided: the pool plans with its depth
         self.measure = measure                  # measure activations on the first traced pass
         self.activation_nbytes: int | None = None
         self.ring: SlotPool | None = None
@@ -211,6 +217,10 @@ class Streamer:
         ended = self.timing.end_pass(self.pass_t0, t1, late=timer is not None)
         if ended is not None:
             self.timing.close(ended, timer.read(ended[0]) if timer is not None else ())
+            if self.tuner is not None and self.schedule is not None and self.tuner.observe(
+                    self.timing.recent(1)[-1].stall_fraction):
+                self.depth = self.tuner.depth
+                self.depth_chosen = self.tuner.chosen is not None
 
     def _relearn(self) -> None:
         self._drain()
@@ -232,7 +242,7 @@ class Streamer:
         if self.timer is None or not self.timer.fits(schedule.num_fetches, self.prefetch):
             self.timer = self.backend.device_timer(schedule.num_fetches, self.prefetch)   # events made here, once
         if schedule.num_fetches:
-            self._request_through(self.prefetch - 1)   # wrap: the next pass starts warm
+            self._request_through(self.depth - 1)   # wrap: the next pass starts warm
 
     # -- units ------------------------------------------------------------------------------
     def bind(self, unit: int) -> None:
@@ -242,7 +252,7 @@ class Streamer:
             g = self.pass_no * self.schedule.num_fetches + self.schedule.frontier[pos]   # global fetch index
             if self.schedule.fetches[pos] and self.requested < g and not self._request(g):
                 self.requested = self.wanted = g    # no slot came free for it: fetched below, synchronously
-            self._request_through(g + self.prefetch)
+            self._request_through(g + self.depth)
             if self.schedule.fetches[pos]:
                 fetch = self.tickets.pop(g, None)
         elif self.tickets and not (self.in_pass and self.tracer.on_plan):

@@ -54,7 +54,8 @@ class Stats:
     stalled_most: tuple = ()         # (fqn, seconds, cause "decode" or "upload") of the units waited for longest
     per_pass: tuple = ()             # `PassTimes` of the last passes timed, oldest first
     advice: str = ""                 # one line: what to change, if anything
-    prefetch: int = 0
+    prefetch: int = 0                # the depth fetched ahead at (prefetch="auto": what it chose or tries)
+    prefetch_why: str = ""           # prefetch="auto": what it chose and why
     workers: int = 0
     backend: str = ""
     codec: str = ""
@@ -103,7 +104,10 @@ class Stats:
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows] + [""] + _time_table(self)
         worst = ", ".join(f"{fqn} {_t(s)} ({cause})" for fqn, s, cause in self.stalled_most)
-        lines += [f"{'stalled most':<13} {worst or 'none'}", f"{'advice':<13} {self.advice}"]
+        lines += [f"{'stalled most':<13} {worst or 'none'}"]
+        if self.prefetch_why:
+            lines.append(f"{'prefetch auto':<13} {self.prefetch_why}")
+        lines.append(f"{'advice':<13} {self.advice}")
         return "\n".join(lines)
 
 
@@ -207,5 +211,6 @@ def _timed(stats: Stats, runtime) -> PassTimes:
                                                                      total.compute_s, total.overlap)
     stats.per_pass = tuple(timing.recent(PER_PASS))
     stats.stalled_most = tuple(timing.worst_units())
-    stats.prefetch, stats.workers = runtime.prefetch, runtime.pipeline.workers.num_threads
+    stats.prefetch, stats.workers = runtime.depth, runtime.pipeline.workers.num_threads
+    stats.prefetch_why = runtime.tuner.why if runtime.tuner is not None else ""
     return sum(timing.recent(STEADY, steady=True), PassTimes())
