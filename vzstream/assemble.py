@@ -68,7 +68,7 @@ def install_member(member: Member, pool: DevicePool, plans: list, cfg: SessionCo
     else:
         for unit in member.units:
             if unit.streamed:
-                installed.swap_out(unit, fromfile.store(unit, packed, member.pack, cfg.verify == "stream"))
+                installed.swap_out(unit, fromfile.store(unit, packed, backend, member.pack, cfg.verify == "stream"))
     pool.join(member, plans)
     for unit in member.units:
         if not unit.streamed:

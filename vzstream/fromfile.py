@@ -86,12 +86,12 @@ def fill(unit, packed) -> None:
         p.data = unpermute(image.decode(), t.perm)
 
 
-def store(unit, packed, pack, checksums: bool):
+def store(unit, packed, backend, pack, checksums: bool):
     """A streamed unit's store: its image as the file holds it (arena read into the backend's
     host memory, crc32-checked), or, for a unit the file stores raw (one a budget streams that
     never streams by default, such as the embeddings), packed here from its values (`pack`)."""
     if unit.fqn in packed.unit_names:
-        return packed.unit_store(unit, pack.keywords["backend"], checksums=checksums)
+        return packed.unit_store(unit, backend, checksums=checksums)
     fill(unit, packed)
     return pack(unit)
 
