@@ -311,8 +311,12 @@ def test_explicit_activation_reserve_is_not_remeasured(reference):
     fb = vzstream.FakeBackend(activation_nbytes=total // 2)
     with vzstream.session(model, backend=fb, vram_budget=total + (64 << 10), activation_reserve=0) as s:
         s(ids)
-        s(ids)
-        assert s.stats().units_streamed == 0          # the user's reserve stands
+        assert s.stats().units_streamed == 0          # the user's reserve stands: nothing evicted
+        # ...and the activations it leaves no room for are caught before the next pass crosses
+        # the budget (issue 15, item 9), naming the reserve that would fit
+        with pytest.raises(vzstream.ConfigError, match=f"`activation_reserve` to at least {total // 2} bytes"):
+            s(ids)
+        assert s.stats().units_streamed == 0
 
 
 # -- a growing KV cache (issue 15, item 9) --------------------------------------------------------

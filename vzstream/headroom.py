@@ -29,11 +29,12 @@ class Headroom:
         self.transient = 0          # bytes the last pass allocated past its end, at its peak
         self.start = 0
 
-    def check(self) -> None:
-        """Before a pass: raise, naming `activation_reserve`, if it would cross the budget."""
+    def check(self, enforce: bool = True) -> None:
+        """Before a pass: raise, naming `activation_reserve`, if it would cross the budget (not
+        on a traced pass, `enforce=False`: the plan is measuring its activations)."""
         now = self.backend.in_use()
         others = now - self.outside - self.backend.device_nbytes      # activations, KV cache, outputs
-        if self.transient and now - self.outside + self.transient > self.budget:
+        if enforce and self.transient and now - self.outside + self.transient > self.budget:
             need = others + self.transient
             raise ConfigError(
                 f"the next pass would take the device past `vram_budget` ({self.budget / MIB:.1f} MiB): memory "

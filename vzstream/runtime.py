@@ -167,8 +167,8 @@ class Streamer:
         if self.refusals != standin.refusals and self.undo_edits is not None:
             self.refusals = standin.refusals    # a conversion refused part-way: undo what it reached
             self.undo_edits()
-        if self.headroom is not None and self.tracer.trace is not None:
-            self.headroom.check()               # raises before a pass that would cross the budget
+        if self.headroom is not None:           # raises before a pass that would cross the budget
+            self.headroom.check(enforce=self.tracer.trace is not None)
         if self.headroom is not None or (self.measure and self.tracer.trace is None):
             self.backend.begin_measure()
         self.in_pass = True
