@@ -359,7 +359,8 @@ def _auto(backend, passes: int, compute_s: float, **options):
     model, x = _paced(compute_s=compute_s)
     with torch.no_grad():
         ref = model(x)
-    with vzstream.session(model, backend=backend, prefetch="auto", **options) as s:
+    options.setdefault("prefetch", "auto")
+    with vzstream.session(model, backend=backend, **options) as s:
         for _ in range(passes):
             assert torch.equal(s(x), ref)
             if "vram_budget" in options:
@@ -377,8 +378,8 @@ def test_auto_prefetch_goes_deeper_when_decode_is_slow():
 
 def test_auto_prefetch_stays_at_one_when_decode_is_fast():
     stats = _auto(vzstream.FakeBackend(), 6, 0.005, workers=2)
-    assert stats.prefetch == 1 and "the smallest depth" in stats.prefetch_why, stats.prefetch_why
-    assert "prefetch auto" in str(stats)
+    assert stats.prefetch == 1 and "the smallest value" in stats.prefetch_why, stats.prefetch_why
+    assert "\nauto          prefetch=1: " in str(stats)
 
 
 def test_auto_prefetch_stays_in_budget_and_gives_the_spare_slots_to_resident_units():
@@ -399,3 +400,14 @@ def test_auto_prefetch_stays_in_budget_and_gives_the_spare_slots_to_resident_uni
         stats = s.stats()
     assert stats.prefetch == 1, stats.prefetch_why
     assert stats.units_resident > resident_while_trying
+
+
+def test_auto_workers_adds_threads_when_decode_is_slow(monkeypatch):
+    """workers="auto" on 2 cores tries 1 and 2 decode threads: 10 ms of decode a unit against
+    4 ms of compute, 2 ahead, needs both (one thread cannot decode a unit per compute slice);
+    with no decode delay one is enough. Exact throughout."""
+    monkeypatch.setattr("vzstream.config.available_cores", lambda: 2)
+    slow = _auto(vzstream.FakeBackend(delays={("decode", "*"): 0.010}), 8, 0.004, workers="auto", prefetch=2)
+    assert slow.workers == 2 and slow.prefetch_why.startswith("workers=2:"), slow.prefetch_why
+    fast = _auto(vzstream.FakeBackend(), 6, 0.004, workers="auto", prefetch=2)
+    assert fast.workers == 1 and "the smallest value" in fast.prefetch_why, fast.prefetch_why

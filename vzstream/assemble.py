@@ -19,7 +19,7 @@ from .pipeline import Pipeline
 from .plan import Needs
 from .pool import DevicePool, Member
 from .runtime import Counters, Streamer
-from .tune import DepthTuner
+from .tune import AUTO_DEPTHS, Tuner, auto_workers
 from .store import Calibration, pack_all, pack_unit, return_freed_memory
 from .units import nesting_depth, unit_nbytes
 
@@ -45,9 +45,11 @@ def new_member(model, units: list, needs: Needs, cfg: SessionConfig, pool: Devic
     backend = pool.backend
     budgeted = needs.cap is not None or pool.budget is not None
     measure = budgeted and cfg.activation_reserve is None and backend.measures_activations
-    pipeline = Pipeline(backend, cfg.workers, Counters(), verify=cfg.verify == "stream")
+    pipeline = Pipeline(backend, cfg.max_workers, Counters(), verify=cfg.verify == "stream")
+    tuners = ([Tuner("prefetch", AUTO_DEPTHS)] if cfg.prefetch == "auto" else []) + \
+        ([Tuner("workers", auto_workers(cfg.max_workers))] if cfg.workers == "auto" else [])
     runtime = Streamer(units, pool.gate, pipeline, prefetch=cfg.max_prefetch, cache=cfg.cache, measure=measure,
-                       tuner=DepthTuner() if cfg.prefetch == "auto" else None)
+                       tuners=tuners)
     installed = Installed(model, units, backend, list(swapped), keep=cfg.materialize)
     runtime.undo_edits = installed.undo_edits
     budget = pool.budget if pool.budget is not None else needs.cap
@@ -85,7 +87,7 @@ def _pack(member: Member, backend, cfg: SessionConfig, calibration: Calibration,
     as it goes (else RSS peaked at ~1.6x the model on a second open)."""
     freed = 0
     for unit, store in pack_all([u for u in member.units if u.streamed], backend, level=cfg.level, codec=cfg.codec,
-                                raw_fraction=cfg.raw_fraction, workers=cfg.workers, threads=threads,
+                                raw_fraction=cfg.raw_fraction, workers=cfg.max_workers, threads=threads,
                                 calibration=calibration, checksums=cfg.verify == "stream"):
         member.installed.swap_out(unit, store)
         freed += unit.raw_nbytes

@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any, Callable
 
 from .codec import Codec, check_level, parse_codec
-from .tune import AUTO_DEPTHS
+from .tune import AUTO_DEPTHS, auto_workers
 from .errors import ConfigError
 
 _UNITS_MODES = ("blocks", "leaves")
@@ -134,7 +134,7 @@ class SessionConfig:
 
     device: str = "auto"            # "auto" = "cuda" when available, else "cpu"
     prefetch: Any = 2               # fetches in flight ahead of the unit computing; 0 = synchronous; "auto"
-    workers: int | None = None      # decode threads; None = default_workers()
+    workers: Any = None             # decode threads; None = default_workers(); "auto": tried on the first passes
     gil_switch_interval: Any = 1e-4  # seconds; sys.setswitchinterval during streamed calls; None = leave it
     units: Any = "blocks"           # "blocks" | "leaves" | list of module fqns
     cache: str = "pass"             # "pass": a unit used twice in a pass is fetched once; "none"
@@ -177,6 +177,11 @@ class SessionConfig:
                               f"from the file after the session); got {self.materialize!r} with weights={self.weights!r}.")
 
     @property
+    def max_workers(self) -> int:
+        """The decode threads to start with: `workers`, or the most "auto" tries."""
+        return auto_workers(available_cores())[-1] if self.workers == "auto" else self.workers
+
+    @property
     def max_prefetch(self) -> int:
         """The depth the slots are sized for: `prefetch`, or the deepest "auto" tries."""
         return AUTO_DEPTHS[-1] if self.prefetch == "auto" else self.prefetch
@@ -198,10 +203,11 @@ class SessionConfig:
             )
         if self.workers is None:
             object.__setattr__(self, "workers", default_workers())
-        elif isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
+        elif self.workers != "auto" and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or not 1 <= self.workers <= 256):
             raise ConfigError(
-                f"`workers` must be an int in [1, 256] (decode threads); got {self.workers!r}. "
-                f"Leave it unset for {default_workers()} on this machine."
+                f"`workers` must be an int in [1, 256] (decode threads) or \"auto\" (tried on the first passes); "
+                f"got {self.workers!r}. Leave it unset for {default_workers()} on this machine."
             )
         check_level(self.level)           # the range pack() accepts: codec.MIN_LEVEL..MAX_LEVEL
 

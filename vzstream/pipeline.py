@@ -145,6 +145,11 @@ class Pipeline:
         self.workers = Workers(workers, "vzstream-decode")
         self.timing = Timing()          # spans of decode, upload and stall; the runtime adds compute
 
+    def resize(self, workers: int) -> None:
+        """`workers` decode threads from now on (`workers="auto"`); nothing may be in flight."""
+        self.workers.shutdown()
+        self.workers = Workers(workers, "vzstream-decode")
+
     def submit(self, store, slot, timing=None) -> Ticket:
         """Queue the fetch of `store` into `slot`; `timing`: its device timing record, if any."""
         ticket = Ticket(store, slot, timing)

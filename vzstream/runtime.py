@@ -40,7 +40,7 @@ from .pipeline import Pipeline, Ticket
 from .ring import SlotPool
 from .schedule import Schedule, make_schedule
 from .trace import Tracer
-from .tune import DepthTuner
+from .tune import Tuner  # noqa: F401 (the type of `tuners`)
 
 log = logging.getLogger("vzstream")
 
@@ -107,15 +107,16 @@ class Streamer:
     """Walks the schedule from hooks: bind, release, pass start/end, prefetch, drain."""
 
     def __init__(self, units: list, gate: Gate, pipeline: Pipeline, *, prefetch: int, cache: str,
-                 measure: bool = False, tuner: DepthTuner | None = None) -> None:
+                 measure: bool = False, tuners: tuple = ()) -> None:
         self.units = {u.index: u for u in units}
         self.gate, self.pipeline, self.backend = gate, pipeline, pipeline.backend
         # `prefetch` sizes the schedule's slots; `depth` is how far ahead fetches are requested:
-        # the same, unless prefetch="auto" (`tuner`) tries smaller depths within those slots.
+        # the same, unless prefetch="auto" tries smaller depths within those slots (`tuners`:
+        # tune.Tuner of "prefetch" and/or "workers", tried in that order).
         self.prefetch, self.cache, self.counters = prefetch, cache, pipeline.counters
-        self.tuner = tuner
-        self.depth = tuner.depth if tuner is not None else prefetch
-        self.depth_chosen = False               # the tuner decided: the pool plans with its depth
+        self.tuners = list(tuners)
+        self.depth = next((t.value for t in self.tuners if t.name == "prefetch"), prefetch)
+        self.depth_chosen = False               # the depth was chosen: the pool plans with its slots
         self.measure = measure                  # measure activations on the first traced pass
         self.activation_nbytes: int | None = None
         self.ring: SlotPool | None = None
@@ -137,6 +138,8 @@ class Streamer:
         self.undo_edits = None                  # Installed.undo_edits, run once a stand-in refused a use
         self.headroom = None                    # under a budget, where memory in use is known (headroom.py)
         self.refusals = standin.refusals
+        if self.tuners and self.tuners[0].name == "workers":
+            self._use(self.tuners[0])           # its first try (no thread has started yet)
 
     def use_ring(self, ring: SlotPool, num_slots: int, fixed: bool) -> None:
         """The ring to fetch into, and the plan's slot count (called while parked)."""
@@ -217,10 +220,27 @@ class Streamer:
         ended = self.timing.end_pass(self.pass_t0, t1, late=timer is not None)
         if ended is not None:
             self.timing.close(ended, timer.read(ended[0]) if timer is not None else ())
-            if self.tuner is not None and self.schedule is not None and self.tuner.observe(
-                    self.timing.recent(1)[-1].stall_fraction):
-                self.depth = self.tuner.depth
-                self.depth_chosen = self.tuner.chosen is not None
+            if self.tuners and self.schedule is not None:
+                self._tune(self.timing.recent(1)[-1].stall_fraction)
+
+    def _tune(self, stall_fraction: float) -> None:
+        """"auto" options: the one being tried sees the pass that closed, and may move on; once
+        it has chosen, the next one starts trying."""
+        tuner = next((t for t in self.tuners if t.chosen is None), None)
+        if tuner is None or not tuner.observe(stall_fraction):
+            return
+        self._use(tuner)
+        following = next((t for t in self.tuners if t.chosen is None), None)
+        if following is not None and following is not tuner:
+            self._use(following)
+
+    def _use(self, tuner) -> None:
+        """Run at what `tuner` has now: a depth, or a number of decode threads."""
+        if tuner.name == "prefetch":
+            self.depth, self.depth_chosen = tuner.value, tuner.chosen is not None
+        elif tuner.value != self.pipeline.workers.num_threads:
+            self._drain()                       # no fetch in flight while the threads change
+            self.pipeline.resize(tuner.value)
 
     def _relearn(self) -> None:
         self._drain()

@@ -138,7 +138,7 @@ class Session:
 
     def _host_threads(self) -> int:
         """Threads for packing and restoring, while the model runs nothing: every core (≤ 16)."""
-        return max(self.config.workers, min(16, available_cores()))
+        return max(self.config.max_workers, min(16, available_cores()))
 
     # -- running ----------------------------------------------------------------------------
     def _running(self):

@@ -55,7 +55,7 @@ class Stats:
     per_pass: tuple = ()             # `PassTimes` of the last passes timed, oldest first
     advice: str = ""                 # one line: what to change, if anything
     prefetch: int = 0                # the depth fetched ahead at (prefetch="auto": what it chose or tries)
-    prefetch_why: str = ""           # prefetch="auto": what it chose and why
+    prefetch_why: str = ""           # prefetch="auto", workers="auto": what they chose and why
     workers: int = 0
     backend: str = ""
     codec: str = ""
@@ -106,7 +106,7 @@ class Stats:
         worst = ", ".join(f"{fqn} {_t(s)} ({cause})" for fqn, s, cause in self.stalled_most)
         lines += [f"{'stalled most':<13} {worst or 'none'}"]
         if self.prefetch_why:
-            lines.append(f"{'prefetch auto':<13} {self.prefetch_why}")
+            lines.append(f"{'auto':<13} {self.prefetch_why}")
         lines.append(f"{'advice':<13} {self.advice}")
         return "\n".join(lines)
 
@@ -212,5 +212,5 @@ def _timed(stats: Stats, runtime) -> PassTimes:
     stats.per_pass = tuple(timing.recent(PER_PASS))
     stats.stalled_most = tuple(timing.worst_units())
     stats.prefetch, stats.workers = runtime.depth, runtime.pipeline.workers.num_threads
-    stats.prefetch_why = runtime.tuner.why if runtime.tuner is not None else ""
+    stats.prefetch_why = "; ".join(t.why for t in runtime.tuners)
     return sum(timing.recent(STEADY, steady=True), PassTimes())
