@@ -91,10 +91,10 @@ def auto_raw_fraction(planned: list, submit, backend, config, stats) -> tuple[fl
         return 0.0, {}
     probe = max(planned, key=lambda u: u.raw_nbytes)
     sample = {probe.index: submit(probe)}
-    stats.decode_gbps_measured = decode_gbps([sample[probe.index].result()], config.max_workers) or 0.0
+    stats.decode_gbps_measured = decode_gbps([sample[probe.index].result()], config.workers) or 0.0
     fraction = balanced_fraction(stats.decode_gbps_measured, stats.upload_gbps_measured)
     log.info("vzstream: raw_fraction=auto: %d workers decode %.1f GB/s, uploads run %.1f GB/s: "
-             "aiming to keep %.2f of the streamed bytes raw%s", config.max_workers,
+             "aiming to keep %.2f of the streamed bytes raw%s", config.workers,
              stats.decode_gbps_measured, stats.upload_gbps_measured, fraction,
              " (codec='nibble' would decode none of them on the host, at 0.75 of bf16's host RAM)"
              if fraction else "")
